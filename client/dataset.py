@@ -1,0 +1,160 @@
+"""``StreamingDataset``: a rank's batches from a tokenfeed server as a PyTorch IterableDataset."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from client.state import Identity, Position, make_state, parse_state
+from client.transport import Backoff, Channel, stream_batches
+from tokenfeed import wire
+from tokenfeed.v1 import tokenfeed_pb2 as pb
+
+#: Key under which each batch carries its state when iterated by a ``StreamingDataLoader``.
+STATE_KEY = "_tokenfeed_state"
+
+
+def _default_rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class StreamingDataset(IterableDataset):
+    """The batches of one rank, streamed from a tokenfeed server.
+
+    Yields dicts of tensors ``[batch_size, seq_len]``: ``input_ids``, ``labels`` (the next token,
+    -100 on padding) and ``position_ids`` (restarting at each document). The sequence is
+    infinite: epoch after epoch, each reshuffled by ``seed`` and the epoch number.
+
+    Rank ``r`` of ``W`` gets global batches ``r, r+W, r+2W, ...``; inside a
+    ``DataLoader(ds, batch_size=None, num_workers=N)`` each worker opens its own stream and the
+    loader yields exactly the rank's sequence.
+
+    Resuming: ``state_dict()`` records what the trainer consumed (not what was prefetched) and
+    ``load_state_dict()`` continues at the exact next batch. Use ``StreamingDataLoader`` (or
+    torchdata's ``StatefulDataLoader``) to get exact states with ``num_workers > 0``. Every
+    rank's state carries the job's position, the first row of the next step, so after a resize
+    every new rank can load any old rank's state (rank 0's, say) at a step boundary and the job
+    continues in global order with nothing lost or repeated.
+
+    Args:
+        address: ``host:port`` of a server, or a list of replicas (rank ``r`` uses ``r % len``).
+        dataset: name of a dataset the server serves.
+        seq_len: tokens per row.
+        batch_size: rows per batch.
+        seed: seeds the global order.
+        rank, world_size: default to ``torch.distributed``, else ``RANK``/``WORLD_SIZE``, else 0/1.
+        packing: packing mode (``"concat"``).
+        reconnect_deadline_s: how long to keep reconnecting after the server went away.
+        batches_per_message: batches the server packs into one gRPC message.
+        compression: ``"zstd"`` to compress tokens on the wire (pays off only on slow links).
+    """
+
+    def __init__(self, address: str | Sequence[str], dataset: str, seq_len: int = 2048, batch_size: int = 8,
+                 seed: int = 0, rank: int | None = None, world_size: int | None = None, *,
+                 packing: str = wire.DEFAULT_PACKING, reconnect_deadline_s: float = 60.0,
+                 batches_per_message: int = 1, compression: str | None = None) -> None:
+        super().__init__()
+        default_rank, default_world = _default_rank_world()
+        self.rank = default_rank if rank is None else rank
+        self.world_size = default_world if world_size is None else world_size
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank must be in [0, world_size={self.world_size}), got {self.rank}")
+        if seq_len < 1 or batch_size < 1:
+            raise ValueError(f"seq_len and batch_size must be positive, got {seq_len} and {batch_size}")
+        if packing not in wire.PACKINGS:
+            raise ValueError(f"packing must be one of {wire.PACKINGS}, got {packing!r}")
+        if compression not in (None, "none", "zstd"):
+            raise ValueError(f"compression must be None or 'zstd', got {compression!r}")
+        addresses = [address] if isinstance(address, str) else list(address)
+        if not addresses:
+            raise ValueError("address must name at least one server")
+        self.address = addresses[self.rank % len(addresses)]
+        self.identity = Identity(dataset=dataset, seed=seed, seq_len=seq_len, packing=packing)
+        self.batch_size = batch_size
+        self.backoff = Backoff(deadline_s=reconnect_deadline_s)
+        self.batches_per_message = batches_per_message
+        self.compression = pb.COMPRESSION_ZSTD if compression == "zstd" else pb.COMPRESSION_NONE
+        max_message = batches_per_message * batch_size * (seq_len + 1) * 4 + (1 << 20)
+        self._channel = Channel(self.address, max(max_message, 4 << 20))
+        self._position = Position()
+        self._steps = 0
+        self._cycle = 0
+        self._per_worker_state = False  # a state loaded inside a DataLoader worker (StatefulDataLoader)
+        self._attach_state = False      # set by StreamingDataLoader: each batch carries its state
+
+    # ---- state -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The position after the last batch this dataset yielded (a small JSON-able dict)."""
+        return make_state(self.identity, self._position, rank=self.rank, world_size=self.world_size,
+                          batch_size=self.batch_size, steps=self._steps, cycle=self._cycle)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue after the batch at which ``state`` was taken; raises ``ValueError`` for a state
+        of another dataset, seed, seq_len or packing, or a damaged one. A state of another rank or
+        world size is an elastic resume: this rank continues from the job's position."""
+        pos, meta = parse_state(state, self.identity)
+        self._position, self._steps = pos, meta["steps"]
+        self._per_worker_state = get_worker_info() is not None
+        self._cycle = meta["worker_cycle"] if self._per_worker_state else 0
+
+    # ---- iteration ---------------------------------------------------------------------
+    def describe(self) -> pb.DatasetInfo:
+        """The server's description of this dataset (vocabulary size, EOS/PAD ids, shards)."""
+        return self._channel.describe(self.identity.dataset).datasets[0]
+
+    def _request(self, cursor: pb.Cursor | None, first_step: int, worker: int) -> pb.StreamRequest:
+        ident = self.identity
+        req = pb.StreamRequest(
+            dataset=ident.dataset, seed=ident.seed, seq_len=ident.seq_len, batch_size=self.batch_size,
+            packing=ident.packing, rank=self.rank, world_size=self.world_size, first_step=first_step,
+            step_stride=self._stride, batches_per_message=self.batches_per_message,
+            compression=self.compression, worker_id=worker)
+        if cursor is not None:
+            req.cursor.CopyFrom(cursor)
+        return req
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        base_cycle = self._cycle if self._per_worker_state else 0
+        first = (worker - base_cycle) % workers
+        start, steps0 = self._position, self._steps
+        self._stride = workers
+        chunks = stream_batches(
+            self._channel, lambda cursor, step: self._request(cursor, step, worker),
+            start.to_cursor(self.identity), first, workers, self.backoff)
+        tokens = None
+        for k, (chunk, i) in enumerate(chunks):
+            if i == 0:
+                tokens = wire.decode_chunk(chunk)
+            j = first + k * workers  # the rank's step, counted from where this iteration started
+            self._position = Position.from_cursor(chunk.cursors[i])
+            self._steps, self._cycle = steps0 + j + 1, base_cycle + j + 1
+            batch = to_batch(tokens[i], chunk.eos_id, chunk.pad_id)
+            if self._attach_state:
+                batch[STATE_KEY] = self.state_dict()
+            yield batch
+
+
+def to_batch(tokens: np.ndarray, eos_id: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Tensors of one batch from its rows of ``seq_len + 1`` tokens (contract 4 of DESIGN.md)."""
+    ids, nxt = tokens[:, :-1], tokens[:, 1:]
+    labels = nxt.astype(np.int64)
+    labels[nxt == pad_id] = -100
+    starts = np.empty(ids.shape, dtype=bool)
+    starts[:, 0] = True
+    np.equal(ids[:, :-1], eos_id, out=starts[:, 1:])
+    arange = np.arange(ids.shape[1], dtype=np.int64)
+    positions = arange - np.maximum.accumulate(np.where(starts, arange, 0), axis=1)
+    return {
+        "input_ids": torch.from_numpy(ids.astype(np.int64)),
+        "labels": torch.from_numpy(labels),
+        "position_ids": torch.from_numpy(positions),
+    }

@@ -1,0 +1,95 @@
+"""The resumable cursor of a rank: small, JSON-able, versioned and checksummed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from tokenfeed import wire
+from tokenfeed.v1 import tokenfeed_pb2 as pb
+
+STATE_VERSION = 1
+_POSITION_FIELDS = ("row", "epoch", "shard", "shard_row")
+_IDENTITY = ("dataset", "seed", "seq_len", "packing")
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Which global sequence a state belongs to."""
+
+    dataset: str
+    seed: int
+    seq_len: int
+    packing: str
+
+
+@dataclass(frozen=True)
+class Position:
+    """The job's position: the first row of the next step, and where it lies (see DESIGN.md)."""
+
+    row: int = 0
+    epoch: int = 0
+    shard: int = 0
+    shard_row: int = 0
+    fingerprint: str = ""  # dataset content identity; empty until the server has named it
+
+    @classmethod
+    def from_cursor(cls, c: pb.Cursor) -> Position:
+        return cls(row=c.row, epoch=c.epoch, shard=c.shard, shard_row=c.shard_row, fingerprint=c.fingerprint)
+
+    def to_cursor(self, ident: Identity) -> pb.Cursor | None:
+        if not self.fingerprint:
+            return None  # nothing consumed yet: start of the sequence
+        return pb.Cursor(version=wire.CURSOR_VERSION, dataset=ident.dataset, fingerprint=self.fingerprint,
+                         seed=ident.seed, seq_len=ident.seq_len, packing=ident.packing,
+                         row=self.row, epoch=self.epoch, shard=self.shard, shard_row=self.shard_row)
+
+
+def _checksum(body: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def make_state(ident: Identity, pos: Position, *, rank: int, world_size: int, batch_size: int,
+               steps: int, cycle: int) -> dict[str, Any]:
+    """The state dict: identity, the job position, and this rank's bookkeeping."""
+    body: dict[str, Any] = {
+        "version": STATE_VERSION,
+        **{k: getattr(ident, k) for k in _IDENTITY},
+        "fingerprint": pos.fingerprint,
+        "position": {k: getattr(pos, k) for k in _POSITION_FIELDS},
+        "rank": rank, "world_size": world_size, "batch_size": batch_size,
+        "steps": steps,          # steps this rank consumed since the run began (informational)
+        "worker_cycle": cycle,   # batches since the DataLoader's round robin began (for per-worker resume)
+    }
+    return {**body, "checksum": _checksum(body)}
+
+
+def parse_state(state: Any, ident: Identity) -> tuple[Position, dict[str, Any]]:
+    """Validate a state for ``ident``; a mismatch or damage raises ``ValueError`` naming it."""
+    if not isinstance(state, dict):
+        raise ValueError(f"tokenfeed state must be a dict, got {type(state).__name__}")
+    if state.get("version") != STATE_VERSION:
+        raise ValueError(f"tokenfeed state version {state.get('version')!r} is not supported (expected {STATE_VERSION})")
+    body = {k: v for k, v in state.items() if k != "checksum"}
+    try:
+        ok = state.get("checksum") == _checksum(body)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError("tokenfeed state is damaged: its checksum does not match its content "
+                         "(truncated or edited by hand?)")
+    for field in _IDENTITY:
+        want, got = getattr(ident, field), state.get(field)
+        if got != want:
+            raise ValueError(f"tokenfeed state belongs to {field}={got!r}, but this dataset has {field}={want!r}")
+    try:
+        pos = Position(**{k: int(state["position"][k]) for k in _POSITION_FIELDS},
+                       fingerprint=str(state["fingerprint"]))
+        meta = {k: int(state[k]) for k in ("rank", "world_size", "batch_size", "steps", "worker_cycle")}
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"tokenfeed state is missing or has a bad field: {err}") from None
+    if min(pos.row, pos.epoch, pos.shard, pos.shard_row, *meta.values()) < 0:
+        raise ValueError("tokenfeed state has a negative position")
+    return pos, meta

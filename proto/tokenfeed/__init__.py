@@ -1,0 +1,1 @@
+"""tokenfeed's wire contract: generated protocol code (``tokenfeed.v1``) and small pure helpers."""

@@ -1,0 +1,51 @@
+"""Pure helpers shared by server and client: token dtypes, wire compression, cursor version."""
+
+from __future__ import annotations
+
+import numpy as np
+import zstandard
+
+from tokenfeed.v1 import tokenfeed_pb2 as pb
+
+#: Version of the cursor layout; a cursor of another version is refused.
+CURSOR_VERSION = 1
+#: Packing modes a stream may ask for.
+PACKINGS = ("concat",)
+DEFAULT_PACKING = "concat"
+
+_NP_DTYPES = {
+    pb.TOKEN_DTYPE_UINT16: np.dtype("<u2"),
+    pb.TOKEN_DTYPE_UINT32: np.dtype("<u4"),
+}
+
+
+def wire_dtype(vocab_size: int) -> int:
+    """The smallest wire dtype (a ``TokenDtype`` value) that holds every id of the vocabulary."""
+    return pb.TOKEN_DTYPE_UINT16 if vocab_size <= 1 << 16 else pb.TOKEN_DTYPE_UINT32
+
+
+def numpy_dtype(dtype: int) -> np.dtype:
+    """The numpy dtype of a ``TokenDtype`` value."""
+    try:
+        return _NP_DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"unknown token dtype {dtype}") from None
+
+
+def compress(payload: bytes, level: int = 1) -> bytes:
+    """zstd-compress a token payload for the wire."""
+    return zstandard.ZstdCompressor(level=level).compress(payload)
+
+
+def decode_chunk(chunk: pb.BatchChunk) -> np.ndarray:
+    """The tokens of a chunk as a read-only array ``[num_batches, rows, seq_len + 1]``."""
+    payload = chunk.tokens
+    if chunk.compression == pb.COMPRESSION_ZSTD:
+        payload = zstandard.ZstdDecompressor().decompress(payload)
+    elif chunk.compression != pb.COMPRESSION_NONE:
+        raise ValueError(f"unknown compression {chunk.compression}")
+    shape = (chunk.num_batches, chunk.rows, chunk.seq_len + 1)
+    arr = np.frombuffer(payload, dtype=numpy_dtype(chunk.dtype))
+    if arr.size != shape[0] * shape[1] * shape[2]:
+        raise ValueError(f"chunk holds {arr.size} tokens, expected {shape}")
+    return arr.reshape(shape)

@@ -1,0 +1,67 @@
+"""Build the server from a config, serve until a signal, and shut down in a fixed order."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from server.cache import ShardCache
+from server.config import Config
+from server.dataset import Dataset
+from server.service import TokenFeedService
+from server.store import ShardStore
+from tokenfeed.v1 import tokenfeed_pb2 as pb
+from tokenfeed.v1 import tokenfeed_pb2_grpc as pb_grpc
+
+log = logging.getLogger("server")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TokenFeed"].full_name
+
+
+def build_datasets(config: Config) -> dict[str, Dataset]:
+    """Resolve every dataset's files and shards; config errors surface here, at start-up."""
+    return {name: Dataset(name, ds) for name, ds in config.datasets.items()}
+
+
+async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
+    """Serve until ``stop`` is set or SIGTERM/SIGINT arrives."""
+    settings = config.server
+    datasets = build_datasets(config)
+    executor = ThreadPoolExecutor(settings.workers, thread_name_prefix="tokenfeed-load")
+    store = ShardStore(ShardCache(int(config.cache.max_bytes)), executor)
+    limit = int(settings.max_message_bytes)
+    server = grpc.aio.server(options=[
+        ("grpc.max_send_message_length", limit),
+        ("grpc.max_receive_message_length", 4 << 20),
+    ])
+    pb_grpc.add_TokenFeedServicer_to_server(TokenFeedService(datasets, store, settings), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    if port == 0:
+        raise OSError(f"cannot listen on {settings.host}:{settings.port}")
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    for ds in datasets.values():
+        log.info("dataset %r: %d shards, %d bytes, tokenizer %s (vocab %d), fingerprint %s", ds.name,
+                 ds.num_shards, sum(s.bytes for s in ds.shards), ds.info.name, ds.info.vocab_size, ds.fingerprint)
+    log.info("tokenfeed listening on %s:%d", settings.host, port)
+    try:
+        await stop.wait()
+        log.info("shutting down: health NOT_SERVING, draining streams for %.1fs", settings.shutdown_grace_s)
+        await health_servicer.enter_graceful_shutdown()
+    finally:
+        await server.stop(settings.shutdown_grace_s)
+        executor.shutdown(wait=False, cancel_futures=True)
+        log.info("stopped")

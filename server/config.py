@@ -1,0 +1,120 @@
+"""Validated server configuration (YAML), with errors that name the offending field."""
+
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError
+
+from server.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ByteTokenizerConfig(_Strict):
+    """Token id = byte value (0-255), EOS 256, PAD 257; needs no files."""
+
+    type: Literal["byte"] = "byte"
+
+
+TokenizerConfig = Annotated[Union[ByteTokenizerConfig], Field(discriminator="type")]
+
+
+class TextSourceConfig(_Strict):
+    """Plain text files: one document per file, or documents split by a delimiter."""
+
+    type: Literal["text"]
+    paths: list[str] = Field(min_length=1, description="Globs of files to read (`**` recurses).")
+    exclude: list[str] = Field(default_factory=list, description="Globs of paths to leave out.")
+    delimiter: str | None = Field(default=None, description="Split files into documents on this string.")
+    shard_bytes: ByteSize = Field(default=ByteSize(1 << 20), gt=0, description="Target shard size.")
+
+
+class JsonlSourceConfig(_Strict):
+    """JSON Lines files, one document per line, text taken from a (dotted) field."""
+
+    type: Literal["jsonl"]
+    paths: list[str] = Field(min_length=1, description="Globs of files to read (`**` recurses).")
+    exclude: list[str] = Field(default_factory=list, description="Globs of paths to leave out.")
+    text_field: str = Field(default="text", min_length=1, description="Field holding the text; dots for nesting.")
+    shard_bytes: ByteSize = Field(default=ByteSize(1 << 20), gt=0, description="Target shard size.")
+
+
+SourceConfig = Annotated[Union[TextSourceConfig, JsonlSourceConfig], Field(discriminator="type")]
+
+
+class DatasetConfig(_Strict):
+    """One served dataset: where its documents come from and how they are tokenized."""
+
+    source: SourceConfig
+    tokenizer: TokenizerConfig = Field(default_factory=ByteTokenizerConfig)
+
+
+class ServerSettings(_Strict):
+    """Network and limits of the server process."""
+
+    host: str = Field(default="127.0.0.1", description="Address to listen on (0.0.0.0 for all).")
+    port: int = Field(default=50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    metrics_port: int | None = Field(default=None, ge=0, le=65535, description="Prometheus /metrics port.")
+    max_seq_len: int = Field(default=65536, gt=0, description="Largest seq_len a stream may ask for.")
+    max_batch_size: int = Field(default=4096, gt=0, description="Largest batch_size a stream may ask for.")
+    max_message_bytes: ByteSize = Field(default=ByteSize(64 << 20), gt=0, description="gRPC message limit.")
+    shutdown_grace_s: float = Field(default=5.0, ge=0, description="Time in-flight streams get on shutdown.")
+    workers: int = Field(default=2, gt=0, description="Threads that read and tokenize shards.")
+
+
+class CacheSettings(_Strict):
+    """In-memory cache of tokenized shards."""
+
+    max_bytes: ByteSize = Field(default=ByteSize(1 << 30), ge=0, description="Byte budget; 0 disables.")
+
+
+class Config(_Strict):
+    """The whole server configuration."""
+
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
+    datasets: dict[str, DatasetConfig] = Field(min_length=1)
+
+
+def default_config() -> Config:
+    """One dataset, ``stdlib``: the running Python's standard library sources, byte tokenizer."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    source = TextSourceConfig(
+        type="text", paths=[str(stdlib / "**" / "*.py")], exclude=["**/site-packages/**"]
+    )
+    return Config(datasets={"stdlib": DatasetConfig(source=source)})
+
+
+def format_validation_error(err: ValidationError, origin: str) -> str:
+    """One line per problem, each naming the field by its dotted path."""
+    lines = [f"invalid config {origin}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-")) or "<root>"
+        lines.append(f"  {loc}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def parse_config(data: object, origin: str = "<dict>") -> Config:
+    """Validate a config mapping; raises ``ConfigError`` naming each bad field."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, origin)) from None
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a YAML config file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise ConfigError(f"cannot read config {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config {path} is not valid YAML: {err}") from None
+    return parse_config(data if data is not None else {}, origin=str(path))

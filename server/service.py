@@ -1,0 +1,87 @@
+"""The gRPC adapter: validate, call the stream logic, map domain errors to status codes."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from server.config import ServerSettings
+from server.dataset import Dataset
+from server.errors import FailedPrecondition, InvalidArgument, NotFound, TokenfeedError
+from server.schedule import Locator
+from server.store import ShardStore
+from server.stream import Chunk, StreamParams, parse_request, stream_chunks
+from tokenfeed import wire
+from tokenfeed.v1 import tokenfeed_pb2 as pb
+from tokenfeed.v1 import tokenfeed_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+SERVER_VERSION = "0.1.0"
+
+_STATUS = {
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+
+def status_of(err: TokenfeedError) -> grpc.StatusCode:
+    """The one place that maps domain errors to gRPC status codes."""
+    for kind, code in _STATUS.items():
+        if isinstance(err, kind):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+class TokenFeedService(pb_grpc.TokenFeedServicer):
+    """Serves ``StreamBatches`` and ``Describe`` for a set of datasets."""
+
+    def __init__(self, datasets: dict[str, Dataset], store: ShardStore, settings: ServerSettings) -> None:
+        self.datasets, self.store, self.settings = datasets, store, settings
+
+    async def StreamBatches(self, request: pb.StreamRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.BatchChunk]:
+        try:
+            params = parse_request(request, self.datasets, self.settings)
+            log.info("stream opened: %s rank %d/%d worker %d from %s (row %d)", request.dataset,
+                     request.rank, request.world_size, request.worker_id, context.peer(), params.start.row)
+            async for chunk in stream_chunks(params, self.store):
+                yield to_message(chunk, params)
+        except TokenfeedError as err:
+            await context.abort(status_of(err), str(err))
+
+    async def Describe(self, request: pb.DescribeRequest, context: grpc.aio.ServicerContext) -> pb.DescribeResponse:
+        if request.dataset and request.dataset not in self.datasets:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown dataset {request.dataset!r}; "
+                                f"this server serves: {', '.join(sorted(self.datasets))}")
+        names = [request.dataset] if request.dataset else sorted(self.datasets)
+        infos = []
+        for name in names:
+            d = self.datasets[name].describe()
+            shards = [pb.ShardInfo(**s) for s in d.pop("shards")]
+            infos.append(pb.DatasetInfo(**d, shards=shards, max_seq_len=self.settings.max_seq_len,
+                                        max_batch_size=self.settings.max_batch_size))
+        return pb.DescribeResponse(datasets=infos, server_version=SERVER_VERSION)
+
+
+def cursor_message(loc: Locator, params: StreamParams) -> pb.Cursor:
+    return pb.Cursor(
+        version=wire.CURSOR_VERSION, dataset=params.dataset.name, fingerprint=params.dataset.fingerprint,
+        seed=params.seed, seq_len=params.seq_len, packing=params.packing,
+        row=loc.row, epoch=loc.epoch, shard=loc.shard, shard_row=loc.shard_row,
+    )
+
+
+def to_message(chunk: Chunk, params: StreamParams) -> pb.BatchChunk:
+    payload = chunk.tokens.tobytes()
+    compression = pb.COMPRESSION_NONE
+    if params.compression == pb.COMPRESSION_ZSTD:
+        payload, compression = wire.compress(payload), pb.COMPRESSION_ZSTD
+    info = params.dataset.info
+    return pb.BatchChunk(
+        tokens=payload, dtype=params.dataset.wire_dtype, compression=compression,
+        num_batches=len(chunk.steps), rows=params.batch_size, seq_len=params.seq_len,
+        eos_id=info.eos_id, pad_id=info.pad_id,
+        cursors=[cursor_message(c, params) for c in chunk.cursors], steps=chunk.steps, epochs=chunk.epochs,
+    )
