@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, model_validator
 
 from server.errors import ConfigError
 
@@ -22,7 +22,33 @@ class ByteTokenizerConfig(_Strict):
     type: Literal["byte"] = "byte"
 
 
-TokenizerConfig = Annotated[Union[ByteTokenizerConfig], Field(discriminator="type")]
+class _SpecialTokens(_Strict):
+    """BOS/EOS/PAD handling shared by the file-based tokenizers."""
+
+    add_bos: bool = Field(default=False, description="Begin every document with the BOS token.")
+    bos_token: str | None = Field(default=None, description="BOS token name; default: the tokenizer's own or a common name.")
+    eos_token: str | None = Field(default=None, description="EOS token name; default: the tokenizer's own or a common name.")
+    pad_token: str | None = Field(default=None, description="PAD token name; default: the tokenizer's own or a common name.")
+
+
+class HfTokenizerConfig(_SpecialTokens):
+    """A local Hugging Face ``tokenizer.json`` (the ``tokenizers`` package); specials missing from
+    its vocabulary become extra ids past it."""
+
+    type: Literal["hf"]
+    path: str = Field(min_length=1, description="Path of the tokenizer.json file.")
+
+
+class TransformersTokenizerConfig(_SpecialTokens):
+    """A local ``transformers`` tokenizer directory (needs ``pip install transformers``)."""
+
+    type: Literal["transformers"]
+    path: str = Field(min_length=1, description="Directory written by ``save_pretrained``.")
+
+
+TokenizerConfig = Annotated[
+    Union[ByteTokenizerConfig, HfTokenizerConfig, TransformersTokenizerConfig], Field(discriminator="type")
+]
 
 
 class TextSourceConfig(_Strict):
@@ -31,12 +57,13 @@ class TextSourceConfig(_Strict):
     type: Literal["text"]
     paths: list[str] = Field(min_length=1, description="Globs of files to read (`**` recurses).")
     exclude: list[str] = Field(default_factory=list, description="Globs of paths to leave out.")
-    delimiter: str | None = Field(default=None, description="Split files into documents on this string.")
+    delimiter: str | None = Field(default=None, min_length=1, description="Split files into documents on this string.")
     shard_bytes: ByteSize = Field(default=ByteSize(1 << 20), gt=0, description="Target shard size.")
 
 
 class JsonlSourceConfig(_Strict):
-    """JSON Lines files, one document per line, text taken from a (dotted) field."""
+    """JSON Lines files (plain, ``.gz`` or ``.zst``), one document per line, text from a (dotted)
+    field. Plain files are split into byte ranges; a compressed file is one shard."""
 
     type: Literal["jsonl"]
     paths: list[str] = Field(min_length=1, description="Globs of files to read (`**` recurses).")
@@ -45,7 +72,49 @@ class JsonlSourceConfig(_Strict):
     shard_bytes: ByteSize = Field(default=ByteSize(1 << 20), gt=0, description="Target shard size.")
 
 
-SourceConfig = Annotated[Union[TextSourceConfig, JsonlSourceConfig], Field(discriminator="type")]
+class ParquetSourceConfig(_Strict):
+    """Parquet files read with pyarrow; each row group is a shard."""
+
+    type: Literal["parquet"]
+    paths: list[str] = Field(min_length=1, description="Globs of files to read (`**` recurses).")
+    exclude: list[str] = Field(default_factory=list, description="Globs of paths to leave out.")
+    text_field: str = Field(default="text", min_length=1, description="Text column; dots for struct fields.")
+
+
+class HfSourceConfig(_Strict):
+    """A Hugging Face ``datasets`` corpus, offline: a ``save_to_disk`` directory (``path``) or local
+    data files (``format`` + ``data_files``); shards are contiguous row ranges."""
+
+    type: Literal["hf"]
+    path: str | None = Field(default=None, min_length=1, description="Directory written by ``save_to_disk``.")
+    format: Literal["json", "csv", "parquet", "text"] | None = Field(
+        default=None, description="``load_dataset`` builder for ``data_files``.")
+    data_files: list[str] | None = Field(default=None, min_length=1, description="Globs of local data files.")
+    split: str = Field(default="train", min_length=1, description="Split to read (of a DatasetDict).")
+    text_field: str = Field(default="text", min_length=1, description="Text column; dots for struct fields.")
+    rows_per_shard: int = Field(default=10_000, gt=0, description="Rows in each shard.")
+    cache_dir: str | None = Field(default=None, description="Where ``load_dataset`` keeps its Arrow cache.")
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> HfSourceConfig:
+        if (self.path is None) == (self.format is None and self.data_files is None):
+            raise ValueError("give either `path` (a save_to_disk directory) or `format` and `data_files`")
+        if self.path is None and (self.format is None or self.data_files is None):
+            raise ValueError("`format` and `data_files` go together")
+        return self
+
+
+class TokensSourceConfig(_Strict):
+    """Token shards made by ``data-server prepare``; served without tokenizing."""
+
+    type: Literal["tokens"]
+    path: str = Field(min_length=1, description="Directory holding manifest.json and the shards.")
+
+
+SourceConfig = Annotated[
+    Union[TextSourceConfig, JsonlSourceConfig, ParquetSourceConfig, HfSourceConfig, TokensSourceConfig],
+    Field(discriminator="type"),
+]
 
 
 class DatasetConfig(_Strict):

@@ -15,7 +15,8 @@ from server.errors import ConfigError
 
 @dataclass(frozen=True)
 class FilePart:
-    """A whole file (``end == -1``) or the byte range ``[start, end)`` of one."""
+    """A whole file (``end == -1``) or the range ``[start, end)`` of one, in the source's unit:
+    bytes (JSONL), row groups (Parquet) or rows (HF datasets)."""
 
     path: str
     start: int = 0
@@ -34,30 +35,63 @@ class ShardSpec:
 
 @dataclass
 class BadRecords:
-    """Records skipped while reading, counted by reason; safe to share between threads."""
+    """Records skipped while reading, counted by reason, with the first sample of each reason;
+    safe to share between threads."""
 
     counts: Counter = field(default_factory=Counter)
+    samples: dict[str, str] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def add(self, reason: str, n: int = 1) -> None:
+    def add(self, reason: str, n: int = 1, sample: str | None = None) -> None:
+        """Count ``n`` records skipped for ``reason``; ``sample`` says where (kept once per reason)."""
         with self._lock:
             self.counts[reason] += n
+            if sample is not None:
+                self.samples.setdefault(reason, sample)
+
+    def merge(self, other: BadRecords) -> None:
+        """Add another tally (e.g. one shard's) to this one."""
+        counts, samples = other.snapshot(), other.sample_snapshot()
+        with self._lock:
+            self.counts.update(counts)
+            for reason, sample in samples.items():
+                self.samples.setdefault(reason, sample)
 
     def snapshot(self) -> dict[str, int]:
         with self._lock:
             return dict(self.counts)
 
+    def sample_snapshot(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self.samples)
+
+    def total(self) -> int:
+        with self._lock:
+            return sum(self.counts.values())
+
+
+class BrokenShard(Exception):
+    """A whole shard cannot be read (truncated or corrupt file); the dataset skips it."""
+
 
 class Source(Protocol):
-    """A corpus split into shards; ``read_shard`` runs off the event loop."""
+    """A corpus split into shards; ``read_shard`` runs off the event loop.
+
+    ``files()`` lists every file the content depends on (the dataset fingerprint stats them).
+    A ``read_shard`` that finds the whole shard unreadable raises ``BrokenShard`` (or OSError,
+    EOFError, ValueError); bad records inside a readable shard are counted in ``bad`` and skipped.
+    """
 
     def shards(self) -> list[ShardSpec]: ...
+
+    def files(self) -> list[str]: ...
 
     def read_shard(self, shard: ShardSpec, bad: BadRecords) -> list[str]: ...
 
 
-def resolve_paths(patterns: list[str], exclude: list[str], field: str) -> list[str]:
-    """Sorted, de-duplicated files matching ``patterns``; a pattern matching nothing is an error."""
+def resolve_paths(patterns: list[str], exclude: list[str], field: str, key: str = "paths") -> list[str]:
+    """Sorted, de-duplicated files matching ``patterns``; a pattern matching nothing is an error
+    naming ``{field}.{key}[i]``."""
     found: set[str] = set()
     for i, pattern in enumerate(patterns):
         matches = [
@@ -65,7 +99,7 @@ def resolve_paths(patterns: list[str], exclude: list[str], field: str) -> list[s
             if os.path.isfile(p) and not any(fnmatch(p, x) for x in exclude)
         ]
         if not matches:
-            raise ConfigError(f"{field}.paths[{i}]: {pattern!r} matches no file")
+            raise ConfigError(f"{field}.{key}[{i}]: {pattern!r} matches no file")
         found.update(os.path.abspath(p) for p in matches)
     return sorted(found)
 
@@ -91,10 +125,44 @@ def _shard(index: int, parts: list[FilePart], size: int) -> ShardSpec:
     return ShardSpec(index=index, name=name, parts=tuple(parts), bytes=size)
 
 
-def decode_utf8(data: bytes, bad: BadRecords) -> str | None:
+def decode_utf8(data: bytes, bad: BadRecords, where: str = "") -> str | None:
     """Strict UTF-8 decoding; invalid text is counted and skipped, never guessed."""
     try:
         return data.decode("utf-8")
-    except UnicodeDecodeError:
-        bad.add("invalid_utf8")
+    except UnicodeDecodeError as err:
+        bad.add("invalid_utf8", sample=f"{where}: {err.reason} at byte {err.start}: {data[:60]!r}")
         return None
+
+
+# Leading bytes of formats a source may be pointed at by mistake (or, for gzip/zstd, on purpose).
+_MAGIC = {b"PAR1": "parquet", b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd", b"ARROW1": "arrow",
+          b"PK\x03\x04": "zip", b"\xff\xff\xff\xff": "arrow stream"}
+
+
+def sniff_format(path: str) -> str | None:
+    """The binary format a file's first bytes announce (``parquet``, ``gzip``, ``zstd``, ...),
+    ``binary`` for other files with NUL bytes near the start, or ``None`` for text."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    for magic, name in _MAGIC.items():
+        if head.startswith(magic):
+            return name
+    return "binary" if b"\x00" in head else None
+
+
+def check_text_files(paths: list[str], patterns: list[str], field: str, kind: str,
+                     allowed: tuple[str, ...] = ()) -> None:
+    """Refuse (at start-up) files whose content is not ``kind``, naming the config entry."""
+    for path in paths:
+        fmt = sniff_format(path)
+        if fmt is not None and fmt not in allowed:
+            raise ConfigError(f"{path_field(path, patterns, field)}: {path} is a {fmt} file, not {kind} "
+                              f"(set the source's `type` to match the data)")
+
+
+def path_field(path: str, patterns: list[str], field: str, key: str = "paths") -> str:
+    """``{field}.{key}[i]`` for the first pattern that matches ``path`` (for error messages)."""
+    for i, pattern in enumerate(patterns):
+        if fnmatch(path, os.path.abspath(os.path.expanduser(pattern))):
+            return f"{field}.{key}[{i}]"
+    return f"{field}.{key}"

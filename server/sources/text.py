@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from server.config import TextSourceConfig
-from server.sources.base import BadRecords, ShardSpec, decode_utf8, group_files, resolve_paths
+from server.sources.base import (BadRecords, ShardSpec, check_text_files, decode_utf8, group_files,
+                                 resolve_paths)
 
 
 class TextSource:
@@ -12,21 +13,31 @@ class TextSource:
     def __init__(self, config: TextSourceConfig, field: str) -> None:
         self.config = config
         self.paths = resolve_paths(config.paths, config.exclude, field)
+        check_text_files(self.paths, config.paths, field, "text")
 
     def shards(self) -> list[ShardSpec]:
         return group_files(self.paths, int(self.config.shard_bytes))
 
+    def files(self) -> list[str]:
+        return list(self.paths)
+
     def read_shard(self, shard: ShardSpec, bad: BadRecords) -> list[str]:
         docs: list[str] = []
+        delimiter = None if self.config.delimiter is None else self.config.delimiter.encode("utf-8")
         for part in shard.parts:
             with open(part.path, "rb") as f:
-                text = decode_utf8(f.read(), bad)
-            if text is None:
-                continue
-            pieces = [text] if self.config.delimiter is None else text.split(self.config.delimiter)
-            for piece in pieces:
-                if piece.strip():
-                    docs.append(piece)
+                data = f.read()
+            # Split before decoding (UTF-8 is self-synchronising), so one bad document costs only itself.
+            pieces = [data] if delimiter is None else data.split(delimiter)
+            if len(pieces) > 1 and not pieces[-1].strip():
+                pieces.pop()  # the file ends with the delimiter: no document follows it
+            for i, piece in enumerate(pieces):
+                where = part.path if delimiter is None else f"{part.path} document {i}"
+                text = decode_utf8(piece, bad, where)
+                if text is None:
+                    continue
+                if text.strip():
+                    docs.append(text)
                 else:
-                    bad.add("empty_document")
+                    bad.add("empty_document", sample=f"{where}: blank")
         return docs

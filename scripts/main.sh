@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The main job: set up, start a data server on the embedded stdlib corpus, and stream from it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+exec .venv/bin/python -m scripts.main_job "$@"

@@ -1,0 +1,110 @@
+"""Contracts 2-4 through a real server: global order, dealing to ranks and workers, rows."""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from client import StreamingDataset
+from tests.conftest import decode_rows, jsonl_config
+
+SEQ, BATCH = 128, 4
+
+
+def rank_batches(address: str, world: int, rank: int, workers: int, n: int, **kw) -> list[dict]:
+    ds = StreamingDataset(address, "docs", seq_len=SEQ, batch_size=BATCH, seed=7, rank=rank, world_size=world, **kw)
+    loader = DataLoader(ds, batch_size=None, num_workers=workers)
+    return list(itertools.islice(loader, n))
+
+
+def global_rows(address: str, world: int, workers: int, global_batches: int) -> np.ndarray:
+    """Interleave the ranks' batches by contract 3: global batch b is rank b % W's (b // W)-th."""
+    per_rank = [rank_batches(address, world, r, workers, -(-global_batches // world)) for r in range(world)]
+    ordered = [per_rank[b % world][b // world]["input_ids"] for b in range(global_batches)]
+    return torch.cat(ordered).numpy()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_two_epochs_every_document_once_whatever_the_world_size(start_server, corpus, workers):
+    path, docs = corpus
+    server = start_server(jsonl_config(path, shard_bytes=32 << 10))
+    shards = StreamingDataset(server.address, "docs", seq_len=SEQ, batch_size=BATCH).describe().num_shards
+    tokens = sum(len(d.encode()) + 1 for d in docs)
+    rows_needed = 2 * (tokens // SEQ + shards + 1)
+    batches = -(-rows_needed // BATCH)
+    sequences = {w: global_rows(server.address, w, workers, batches) for w in (1, 2, 3)}
+    for w in (2, 3):  # contract 2: the global sequence does not depend on the world size
+        np.testing.assert_array_equal(sequences[w], sequences[1])
+    decoded = decode_rows(sequences[1])
+    assert len(decoded) >= 2 * len(docs)
+    epoch0, epoch1 = decoded[: len(docs)], decoded[len(docs) : 2 * len(docs)]
+    assert Counter(epoch0) == Counter(docs)
+    assert Counter(epoch1) == Counter(docs)
+    assert epoch0 != epoch1  # reshuffled by seed and epoch
+
+
+def test_ranks_get_disjoint_batches_and_seeds_differ(start_server, corpus):
+    path, _ = corpus
+    server = start_server(jsonl_config(path))
+    a, b = (rank_batches(server.address, 2, r, 0, 5) for r in (0, 1))
+    for x, y in zip(a, b):
+        assert not torch.equal(x["input_ids"], y["input_ids"])
+    other_seed = StreamingDataset(server.address, "docs", seq_len=SEQ, batch_size=BATCH, seed=8, rank=0, world_size=2)
+    first = next(iter(other_seed))
+    assert not torch.equal(first["input_ids"], a[0]["input_ids"])
+
+
+def test_rows_labels_and_positions(start_server, corpus):
+    path, _ = corpus
+    server = start_server(jsonl_config(path))
+    ds = StreamingDataset(server.address, "docs", seq_len=SEQ, batch_size=BATCH)
+    batches = list(itertools.islice(ds, 200))
+    for batch in batches:
+        assert set(batch) >= {"input_ids", "labels", "position_ids"}
+        for v in batch.values():
+            assert v.shape == (BATCH, SEQ) and v.dtype == torch.int64
+    ids = torch.cat([b["input_ids"] for b in batches])
+    labels = torch.cat([b["labels"] for b in batches])
+    pos = torch.cat([b["position_ids"] for b in batches])
+    # labels are the next token of the stream: inside a row, and across rows into the next row
+    stream = ids.reshape(-1)
+    nxt = torch.cat([stream[1:], torch.tensor([-1])]).reshape(ids.shape)
+    real = labels != -100
+    real[-1, -1] = False  # its next token is in a batch not collected here
+    assert torch.equal(labels[real], nxt[real])
+    assert torch.equal(labels[:-1, -1][real[:-1, -1]], ids[1:, 0][real[:-1, -1]])
+    # -100 exactly where the next token is PAD
+    in_row = torch.where(ids[:, 1:] == 257, -100, ids[:, 1:])
+    assert torch.equal(labels[:, :-1], in_row)  # -100 exactly where the next token is PAD
+    assert ids.eq(257).any(), "a shard end pads its last row"
+    # position ids restart at 0 at each row start and right after each EOS, and count up otherwise
+    assert torch.all(pos[:, 0] == 0)
+    after_eos = ids[:, :-1] == 256
+    assert torch.all(pos[:, 1:][after_eos] == 0)
+    assert torch.all(pos[:, 1:][~after_eos] == pos[:, :-1][~after_eos] + 1)
+    assert ids.max() <= 257 and ids.min() >= 0
+
+
+def test_packing_efficiency_on_stdlib_corpus(start_server):
+    server = start_server(None)  # the embedded default dataset: the stdlib sources
+    seq, batch = 2048, 8
+    ds = StreamingDataset(server.address, "stdlib", seq_len=seq, batch_size=batch)
+    info = ds.describe()
+    total_bytes = sum(s.bytes for s in info.shards)
+    rows_bound = total_bytes * 1.2 // seq + info.num_shards  # byte tokens + EOS per doc
+    batches = list(itertools.islice(ds, int(rows_bound // batch) + 1))
+    info = ds.describe()  # every shard has been tokenized now
+    assert all(s.tokens > 0 for s in info.shards)
+    rows_epoch = sum(-(-s.tokens // seq) for s in info.shards)
+    ids = torch.cat([b["input_ids"] for b in batches])[:rows_epoch]
+    real = int(ids.ne(257).sum())
+    assert real == info.tokens
+    efficiency = real / ids.numel()
+    assert efficiency >= 0.99, efficiency
+    docs = decode_rows(ids.numpy())
+    assert len(docs) == info.documents
