@@ -159,3 +159,19 @@ def decode_rows(rows: Any, eos: int = 256, pad: int = 257) -> list[str]:
         docs.append(bytes(flat[start:end].astype(np.uint8).tolist()).decode("utf-8"))
         start = end + 1
     return docs
+
+
+@pytest.fixture(scope="module")
+def module_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """Like ``start_server`` but shared by a module's tests: ``module_servers(config)``."""
+    servers: list[ServerProcess] = []
+    workdir = tmp_path_factory.mktemp("servers")
+
+    def start(config: dict[str, Any] | None = None, **kwargs: Any) -> ServerProcess:
+        server = ServerProcess(config, workdir, **kwargs).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
