@@ -29,7 +29,9 @@ class StreamingDataset(IterableDataset):
     """The batches of one rank, streamed from a tokenfeed server.
 
     Yields dicts of tensors ``[batch_size, seq_len]``: ``input_ids``, ``labels`` (the next token,
-    -100 on padding) and ``position_ids`` (restarting at each document). The sequence is
+    -100 on padding) and ``position_ids`` (restarting at each document), plus ``cu_seqlens``
+    (int32 start offsets of the documents in the flattened batch, then its size: the layout of
+    flash-attention's varlen kernels). The sequence is
     infinite: epoch after epoch, each reshuffled by ``seed`` and the epoch number.
 
     Rank ``r`` of ``W`` gets global batches ``r, r+W, r+2W, ...``; inside a
@@ -50,7 +52,9 @@ class StreamingDataset(IterableDataset):
         batch_size: rows per batch.
         seed: seeds the global order.
         rank, world_size: default to ``torch.distributed``, else ``RANK``/``WORLD_SIZE``, else 0/1.
-        packing: packing mode (``"concat"``).
+        packing: ``"concat"`` (documents back to back, split across rows), ``"bfd"`` (whole
+            documents best-fit into rows, longer ones split, rest PAD) or ``"pad"`` (one document
+            per row, truncated to ``seq_len``).
         reconnect_deadline_s: how long to keep reconnecting after the server went away.
         batches_per_message: batches the server packs into one gRPC message.
         compression: ``"zstd"`` to compress tokens on the wire (pays off only on slow links).
@@ -105,9 +109,10 @@ class StreamingDataset(IterableDataset):
         self._cycle = meta["worker_cycle"] if self._per_worker_state else 0
 
     # ---- iteration ---------------------------------------------------------------------
-    def describe(self) -> pb.DatasetInfo:
-        """The server's description of this dataset (vocabulary size, EOS/PAD ids, shards)."""
-        return self._channel.describe(self.identity.dataset).datasets[0]
+    def describe(self, timeout: float = 30.0) -> pb.DatasetInfo:
+        """The server's description of this dataset (vocabulary size, EOS/PAD ids, shards); waits up
+        to ``timeout`` seconds for the server to answer."""
+        return self._channel.describe(self.identity.dataset, timeout=timeout).datasets[0]
 
     def _request(self, cursor: pb.Cursor | None, first_step: int, worker: int) -> pb.StreamRequest:
         ident = self.identity
@@ -153,8 +158,11 @@ def to_batch(tokens: np.ndarray, eos_id: int, pad_id: int) -> dict[str, torch.Te
     np.equal(ids[:, :-1], eos_id, out=starts[:, 1:])
     arange = np.arange(ids.shape[1], dtype=np.int64)
     positions = arange - np.maximum.accumulate(np.where(starts, arange, 0), axis=1)
+    # flash-attention varlen layout: segment boundaries over the flattened batch
+    cu_seqlens = np.append(np.flatnonzero(starts), starts.size).astype(np.int32)
     return {
         "input_ids": torch.from_numpy(ids.astype(np.int64)),
         "labels": torch.from_numpy(labels),
         "position_ids": torch.from_numpy(positions),
+        "cu_seqlens": torch.from_numpy(cu_seqlens),
     }

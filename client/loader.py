@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.context
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,12 +13,23 @@ from torch.utils.data import DataLoader
 from client.dataset import STATE_KEY, StreamingDataset
 
 
+def fork_safe_context() -> multiprocessing.context.BaseContext:
+    """Workers forked from a clean server process: forking a process whose other threads are
+    inside gRPC (any live stream) can deadlock the child. The server process preloads the client,
+    so starting workers stays cheap after the first time."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["client"])
+    return ctx
+
+
 class StreamingDataLoader(DataLoader):
     """Iterates a ``StreamingDataset`` (one batch per item) and checkpoints what was consumed.
 
     Each batch travels from its worker with the state taken right after it, so batches still
     sitting in worker queues never count as consumed. ``num_workers`` may change between saving
-    and loading: the state is per rank, not per worker.
+    and loading: the state is per rank, not per worker. Workers start from a ``forkserver`` (not
+    a plain fork of a process that may hold live gRPC streams) unless ``multiprocessing_context``
+    says otherwise.
     """
 
     def __init__(self, dataset: StreamingDataset, num_workers: int = 0, **kwargs: Any) -> None:
@@ -24,6 +37,8 @@ class StreamingDataLoader(DataLoader):
             raise TypeError(f"StreamingDataLoader needs a StreamingDataset, got {type(dataset).__name__}")
         if kwargs.pop("batch_size", None) is not None:
             raise ValueError("StreamingDataLoader takes batch_size from the dataset; leave it unset")
+        if num_workers > 0 and kwargs.get("multiprocessing_context") is None:
+            kwargs["multiprocessing_context"] = fork_safe_context()
         super().__init__(dataset, batch_size=None, num_workers=num_workers, **kwargs)
         self._state: dict[str, Any] | None = None
 

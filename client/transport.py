@@ -18,8 +18,8 @@ from tokenfeed.v1 import tokenfeed_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 #: Codes after which the stream is reopened from the cursor (the server went away or restarted).
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED,
-             grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
+#: A server bug (UNKNOWN, INTERNAL) is raised at once rather than retried until the deadline.
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED}
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,22 +42,38 @@ def tokenized_shard(docs: list[np.ndarray], eos_id: int, dtype: np.dtype) -> Tok
 
 @dataclass(frozen=True)
 class PackedShard:
-    """Rows of a shard for one epoch. Row i is ``stream[i*L : i*L + L + 1]``: its L input
-    tokens plus the next token of the stream (the label of its last position)."""
+    """A shard's rows for one epoch; each row holds ``seq_len + 1`` tokens, the last being the
+    label of the row's last position. ``concat`` keeps one flat ``stream`` (row i is
+    ``stream[i*L : i*L + L + 1]``, a view); ``bfd`` and ``pad`` keep a ``table`` of rows.
+    ``segments`` say which document each run of a row comes from (for provenance)."""
 
-    stream: np.ndarray  # [rows * seq_len + 1], PAD after the shard's last token
     seq_len: int
     rows: int
+    segments: np.ndarray  # int64 [n, 5]: row, column, length, document (in shard), offset in document
+    stream: np.ndarray | None = None  # concat: [rows * seq_len + 1]
+    table: np.ndarray | None = None   # bfd/pad: [rows, seq_len + 1]
+
+    @property
+    def nbytes(self) -> int:
+        rows = self.table if self.table is not None else self.stream
+        return int(rows.nbytes + self.segments.nbytes)
 
     def row_view(self, start: int, stop: int) -> np.ndarray:
-        """Rows ``[start, stop)`` as a read-only strided view ``[stop - start, seq_len + 1]``."""
+        """Rows ``[start, stop)`` as a read-only array ``[stop - start, seq_len + 1]``."""
         assert 0 <= start <= stop <= self.rows, (start, stop, self.rows)
+        if self.table is not None:
+            return self.table[start:stop]
+        assert self.stream is not None
         item = self.stream.itemsize
-        base = self.stream[start * self.seq_len :]
         return np.lib.stride_tricks.as_strided(
-            base, shape=(stop - start, self.seq_len + 1), strides=(self.seq_len * item, item),
-            writeable=False,
+            self.stream[start * self.seq_len :], shape=(stop - start, self.seq_len + 1),
+            strides=(self.seq_len * item, item), writeable=False,
         )
+
+    def row_segments(self, start: int, stop: int) -> np.ndarray:
+        """The segments of rows ``[start, stop)`` (row numbers stay the shard's)."""
+        rows = self.segments[:, 0]
+        return self.segments[np.searchsorted(rows, start) : np.searchsorted(rows, stop)]
 
 
 def concat_rows(num_tokens: int, seq_len: int) -> int:
@@ -64,14 +81,98 @@ def concat_rows(num_tokens: int, seq_len: int) -> int:
     return -(-num_tokens // seq_len)
 
 
+def known_rows(packing: str, num_tokens: int, num_docs: int, seq_len: int) -> int | None:
+    """Rows a shard packs into, when they follow from its counts alone (``bfd`` must pack)."""
+    if packing == "concat":
+        return concat_rows(num_tokens, seq_len)
+    if packing == "pad":
+        return num_docs
+    return None
+
+
+def _segments(rows: list[int], cols: list[int], lens: list[int], docs: list[int], offs: list[int]) -> np.ndarray:
+    out = np.array([rows, cols, lens, docs, offs], dtype=np.int64).T.reshape(-1, 5)
+    return out[np.lexsort((out[:, 1], out[:, 0]))] if len(out) else out
+
+
 def pack_concat(shard: TokenizedShard, order: np.ndarray, seq_len: int, pad_id: int) -> PackedShard:
     """Documents in ``order``, concatenated with no gap, cut into rows; only the last row pads."""
     rows = concat_rows(shard.num_tokens, seq_len)
     stream = np.full(rows * seq_len + 1, pad_id, dtype=shard.tokens.dtype)
-    if rows:
-        starts, ends = shard.offsets[order], shard.offsets[order + 1]
-        pos = 0
-        for start, end in zip(starts.tolist(), ends.tolist()):
-            stream[pos : pos + end - start] = shard.tokens[start:end]
-            pos += end - start
-    return PackedShard(stream=stream, seq_len=seq_len, rows=rows)
+    starts, ends = shard.offsets[order], shard.offsets[order + 1]
+    pos = 0
+    seg: tuple[list[int], ...] = ([], [], [], [], [])
+    for doc, start, end in zip(order.tolist(), starts.tolist(), ends.tolist()):
+        stream[pos : pos + end - start] = shard.tokens[start:end]
+        offset = 0
+        while offset < end - start:  # one segment per row the document touches
+            row, col = divmod(pos + offset, seq_len)
+            length = min(seq_len - col, end - start - offset)
+            for lst, v in zip(seg, (row, col, length, doc, offset)):
+                lst.append(v)
+            offset += length
+        pos += end - start
+    return PackedShard(seq_len=seq_len, rows=rows, segments=_segments(*seg), stream=stream)
+
+
+def _pieces(shard: TokenizedShard, order: np.ndarray, seq_len: int) -> list[tuple[int, int, int]]:
+    """(document, offset, length) pieces of at most ``seq_len`` tokens, in ``order``."""
+    out = []
+    for doc in order.tolist():
+        length = int(shard.offsets[doc + 1] - shard.offsets[doc])
+        out.extend((doc, off, min(seq_len, length - off)) for off in range(0, length, seq_len))
+    return out
+
+
+def _fill(shard: TokenizedShard, rows: list[list[tuple[int, int, int]]], seq_len: int, pad_id: int) -> PackedShard:
+    table = np.full((len(rows), seq_len + 1), pad_id, dtype=shard.tokens.dtype)
+    seg: tuple[list[int], ...] = ([], [], [], [], [])
+    for r, pieces in enumerate(rows):
+        col = 0
+        for doc, off, length in pieces:
+            base = int(shard.offsets[doc]) + off
+            table[r, col : col + length] = shard.tokens[base : base + length]
+            for lst, v in zip(seg, (r, col, length, doc, off)):
+                lst.append(v)
+            col += length
+    return PackedShard(seq_len=seq_len, rows=len(rows), segments=_segments(*seg), table=table)
+
+
+def pack_pad(shard: TokenizedShard, order: np.ndarray, seq_len: int, pad_id: int) -> PackedShard:
+    """One document per row: its first ``seq_len`` tokens (the rest is dropped), then PAD."""
+    rows = []
+    for doc in order.tolist():
+        length = int(shard.offsets[doc + 1] - shard.offsets[doc])
+        rows.append([(doc, 0, min(length, seq_len))])
+    return _fill(shard, rows, seq_len, pad_id)
+
+
+def pack_bfd(shard: TokenizedShard, order: np.ndarray, seq_len: int, pad_id: int, window: int = 1024) -> PackedShard:
+    """Best-fit-decreasing bin packing of whole documents, window by window of ``window``
+    documents in ``order``. Documents longer than a row are split into row-sized pieces, so no
+    token is lost; the rest of each row is PAD."""
+    rows: list[list[tuple[int, int, int]]] = []
+    pieces = _pieces(shard, order, seq_len)
+    for w in range(0, len(pieces), window):
+        chunk = sorted(pieces[w : w + window], key=lambda p: -p[2])  # stable: ties keep order
+        free: list[tuple[int, int]] = []  # (space left, row), sorted
+        for piece in chunk:
+            i = bisect.bisect_left(free, (piece[2], -1))
+            if i == len(free):
+                rows.append([piece])
+                space, row = seq_len - piece[2], len(rows) - 1
+            else:
+                space, row = free.pop(i)
+                rows[row].append(piece)
+                space -= piece[2]
+            if space > 0:
+                bisect.insort(free, (space, row))
+    return _fill(shard, rows, seq_len, pad_id)
+
+
+PACKERS = {"concat": pack_concat, "bfd": pack_bfd, "pad": pack_pad}
+
+
+def pack(packing: str, shard: TokenizedShard, order: np.ndarray, seq_len: int, pad_id: int) -> PackedShard:
+    """Pack a shard's documents, in ``order``, with the named mode."""
+    return PACKERS[packing](shard, order, seq_len, pad_id)

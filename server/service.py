@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
 import grpc
 
+from server import metrics
 from server.config import ServerSettings
 from server.dataset import Dataset
 from server.errors import FailedPrecondition, InvalidArgument, NotFound, TokenfeedError
@@ -46,10 +48,19 @@ class TokenFeedService(pb_grpc.TokenFeedServicer):
             params = parse_request(request, self.datasets, self.settings)
             log.info("stream opened: %s rank %d/%d worker %d from %s (row %d)", request.dataset,
                      request.rank, request.world_size, request.worker_id, context.peer(), params.start.row)
-            async for chunk in stream_chunks(params, self.store):
-                yield to_message(chunk, params)
+            with metrics.StreamMeter(params.dataset.name, params.packing, params.dataset.info.pad_id) as meter:
+                async for chunk in stream_chunks(params, self.store):
+                    message = to_message(chunk, params)
+                    meter.sent(chunk.tokens, len(message.tokens))
+                    yield message
+                    meter.resumed()
         except TokenfeedError as err:
             await context.abort(status_of(err), str(err))
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as err:  # a bug must not take the server down; the client gets a reason
+            log.exception("stream for %s rank %d failed", request.dataset, request.rank)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}")
 
     async def Describe(self, request: pb.DescribeRequest, context: grpc.aio.ServicerContext) -> pb.DescribeResponse:
         if request.dataset and request.dataset not in self.datasets:

@@ -107,7 +107,8 @@ class Walker:
 
     async def _shard_rows(self) -> int:
         if self._rows is None:
-            self._rows = await self.store.num_rows(self.ds, self.p.seed, self.epoch, self.shard, self.p.seq_len)
+            self._rows = await self.store.num_rows(self.ds, self.p.seed, self.epoch, self.shard, self.p.seq_len,
+                                                   self.p.packing)
             if self.shard_row > self._rows:
                 raise FailedPrecondition(
                     f"cursor points at row {self.shard_row} of shard {self.shard} (epoch {self.epoch}), "
@@ -140,7 +141,8 @@ class Walker:
         while filled < len(out):
             step = min(len(out) - filled, await self._ready())
             first_epoch = self.epoch if first_epoch is None else first_epoch
-            packed = await self.store.packed(self.ds, self.p.seed, self.epoch, self.shard, self.p.seq_len)
+            packed = await self.store.packed(self.ds, self.p.seed, self.epoch, self.shard, self.p.seq_len,
+                                             self.p.packing)
             out[filled : filled + step] = packed.row_view(self.shard_row, self.shard_row + step)
             filled += step
             self.shard_row += step
@@ -164,14 +166,18 @@ async def stream_chunks(params: StreamParams, store: ShardStore) -> AsyncIterato
     p = params
     walker = Walker(store, p)
     origin, rows_per_step, step = p.start.row, p.world_size * p.batch_size, p.first_step
-    while True:
-        tokens = np.empty((p.batches_per_message, p.batch_size, p.seq_len + 1), dtype=p.dataset.dtype)
-        cursors, steps, epochs = [], [], []
-        for i in range(p.batches_per_message):
-            await walker.skip(origin + step * rows_per_step + p.rank * p.batch_size - walker.row)
-            epochs.append(await walker.take(tokens[i]))
-            await walker.skip(origin + (step + 1) * rows_per_step - walker.row)
-            cursors.append(walker.locator())
-            steps.append(step)
-            step += p.step_stride
-        yield Chunk(tokens=tokens, cursors=cursors, steps=steps, epochs=epochs)
+    # The stream's position, for the cache's eviction and the prefetcher; closed however the stream ends.
+    with store.follow(p.dataset, p.seed) as follower:
+        follower.at(walker.epoch, walker.shard)
+        while True:
+            tokens = np.empty((p.batches_per_message, p.batch_size, p.seq_len + 1), dtype=p.dataset.dtype)
+            cursors, steps, epochs = [], [], []
+            for i in range(p.batches_per_message):
+                await walker.skip(origin + step * rows_per_step + p.rank * p.batch_size - walker.row)
+                follower.at(walker.epoch, walker.shard)
+                epochs.append(await walker.take(tokens[i]))
+                await walker.skip(origin + (step + 1) * rows_per_step - walker.row)
+                cursors.append(walker.locator())
+                steps.append(step)
+                step += p.step_stride
+            yield Chunk(tokens=tokens, cursors=cursors, steps=steps, epochs=epochs)

@@ -65,9 +65,11 @@ def test_rows_labels_and_positions(start_server, corpus):
     ds = StreamingDataset(server.address, "docs", seq_len=SEQ, batch_size=BATCH)
     batches = list(itertools.islice(ds, 200))
     for batch in batches:
-        assert set(batch) >= {"input_ids", "labels", "position_ids"}
-        for v in batch.values():
-            assert v.shape == (BATCH, SEQ) and v.dtype == torch.int64
+        assert set(batch) >= {"input_ids", "labels", "position_ids", "cu_seqlens"}
+        for key in ("input_ids", "labels", "position_ids"):
+            assert batch[key].shape == (BATCH, SEQ) and batch[key].dtype == torch.int64
+        starts = (batch["position_ids"].reshape(-1) == 0).nonzero().reshape(-1)
+        assert batch["cu_seqlens"].tolist() == starts.tolist() + [BATCH * SEQ]
     ids = torch.cat([b["input_ids"] for b in batches])
     labels = torch.cat([b["labels"] for b in batches])
     pos = torch.cat([b["position_ids"] for b in batches])
@@ -108,3 +110,26 @@ def test_packing_efficiency_on_stdlib_corpus(start_server):
     assert efficiency >= 0.99, efficiency
     docs = decode_rows(ids.numpy())
     assert len(docs) == info.documents
+
+
+@pytest.mark.parametrize("packing", ["bfd", "pad"])
+def test_whole_document_packings_deliver_every_document_once_per_epoch(start_server, corpus, packing):
+    path, docs = corpus
+    server = start_server(jsonl_config(path, shard_bytes=32 << 10))
+    seq = 8192  # longer than any document: bfd splits none, pad truncates none
+    per_rank = [StreamingDataset(server.address, "docs", seq_len=seq, batch_size=2, seed=1, rank=r,
+                                 world_size=2, packing=packing) for r in range(2)]
+    iters = [iter(ds) for ds in per_rank]
+    decoded: list[str] = []
+    rows = []
+    while len(decoded) < 2 * len(docs):
+        for it in iters:  # contract 3: global batches alternate between the two ranks
+            batch = next(it)["input_ids"]
+            rows.append(batch)
+            decoded += decode_rows(batch.numpy())
+            if packing == "pad":
+                assert torch.all((batch != 257).sum(dim=1) >= 1)
+                assert all(len(decode_rows(row[None].numpy())) == 1 for row in batch)
+    assert Counter(decoded[: len(docs)]) == Counter(docs)
+    assert Counter(decoded[len(docs) : 2 * len(docs)]) == Counter(docs)
+    assert decoded[: len(docs)] != decoded[len(docs) : 2 * len(docs)]

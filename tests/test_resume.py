@@ -126,3 +126,15 @@ def test_elastic_resume_at_a_step_boundary(env, old, new):
     continued = [resumed[b % new][b // new] for b in range(new * after)]
     globally = reference(1, 0, old * steps + new * after)
     assert same_batches(before + continued, globally)
+
+
+@pytest.mark.parametrize("packing", ["bfd", "pad"])
+def test_resume_is_exact_for_every_packing(env, packing):
+    _, dataset, _, _ = env
+    ref = take(dataset(2, 1, packing=packing), 40)
+    for k in (0, 5, 33):
+        check_resume(lambda: StreamingDataLoader(dataset(2, 1, packing=packing), num_workers=2),
+                     lambda: dataset(2, 1, packing=packing), ref, k)
+    _, state = save_after(lambda: dataset(2, 1, packing=packing), 3)
+    with pytest.raises(ValueError, match=f"packing='{packing}'"):
+        dataset(2, 1).load_state_dict(state)

@@ -10,7 +10,7 @@ from tokenfeed.v1 import tokenfeed_pb2 as pb
 #: Version of the cursor layout; a cursor of another version is refused.
 CURSOR_VERSION = 1
 #: Packing modes a stream may ask for.
-PACKINGS = ("concat",)
+PACKINGS = ("concat", "bfd", "pad")
 DEFAULT_PACKING = "concat"
 
 _NP_DTYPES = {

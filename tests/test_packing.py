@@ -1,0 +1,103 @@
+"""Packing modes: no token lost or duplicated, row shapes, document boundaries (hypothesis)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from server.packing import PACKERS, known_rows, pack, tokenized_shard
+
+EOS, PAD = 256, 257
+
+docs_strategy = st.lists(st.integers(1, 300), min_size=0, max_size=40).map(
+    lambda lengths: [np.arange(n, dtype=np.uint16) % 200 + (i % 50) for i, n in enumerate(lengths)])
+
+
+def shard_of(docs: list[np.ndarray]):
+    return tokenized_shard(docs, EOS, np.dtype(np.uint16))
+
+
+def doc_tokens(shard, d: int) -> np.ndarray:
+    return shard.tokens[shard.offsets[d] : shard.offsets[d + 1]]
+
+
+def check_segments(packed, shard) -> dict[int, list[tuple[int, int]]]:
+    """Every segment holds exactly its document's tokens; returns doc -> [(offset, length)]."""
+    pieces: dict[int, list[tuple[int, int]]] = {}
+    rows = packed.row_view(0, packed.rows)
+    for row, col, length, doc, off in packed.segments.tolist():
+        assert 0 <= col and col + length <= packed.seq_len
+        np.testing.assert_array_equal(rows[row, col : col + length], doc_tokens(shard, doc)[off : off + length])
+        pieces.setdefault(doc, []).append((off, length))
+    return pieces
+
+
+@settings(max_examples=150, deadline=None)
+@given(docs=docs_strategy, seq_len=st.integers(1, 64), seed=st.integers(0, 3))
+def test_concat_tiles_the_stream(docs, seq_len, seed):
+    shard = shard_of(docs)
+    order = np.random.default_rng(seed).permutation(shard.num_docs)
+    packed = pack("concat", shard, order, seq_len, PAD)
+    assert packed.rows == known_rows("concat", shard.num_tokens, shard.num_docs, seq_len)
+    rows = packed.row_view(0, packed.rows)
+    assert rows.shape == (packed.rows, seq_len + 1)
+    stream = np.concatenate([doc_tokens(shard, d) for d in order]) if len(order) else np.empty(0, np.uint16)
+    flat = rows[:, :-1].reshape(-1)
+    np.testing.assert_array_equal(flat[: stream.size], stream)
+    assert np.all(flat[stream.size :] == PAD) and flat.size - stream.size < seq_len
+    np.testing.assert_array_equal(rows[:-1, -1], rows[1:, 0])  # the extra token is the next row's first
+    pieces = check_segments(packed, shard)
+    assert sum(length for p in pieces.values() for _, length in p) == shard.num_tokens
+
+
+@settings(max_examples=150, deadline=None)
+@given(docs=docs_strategy, seq_len=st.integers(1, 64), seed=st.integers(0, 3))
+def test_bfd_keeps_documents_whole_when_they_fit(docs, seq_len, seed):
+    shard = shard_of(docs)
+    order = np.random.default_rng(seed).permutation(shard.num_docs)
+    packed = pack("bfd", shard, order, seq_len, PAD)
+    rows = packed.row_view(0, packed.rows)
+    assert rows.shape == (packed.rows, seq_len + 1)
+    assert np.all(rows[:, -1] == PAD)
+    assert packed.rows >= -(-shard.num_tokens // seq_len)
+    pieces = check_segments(packed, shard)
+    for d in range(shard.num_docs):  # every token exactly once, in pieces of whole rows at most
+        length = int(shard.offsets[d + 1] - shard.offsets[d])
+        got = sorted(pieces.get(d, []))
+        expected = [(off, min(seq_len, length - off)) for off in range(0, length, seq_len)]
+        assert got == expected
+    assert int(np.sum(rows[:, :-1] != PAD)) == shard.num_tokens
+
+
+@settings(max_examples=150, deadline=None)
+@given(docs=docs_strategy, seq_len=st.integers(1, 64), seed=st.integers(0, 3))
+def test_pad_one_document_per_row(docs, seq_len, seed):
+    shard = shard_of(docs)
+    order = np.random.default_rng(seed).permutation(shard.num_docs)
+    packed = pack("pad", shard, order, seq_len, PAD)
+    assert packed.rows == shard.num_docs == known_rows("pad", shard.num_tokens, shard.num_docs, seq_len)
+    rows = packed.row_view(0, packed.rows)
+    for r, d in enumerate(order.tolist()):
+        tokens = doc_tokens(shard, d)[:seq_len]
+        np.testing.assert_array_equal(rows[r, : tokens.size], tokens)
+        assert np.all(rows[r, tokens.size :] == PAD)
+    check_segments(packed, shard)
+
+
+def test_bfd_beats_first_fit_order_on_mixed_lengths():
+    rng = np.random.default_rng(0)
+    docs = [np.ones(int(n), np.uint16) for n in rng.integers(1, 1500, size=2000)]
+    shard = shard_of(docs)
+    order = np.arange(shard.num_docs)
+    bfd = pack("bfd", shard, order, 2048, PAD)
+    efficiency = shard.num_tokens / (bfd.rows * 2048)
+    assert efficiency > 0.97, efficiency
+
+
+@pytest.mark.parametrize("mode", sorted(PACKERS))
+def test_empty_shard(mode):
+    shard = shard_of([])
+    packed = pack(mode, shard, np.arange(0), 16, PAD)
+    assert packed.rows == 0 and packed.row_view(0, 0).shape == (0, 17)
