@@ -1,4 +1,5 @@
-"""The ``data-server`` command line: ``serve`` a config (or the embedded stdlib corpus)."""
+"""The ``data-server`` command line: ``serve`` a config (or the embedded stdlib corpus), ``prepare``
+a dataset into token shards, ``tokenizer train`` a BPE on a dataset."""
 
 from __future__ import annotations
 
@@ -20,7 +21,68 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="gRPC port (default 50051; 0 picks a free one)")
     serve.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
     serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
+    health = sub.add_parser("health", help="exit 0 if a server reports SERVING (gRPC health service)")
+    health.add_argument("--address", default="127.0.0.1:50051", help="host:port of the server")
+    health.add_argument("--service", default="", help="service to check (default: the whole server)")
+    health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for an answer")
+    _add_offline_parsers(sub)
     return parser
+
+
+def _add_offline_parsers(sub: argparse._SubParsersAction) -> None:
+    prep = sub.add_parser("prepare", help="tokenize a dataset once into token shards (type: tokens)")
+    prep.add_argument("--config", help="YAML config; default: the embedded `stdlib` dataset")
+    prep.add_argument("--dataset", required=True, help="name of the dataset in the config")
+    prep.add_argument("--out", required=True, help="directory to write (resumes an unfinished one)")
+    prep.add_argument("--workers", type=int, help="worker processes (default: one per core)")
+    prep.add_argument("--max-shards", type=int, help="stop after this many shards (run again to go on)")
+    prep.add_argument("--level", type=int, default=3, help="zstd level of the shards (default 3)")
+    prep.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
+    tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="tokenizer_command",
+                                                                            required=True)
+    train = tok.add_parser("train", help="train a byte-level BPE tokenizer.json on a dataset (offline)")
+    train.add_argument("--config", help="YAML config; default: the embedded `stdlib` dataset")
+    train.add_argument("--dataset", required=True, help="name of the dataset in the config")
+    train.add_argument("--vocab-size", type=int, required=True, help="vocabulary size, specials included")
+    train.add_argument("--out", required=True, help="tokenizer.json to write")
+    train.add_argument("--min-frequency", type=int, default=2, help="least count of a merged pair")
+    train.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
+
+
+def _run_offline(args: argparse.Namespace, config: Config) -> int:
+    """``prepare`` and ``tokenizer train``: no gRPC involved."""
+    from server.prepare import prepare, train_tokenizer
+
+    if args.command == "prepare":
+        if args.workers is not None and args.workers < 1:
+            raise ConfigError(f"--workers: must be at least 1, got {args.workers}")
+        if args.max_shards is not None and args.max_shards < 0:
+            raise ConfigError(f"--max-shards: must be at least 0, got {args.max_shards}")
+        result = prepare(config, args.dataset, args.out, workers=args.workers, max_shards=args.max_shards,
+                         level=args.level)
+        if not result.complete:
+            print(f"data-server: prepared {result.shards_done} shard(s) of {result.shards_total}; "
+                  "run the same command again to continue", file=sys.stderr)
+        return 0
+    train_tokenizer(config, args.dataset, args.vocab_size, args.out, min_frequency=args.min_frequency)
+    return 0
+
+
+def _health(args: argparse.Namespace) -> int:
+    """One gRPC health check, for container HEALTHCHECKs: 0 when SERVING, 1 otherwise."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(args.address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+        except grpc.RpcError as err:
+            print(f"data-server health: {args.address}: {err.code().name}: {err.details()}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{args.address}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
 def _apply_overrides(config: Config, args: argparse.Namespace) -> Config:
@@ -37,8 +99,16 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0].startswith("-"):
         argv = ["serve", *argv]
     args = _parser().parse_args(argv)
+    if args.command == "health":
+        return _health(args)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command != "serve":
+        try:
+            return _run_offline(args, load_config(args.config) if args.config else default_config())
+        except ConfigError as err:
+            print(f"data-server: {err}", file=sys.stderr)
+            return 2
     from server.app import serve  # grpc imports after logging is set up
 
     try:

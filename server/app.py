@@ -11,11 +11,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from server.cache import ShardCache
+from server import metrics
 from server.config import Config
 from server.dataset import Dataset
 from server.service import TokenFeedService
-from server.store import ShardStore
+from server.store import build_store
 from tokenfeed.v1 import tokenfeed_pb2 as pb
 from tokenfeed.v1 import tokenfeed_pb2_grpc as pb_grpc
 
@@ -33,9 +33,9 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
     settings = config.server
     datasets = build_datasets(config)
     executor = ThreadPoolExecutor(settings.workers, thread_name_prefix="tokenfeed-load")
-    store = ShardStore(ShardCache(int(config.cache.max_bytes)), executor)
+    store = build_store(config, executor)
     limit = int(settings.max_message_bytes)
-    server = grpc.aio.server(options=[
+    server = grpc.aio.server(interceptors=[metrics.RpcMetricsInterceptor()], options=[
         ("grpc.max_send_message_length", limit),
         ("grpc.max_receive_message_length", 4 << 20),
     ])
@@ -46,6 +46,7 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
     if port == 0:
         raise OSError(f"cannot listen on {settings.host}:{settings.port}")
+    exporter = metrics.start_exporter(settings.host, settings.metrics_port, datasets, store)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -63,5 +64,8 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
         await health_servicer.enter_graceful_shutdown()
     finally:
         await server.stop(settings.shutdown_grace_s)
+        await store.close()
         executor.shutdown(wait=False, cancel_futures=True)
+        if exporter is not None:
+            exporter.close()
         log.info("stopped")

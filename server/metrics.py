@@ -1,0 +1,432 @@
+"""Prometheus metrics of the data server: definitions, a gRPC interceptor, a scrape-time collector."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import numpy as np
+from prometheus_client import (
+    CollectorRegistry, Counter, Gauge, GCCollector, Histogram, PlatformCollector, ProcessCollector,
+    disable_created_metrics, start_http_server,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from tokenfeed import wire
+
+if TYPE_CHECKING:
+    from server.dataset import Dataset
+    from server.store import ShardStore
+
+log = logging.getLogger(__name__)
+
+#: The server's own registry (not prometheus_client's global one), so that a process may build
+#: and stop several servers without "duplicated timeseries" errors.
+REGISTRY = CollectorRegistry(auto_describe=True)
+ProcessCollector(registry=REGISTRY)
+PlatformCollector(registry=REGISTRY)
+GCCollector(registry=REGISTRY)
+
+# Latencies range from microseconds (a cached batch) to seconds (a cold shard behind a slow disk).
+_FAST = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+         1.0, 2.5, 5.0, 10.0)
+_SLOW = (1e-3, 5e-3, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0)
+
+# ---- gRPC (labels: service and method of registered handlers, status code names) -----------------
+RPC_STARTED = Counter("tokenfeed_rpc_started_total", "RPCs started.", ["service", "method"], registry=REGISTRY)
+RPC_HANDLED = Counter("tokenfeed_rpc_handled_total", "RPCs finished, by gRPC status code.",
+                      ["service", "method", "code"], registry=REGISTRY)
+RPC_SECONDS = Histogram("tokenfeed_rpc_duration_seconds", "RPC duration (for streams: the stream's life).",
+                        ["service", "method"], buckets=_SLOW, registry=REGISTRY)
+
+# ---- streams (label: dataset, from the config) ---------------------------------------------------
+ACTIVE_STREAMS = Gauge("tokenfeed_active_streams", "Batch streams open now.", ["dataset"], registry=REGISTRY)
+FIRST_BATCH_SECONDS = Histogram("tokenfeed_stream_first_batch_seconds",
+                                "From a stream's request to its first message being ready.", ["dataset"],
+                                buckets=_SLOW, registry=REGISTRY)
+ASSEMBLY_SECONDS = Histogram("tokenfeed_batch_assembly_seconds",
+                             "Time to assemble one message of batches (waiting for shards included).",
+                             ["dataset"], buckets=_FAST, registry=REGISTRY)
+SENT_MESSAGES = Counter("tokenfeed_sent_messages_total", "Stream messages sent.", ["dataset"], registry=REGISTRY)
+SENT_BATCHES = Counter("tokenfeed_sent_batches_total", "Batches sent.", ["dataset"], registry=REGISTRY)
+SENT_ROWS = Counter("tokenfeed_sent_rows_total", "Rows sent.", ["dataset"], registry=REGISTRY)
+SENT_TOKENS = Counter("tokenfeed_sent_tokens_total", "Input token positions sent (rows x seq_len).",
+                      ["dataset", "packing"], registry=REGISTRY)
+SENT_PAD_TOKENS = Counter("tokenfeed_sent_pad_tokens_total", "Input positions sent that hold PAD.",
+                          ["dataset", "packing"], registry=REGISTRY)
+SENT_BYTES = Counter("tokenfeed_sent_bytes_total", "Token payload bytes sent (after wire compression).",
+                     ["dataset"], registry=REGISTRY)
+PACKING_EFFICIENCY = Gauge("tokenfeed_packing_efficiency",
+                           "Share of sent input positions that hold real tokens, since start.",
+                           ["dataset", "packing"], registry=REGISTRY)
+
+# ---- sources and tokenizers (labels: dataset, source type, tokenizer name, fixed reasons) --------
+TOKENIZED_SHARDS = Counter("tokenfeed_tokenized_shards_total", "Shards read and tokenized.",
+                           ["dataset", "source"], registry=REGISTRY)
+SOURCE_BYTES = Counter("tokenfeed_source_read_bytes_total", "Bytes of shards read.", ["dataset", "source"],
+                       registry=REGISTRY)
+SHARD_LOAD_SECONDS = Histogram("tokenfeed_shard_load_seconds", "Time to read and tokenize one shard (per thread).",
+                               ["dataset"], buckets=_SLOW, registry=REGISTRY)
+TOKENIZER_TOKENS = Counter("tokenfeed_tokenizer_tokens_total", "Tokens produced by the tokenizer (EOS included).",
+                           ["dataset", "tokenizer"], registry=REGISTRY)
+TOKENIZER_DOCUMENTS = Counter("tokenfeed_tokenizer_documents_total", "Documents tokenized.",
+                              ["dataset", "tokenizer"], registry=REGISTRY)
+BROKEN_REASONS = ("missing_file", "permission_denied", "io_error", "truncated", "corrupt")
+BROKEN_SHARDS = Counter("tokenfeed_broken_shards_total", "Shards skipped whole because they could not be read.",
+                        ["dataset", "source", "reason"], registry=REGISTRY)
+
+# ---- mixtures (defined now; mixtures come later) -------------------------------------------------
+MIXTURE_WEIGHT = Gauge("tokenfeed_mixture_weight", "Configured share of a mixture component.",
+                       ["dataset", "source"], registry=REGISTRY)
+MIXTURE_TOKENS = Counter("tokenfeed_mixture_tokens_total",
+                         "Tokens served per mixture component; realised share = rate / sum of rates.",
+                         ["dataset", "source"], registry=REGISTRY)
+
+
+def broken_reason(err: BaseException) -> str:
+    """Map an exception that broke a shard to one of ``BROKEN_REASONS`` (a bounded label)."""
+    if isinstance(err, FileNotFoundError):
+        return "missing_file"
+    if isinstance(err, PermissionError):
+        return "permission_denied"
+    if isinstance(err, OSError):
+        return "io_error"
+    if isinstance(err, EOFError):
+        return "truncated"
+    return "corrupt"
+
+
+def count_broken_shard(dataset: str, source: str, err: BaseException) -> None:
+    """Count a shard skipped because reading it raised ``err``."""
+    BROKEN_SHARDS.labels(dataset, source, broken_reason(err)).inc()
+
+
+def observe_shard(dataset: str, source: str, tokenizer: str | None, shard_bytes: int, documents: int,
+                  tokens: int, seconds: float) -> None:
+    """Account one shard read and tokenized in ``seconds`` (once per shard, off the event loop).
+    ``tokenizer`` is ``None`` for prepared token sources. Tokenizer throughput is
+    ``rate(tokenfeed_tokenizer_tokens_total) / rate(tokenfeed_shard_load_seconds_sum)``."""
+    TOKENIZED_SHARDS.labels(dataset, source).inc()
+    SOURCE_BYTES.labels(dataset, source).inc(shard_bytes)
+    SHARD_LOAD_SECONDS.labels(dataset).observe(seconds)
+    TOKENIZER_TOKENS.labels(dataset, tokenizer or "none").inc(tokens)
+    TOKENIZER_DOCUMENTS.labels(dataset, tokenizer or "none").inc(documents)
+
+
+def pad_positions(tokens: np.ndarray, pad_id: int) -> int:
+    """PAD among the input positions of ``tokens`` (``[..., seq_len + 1]``). Every packing pads
+    only the tail of a row, so only rows whose last input is PAD need counting: O(rows) for
+    ``concat``, which pads one row per shard."""
+    inputs = tokens[..., :-1]
+    padded = inputs[..., -1] == pad_id
+    if not padded.any():
+        return 0
+    return int(np.count_nonzero(inputs[padded] == pad_id))
+
+
+class StreamMeter:
+    """Accounting of one stream, observed once per message (never per token).
+
+    Use as a context manager around the stream (it counts the stream as active), call ``sent``
+    when a message is ready and ``resumed`` when the consumer asks for the next one, so that the
+    assembly time excludes time spent blocked on the client.
+    """
+
+    def __init__(self, dataset: str, packing: str, pad_id: int) -> None:
+        self.pad_id = pad_id
+        self._active = ACTIVE_STREAMS.labels(dataset)
+        self._first = FIRST_BATCH_SECONDS.labels(dataset)
+        self._assembly = ASSEMBLY_SECONDS.labels(dataset)
+        self._counters = [c.labels(dataset) for c in (SENT_MESSAGES, SENT_BATCHES, SENT_ROWS)]
+        self._counters += [c.labels(dataset, packing) for c in (SENT_TOKENS, SENT_PAD_TOKENS)]
+        self._counters.append(SENT_BYTES.labels(dataset))
+        self._efficiency = PACKING_EFFICIENCY.labels(dataset, packing)
+        self._totals = _PACKING_TOTALS.setdefault((dataset, packing), [0, 0])
+        self._start = self._mark = time.perf_counter()
+        self._messages = 0
+
+    def __enter__(self) -> StreamMeter:
+        self._active.inc()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._active.dec()
+
+    def sent(self, tokens: np.ndarray, payload_bytes: int) -> None:
+        """A message of ``tokens`` (``[batches, rows, seq_len + 1]``) is ready to go."""
+        now = time.perf_counter()
+        if self._messages == 0:
+            self._first.observe(now - self._start)
+        self._assembly.observe(now - self._mark)
+        self._messages += 1
+        batches, rows, width = tokens.shape
+        positions = batches * rows * (width - 1)
+        pads = pad_positions(tokens, self.pad_id)
+        for counter, n in zip(self._counters, (1, batches, batches * rows, positions, pads, payload_bytes)):
+            counter.inc(n)
+        totals = self._totals
+        totals[0] += positions
+        totals[1] += pads
+        self._efficiency.set(1.0 - totals[1] / totals[0] if totals[0] else 1.0)
+
+    def resumed(self) -> None:
+        """The consumer took the last message; the next one's assembly starts now."""
+        self._mark = time.perf_counter()
+
+
+#: (dataset, packing) -> [positions, pads]; written on the event loop only.
+_PACKING_TOTALS: dict[tuple[str, str], list[int]] = {}
+
+
+# ---- the gRPC interceptor ------------------------------------------------------------------------
+def _code_name(context: grpc.aio.ServicerContext, err: BaseException | None) -> str:
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    if err is None:
+        return "OK"
+    # A client that goes away cancels the handler task or closes the response generator.
+    return "CANCELLED" if isinstance(err, (GeneratorExit, asyncio.CancelledError)) else "UNKNOWN"
+
+
+class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts RPCs by service, method and status code and times them. Labels come only from
+    registered handlers (unknown methods are counted as ``unknown``), so cardinality is bounded."""
+
+    async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Any],
+                                handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            RPC_HANDLED.labels("unknown", "unknown", "UNIMPLEMENTED").inc()
+            return None
+        service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
+        return _instrumented(handler, service or "unknown", method or "unknown")
+
+
+def _instrumented(handler: grpc.RpcMethodHandler, service: str, method: str) -> grpc.RpcMethodHandler:
+    started, seconds = RPC_STARTED.labels(service, method), RPC_SECONDS.labels(service, method)
+
+    def finish(context: grpc.aio.ServicerContext, t0: float, err: BaseException | None) -> None:
+        seconds.observe(time.perf_counter() - t0)
+        RPC_HANDLED.labels(service, method, _code_name(context, err)).inc()
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if inspect.isasyncgenfunction(fn):
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                started.inc()
+                t0, err = time.perf_counter(), None
+                try:
+                    async for response in fn(request, context):
+                        yield response
+                except BaseException as e:
+                    err = e
+                    raise
+                finally:
+                    finish(context, t0, err)
+            return stream
+        if inspect.iscoroutinefunction(fn):
+            async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                started.inc()
+                t0, err = time.perf_counter(), None
+                try:
+                    return await fn(request, context)
+                except BaseException as e:
+                    err = e
+                    raise
+                finally:
+                    finish(context, t0, err)
+            return call
+        return fn  # a synchronous handler: left alone (this server has none)
+
+    kinds = {
+        "unary_unary": grpc.unary_unary_rpc_method_handler,
+        "unary_stream": grpc.unary_stream_rpc_method_handler,
+        "stream_unary": grpc.stream_unary_rpc_method_handler,
+        "stream_stream": grpc.stream_stream_rpc_method_handler,
+    }
+    for kind, make in kinds.items():
+        fn = getattr(handler, kind)
+        if fn is not None:
+            return make(wrap(fn), request_deserializer=handler.request_deserializer,
+                        response_serializer=handler.response_serializer)
+    return handler
+
+
+# ---- the scrape-time collector: cache, prefetch and dataset state --------------------------------
+def _number(value: Any) -> float | None:
+    return None if isinstance(value, bool) or not isinstance(value, (int, float)) else float(value)
+
+
+def _call_stats(owner: Any, name: str = "stats") -> dict[str, Any]:
+    fn = getattr(owner, name, None)
+    if not callable(fn):
+        return {}
+    try:
+        stats = fn()
+    except Exception:  # a scrape must never take the server down
+        log.exception("%s.%s() failed during a metrics scrape", type(owner).__name__, name)
+        return {}
+    return dict(stats) if isinstance(stats, Mapping) else {}
+
+
+def store_stats(store: Any) -> dict[str, Any]:
+    """``store.stats()`` over ``store.cache.stats()``, completed from the attributes of a simple
+    cache (``hits``, ``misses``, ``evictions``, ``bytes``, ``max_bytes``, ``len()``)."""
+    cache = getattr(store, "cache", None)
+    stats = {**_call_stats(cache), **_call_stats(store)}
+    for name in ("hits", "misses", "evictions", "max_bytes"):
+        if _number(stats.get(name)) is None:
+            stats[name] = getattr(cache, name, None)
+    if "tiers" not in stats and not any(k.endswith("_entries") for k in stats):
+        stats.setdefault("bytes", getattr(cache, "bytes", None))
+        stats.setdefault("entries", len(cache) if hasattr(cache, "__len__") else None)
+    return stats
+
+
+def cache_tiers(stats: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """Bytes and entries per tier: ``stats["tiers"]`` (``{tier: {"bytes", "entries"}}``), flat
+    pairs ``<tier>_bytes`` + ``<tier>_entries``, or plain ``bytes``/``entries`` (tier ``memory``)."""
+    found: dict[str, Mapping[str, Any]] = {"memory": stats} if "entries" in stats else {}
+    for key, entries in stats.items():
+        tier = key.removesuffix("_entries")
+        if tier != key and f"{tier}_bytes" in stats:
+            found[tier] = {"bytes": stats[f"{tier}_bytes"], "entries": entries}
+    tiers = stats.get("tiers")
+    found.update({str(t): v for t, v in tiers.items() if isinstance(v, Mapping)} if isinstance(tiers, Mapping) else {})
+    out = {tier: {f: n for f in ("bytes", "entries") if (n := _number(v.get(f))) is not None}
+           for tier, v in found.items()}
+    return {tier: v for tier, v in out.items() if v}
+
+
+def prefetch_stats(store: Any, stats: Mapping[str, Any]) -> dict[str, float]:
+    """Prefetch hits, queue depth and in-flight loads, from ``store.prefetch_stats()`` or the
+    ``prefetch_*`` keys (or nested ``prefetch`` dict) of the store's stats, whichever exist."""
+    merged: dict[str, Any] = {k[len("prefetch_"):]: v for k, v in stats.items() if k.startswith("prefetch_")}
+    nested = stats.get("prefetch")
+    merged.update(nested if isinstance(nested, Mapping) else {})
+    merged.update(_call_stats(store, "prefetch_stats"))
+    if _number(merged.get("inflight")) is None:
+        merged["inflight"] = stats.get("inflight_loads")
+    if _number(merged.get("inflight")) is None and isinstance(getattr(store, "_inflight", None), Mapping):
+        merged["inflight"] = len(store._inflight)  # a store without stats(): its single-flight table
+    return {k: n for k in ("hits", "queue_depth", "inflight", "wasted") if (n := _number(merged.get(k))) is not None}
+
+
+_CACHE_COUNTERS = {
+    "hits": "Cache lookups that found the shard.",
+    "misses": "Cache lookups that did not find the shard.",
+    "evictions": "Entries evicted to stay within the byte budget.",
+    "expirations": "Entries dropped because they went unused for too long.",
+    "admissions_declined": "Shards the cache chose not to admit.",
+}
+_PREFETCH = {
+    "hits": (CounterMetricFamily, "tokenfeed_prefetch_hits", "Lookups served by a prefetched shard."),
+    "wasted": (CounterMetricFamily, "tokenfeed_prefetch_wasted", "Prefetched shards evicted before any use."),
+    "queue_depth": (GaugeMetricFamily, "tokenfeed_prefetch_queue_depth", "Shards waiting to be prefetched."),
+    "inflight": (GaugeMetricFamily, "tokenfeed_inflight_loads", "Shard loads running now (demand or prefetch)."),
+}
+
+
+class ServerCollector(Collector):
+    """Reads the cache, the prefetcher and the datasets' bad-record counts at scrape time, so the
+    hot path pays nothing for them."""
+
+    def __init__(self, datasets: Mapping[str, Dataset], store: ShardStore) -> None:
+        self.datasets, self.store = datasets, store
+
+    def describe(self) -> list[Metric]:
+        return []  # dynamic: the families depend on what the cache reports
+
+    def collect(self) -> Iterator[Metric]:
+        stats = store_stats(self.store)
+        for name, doc in _CACHE_COUNTERS.items():
+            if (v := _number(stats.get(name))) is not None:
+                yield CounterMetricFamily(f"tokenfeed_cache_{name}", doc, value=v)
+        hits, misses = _number(stats.get("hits")), _number(stats.get("misses"))
+        if hits is not None and misses is not None:
+            yield GaugeMetricFamily("tokenfeed_cache_hit_ratio", "Hits / lookups since start (NaN before any).",
+                                    value=hits / (hits + misses) if hits + misses else math.nan)
+        tiers = cache_tiers(stats)
+        for field in ("bytes", "entries"):
+            family = GaugeMetricFamily(f"tokenfeed_cache_{field}", f"Cache {field} held, per tier.", labels=["tier"])
+            for tier, values in sorted(tiers.items()):
+                if field in values:
+                    family.add_metric([tier], values[field])
+            yield family
+        for name, doc in (("max_bytes", "The memory tier's byte budget."),
+                          ("compression_ratio", "Raw bytes / stored bytes of cached shards.")):
+            if (v := _number(stats.get(name))) is not None:
+                yield GaugeMetricFamily(f"tokenfeed_cache_{name}", doc, value=v)
+        for key, v in prefetch_stats(self.store, stats).items():
+            kind, name, doc = _PREFETCH[key]
+            yield kind(name, doc, value=v)
+        yield from self._datasets()
+
+    def _datasets(self) -> Iterator[Metric]:
+        bad = CounterMetricFamily("tokenfeed_bad_records", "Records skipped, by reason.",
+                                  labels=["dataset", "source", "reason"])
+        shards = GaugeMetricFamily("tokenfeed_dataset_shards", "Shards of a dataset.", labels=["dataset"])
+        for name, ds in sorted(self.datasets.items()):
+            for reason, count in sorted(ds.bad.snapshot().items()):
+                if reason != "broken_shard":  # whole shards: tokenfeed_broken_shards_total
+                    bad.add_metric([name, ds.config.source.type, reason], count)
+            shards.add_metric([name], ds.num_shards)
+        yield bad
+        yield shards
+
+
+# ---- the /metrics endpoint -----------------------------------------------------------------------
+class MetricsExporter:
+    """The /metrics HTTP endpoint (a daemon thread) and the collector of one running server."""
+
+    def __init__(self, host: str, port: int, datasets: Mapping[str, Dataset], store: ShardStore) -> None:
+        disable_created_metrics()  # no *_created series: they double the output and nobody graphs them
+        for name, ds in datasets.items():  # series exist (at 0) from the start, not from the first event
+            for family in (ACTIVE_STREAMS, FIRST_BATCH_SECONDS, ASSEMBLY_SECONDS, SENT_MESSAGES, SENT_BATCHES,
+                           SENT_ROWS, SENT_BYTES):
+                family.labels(name)
+            for packing in wire.PACKINGS:
+                SENT_TOKENS.labels(name, packing)
+                SENT_PAD_TOKENS.labels(name, packing)
+            source, tokenizer = ds.config.source.type, ds.info.name if ds.tokenizer else "none"
+            for reason in BROKEN_REASONS:
+                BROKEN_SHARDS.labels(name, source, reason)
+            TOKENIZED_SHARDS.labels(name, source), SOURCE_BYTES.labels(name, source), SHARD_LOAD_SECONDS.labels(name)
+            TOKENIZER_TOKENS.labels(name, tokenizer), TOKENIZER_DOCUMENTS.labels(name, tokenizer)
+        self.collector = ServerCollector(datasets, store)
+        REGISTRY.register(self.collector)
+        try:
+            self._httpd: Any = start_http_server(port, addr=host, registry=REGISTRY)[0]
+        except BaseException:
+            REGISTRY.unregister(self.collector)
+            raise
+        self.host, self.port = host, int(self._httpd.server_port)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        """Stop serving /metrics and detach the collector (idempotent)."""
+        with self._lock:
+            if self._httpd is None:
+                return
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+            REGISTRY.unregister(self.collector)
+
+
+def start_exporter(host: str, port: int | None, datasets: Mapping[str, Dataset],
+                   store: ShardStore) -> MetricsExporter | None:
+    """Serve /metrics on ``host:port`` (0 picks a free port); ``None`` when no port is configured."""
+    if port is None:
+        return None
+    exporter = MetricsExporter(host, port, datasets, store)
+    log.info("metrics: serving http://%s:%d/metrics", host, exporter.port)
+    return exporter
