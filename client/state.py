@@ -34,17 +34,24 @@ class Position:
     shard: int = 0
     shard_row: int = 0
     fingerprint: str = ""  # dataset content identity; empty until the server has named it
+    #: a mixture's components: (dataset, row, epoch, shard, shard_row) each
+    components: tuple[tuple[str, int, int, int, int], ...] = ()
 
     @classmethod
     def from_cursor(cls, c: pb.Cursor) -> Position:
-        return cls(row=c.row, epoch=c.epoch, shard=c.shard, shard_row=c.shard_row, fingerprint=c.fingerprint)
+        parts = tuple((p.dataset, p.row, p.epoch, p.shard, p.shard_row) for p in c.components)
+        return cls(row=c.row, epoch=c.epoch, shard=c.shard, shard_row=c.shard_row, fingerprint=c.fingerprint,
+                   components=parts)
 
     def to_cursor(self, ident: Identity) -> pb.Cursor | None:
         if not self.fingerprint:
             return None  # nothing consumed yet: start of the sequence
+        parts = [pb.ComponentCursor(dataset=d, row=r, epoch=e, shard=s, shard_row=sr)
+                 for d, r, e, s, sr in self.components]
         return pb.Cursor(version=wire.CURSOR_VERSION, dataset=ident.dataset, fingerprint=self.fingerprint,
                          seed=ident.seed, seq_len=ident.seq_len, packing=ident.packing,
-                         row=self.row, epoch=self.epoch, shard=self.shard, shard_row=self.shard_row)
+                         row=self.row, epoch=self.epoch, shard=self.shard, shard_row=self.shard_row,
+                         components=parts)
 
 
 def _checksum(body: dict[str, Any]) -> str:
@@ -59,6 +66,7 @@ def make_state(ident: Identity, pos: Position, *, rank: int, world_size: int, ba
         **{k: getattr(ident, k) for k in _IDENTITY},
         "fingerprint": pos.fingerprint,
         "position": {k: getattr(pos, k) for k in _POSITION_FIELDS},
+        "components": [list(c) for c in pos.components],
         "rank": rank, "world_size": world_size, "batch_size": batch_size,
         "steps": steps,          # steps this rank consumed since the run began (informational)
         "worker_cycle": cycle,   # batches since the DataLoader's round robin began (for per-worker resume)
@@ -85,11 +93,15 @@ def parse_state(state: Any, ident: Identity) -> tuple[Position, dict[str, Any]]:
         if got != want:
             raise ValueError(f"tokenfeed state belongs to {field}={got!r}, but this dataset has {field}={want!r}")
     try:
+        parts = tuple((str(c[0]), *(int(x) for x in c[1:5])) for c in state.get("components", []))
+        if any(len(c) != 5 for c in parts):
+            raise ValueError("a component position needs 5 fields")
         pos = Position(**{k: int(state["position"][k]) for k in _POSITION_FIELDS},
-                       fingerprint=str(state["fingerprint"]))
+                       fingerprint=str(state["fingerprint"]), components=parts)
         meta = {k: int(state[k]) for k in ("rank", "world_size", "batch_size", "steps", "worker_cycle")}
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"tokenfeed state is missing or has a bad field: {err}") from None
-    if min(pos.row, pos.epoch, pos.shard, pos.shard_row, *meta.values()) < 0:
+    if min(pos.row, pos.epoch, pos.shard, pos.shard_row, *meta.values(),
+           *(x for c in pos.components for x in c[1:])) < 0:
         raise ValueError("tokenfeed state has a negative position")
     return pos, meta

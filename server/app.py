@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 from server import metrics
 from server.config import Config
 from server.dataset import Dataset
+from server.mixture import Mixture, build_mixture
 from server.service import TokenFeedService
 from server.store import build_store
 from tokenfeed.v1 import tokenfeed_pb2 as pb
@@ -23,9 +24,14 @@ log = logging.getLogger("server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TokenFeed"].full_name
 
 
-def build_datasets(config: Config) -> dict[str, Dataset]:
+def build_datasets(config: Config) -> dict[str, Dataset | Mixture]:
     """Resolve every dataset's files and shards; config errors surface here, at start-up."""
-    return {name: Dataset(name, ds) for name, ds in config.datasets.items()}
+    plain: dict[str, Dataset | Mixture] = {
+        name: Dataset(name, ds) for name, ds in config.datasets.items() if ds.mixture is None}
+    for name, ds in config.datasets.items():
+        if ds.mixture is not None:
+            plain[name] = build_mixture(name, ds.mixture, plain)
+    return plain
 
 
 async def serve(config: Config, stop: asyncio.Event | None = None) -> None:

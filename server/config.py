@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sysconfig
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, model_validator
@@ -117,11 +117,61 @@ SourceConfig = Annotated[
 ]
 
 
-class DatasetConfig(_Strict):
-    """One served dataset: where its documents come from and how they are tokenized."""
+class SchedulePoint(_Strict):
+    """Mixture weights from a given mixture row on."""
 
-    source: SourceConfig
+    at_row: int = Field(ge=0, description="Mixture row at which these weights apply.")
+    weights: dict[str, float] = Field(min_length=1, description="Weight per component (normalised).")
+
+
+class MixtureConfig(_Strict):
+    """A weighted mixture of other configured datasets, optionally on a curriculum schedule."""
+
+    weights: dict[str, float] = Field(min_length=1, description="Weight per component dataset.")
+    schedule: list[SchedulePoint] = Field(default_factory=list, description="Weights that change with the row.")
+    interpolation: Literal["step", "linear"] = Field(default="step", description="Between schedule points.")
+
+    @model_validator(mode="after")
+    def _check(self) -> MixtureConfig:
+        for where, weights in [("weights", self.weights)] + [
+                (f"schedule[{i}].weights", p.weights) for i, p in enumerate(self.schedule)]:
+            if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+                raise ValueError(f"{where}: weights must be >= 0 with a positive sum")
+            if set(weights) - set(self.weights):
+                raise ValueError(f"{where}: {sorted(set(weights) - set(self.weights))} not in the mixture's weights")
+        rows = [p.at_row for p in self.schedule]
+        if rows != sorted(set(rows)):
+            raise ValueError("schedule: at_row must increase strictly")
+        return self
+
+    def points(self) -> list[tuple[int, dict[str, float]]]:
+        """(row, weights) points, the plain weights applying from row 0 unless scheduled."""
+        points = [(p.at_row, p.weights) for p in self.schedule]
+        return points if points and points[0][0] == 0 else [(0, self.weights)] + points
+
+
+class DatasetConfig(_Strict):
+    """One served dataset: a source and its tokenizer, or a mixture of other datasets.
+
+    ``mixture`` takes ``{name: weight, ...}`` or ``{weights: {...}, schedule: [...],
+    interpolation: step|linear}``."""
+
+    source: SourceConfig | None = None
     tokenizer: TokenizerConfig = Field(default_factory=ByteTokenizerConfig)
+    mixture: MixtureConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mixture_shorthand(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("mixture"), dict) and "weights" not in data["mixture"]:
+            data = {**data, "mixture": {"weights": data["mixture"]}}
+        return data
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> DatasetConfig:
+        if (self.source is None) == (self.mixture is None):
+            raise ValueError("give exactly one of `source` or `mixture`")
+        return self
 
 
 class ServerSettings(_Strict):
@@ -137,10 +187,33 @@ class ServerSettings(_Strict):
     workers: int = Field(default=2, gt=0, description="Threads that read and tokenize shards.")
 
 
-class CacheSettings(_Strict):
-    """In-memory cache of tokenized shards."""
+class DiskCacheSettings(_Strict):
+    """Optional second cache tier on local disk, for corpora larger than memory; safe to delete."""
 
-    max_bytes: ByteSize = Field(default=ByteSize(1 << 30), ge=0, description="Byte budget; 0 disables.")
+    path: str = Field(min_length=1, description="Directory of the disk tier (created when missing).")
+    max_bytes: ByteSize = Field(default=ByteSize(50 << 30), gt=0, description="Byte budget of the disk tier.")
+
+
+class CacheSettings(_Strict):
+    """Cache of tokenized shards: zstd-compressed in memory, content-addressed, optional disk tier."""
+
+    max_bytes: ByteSize = Field(default=ByteSize(2 << 30), ge=0,
+                                description="Memory budget (compressed bytes + per-entry overhead); 0 disables.")
+    ttl_s: float = Field(default=3600.0, gt=0, description="An entry unused for this long is dropped.")
+    zstd_level: int = Field(default=3, ge=1, le=22, description="zstd level of cached shards.")
+    policy: Literal["smart", "lru"] = Field(
+        default="smart", description="Eviction: `smart` uses the streams' known future order, `lru` does not.")
+    hot_slots: int = Field(default=16, ge=1, description="Uncompressed packed shards kept in front of the cache.")
+    disk: DiskCacheSettings | None = Field(default=None, description="Second tier on local disk; none by default.")
+
+
+class PrefetchSettings(_Strict):
+    """Background loading of the shards every active stream will read next."""
+
+    depth: int = Field(default=4, ge=0, description="Shards kept loading ahead of each stream; 0 disables.")
+    concurrency: int = Field(default=2, gt=0, description="Prefetch loads running at once (all streams).")
+    max_share: float = Field(default=0.5, gt=0, le=1,
+                             description="Share of cache.max_bytes that prefetched, not yet read shards may take.")
 
 
 class Config(_Strict):
@@ -148,7 +221,21 @@ class Config(_Strict):
 
     server: ServerSettings = Field(default_factory=ServerSettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
+    prefetch: PrefetchSettings = Field(default_factory=PrefetchSettings)
     datasets: dict[str, DatasetConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _mixtures_name_plain_datasets(self) -> Config:
+        for name, ds in self.datasets.items():
+            for part in ds.mixture.weights if ds.mixture else ():
+                other = self.datasets.get(part)
+                if other is None:
+                    raise ValueError(f"datasets.{name}.mixture: unknown dataset {part!r} "
+                                     f"(configured: {', '.join(sorted(self.datasets))})")
+                if other.mixture is not None:
+                    raise ValueError(f"datasets.{name}.mixture: {part!r} is itself a mixture; "
+                                     "list its components instead")
+        return self
 
 
 def default_config() -> Config:

@@ -30,3 +30,5 @@ class Locator:
     epoch: int = 0
     shard: int = 0
     shard_row: int = 0
+    #: for a mixture: each component's own position, in the mixture's component order
+    components: tuple[tuple[str, Locator], ...] = ()

@@ -12,6 +12,7 @@ from server import metrics
 from server.config import ServerSettings
 from server.dataset import Dataset
 from server.errors import FailedPrecondition, InvalidArgument, NotFound, TokenfeedError
+from server.mixture import Mixture
 from server.schedule import Locator
 from server.store import ShardStore
 from server.stream import Chunk, StreamParams, parse_request, stream_chunks
@@ -69,10 +70,14 @@ class TokenFeedService(pb_grpc.TokenFeedServicer):
         names = [request.dataset] if request.dataset else sorted(self.datasets)
         infos = []
         for name in names:
-            d = self.datasets[name].describe()
+            ds = self.datasets[name]
+            d = ds.describe()
             shards = [pb.ShardInfo(**s) for s in d.pop("shards")]
+            sources = ds.sources() if isinstance(ds, Mixture) else [
+                {"name": ds.name, "weight": 1.0, "tokens": d["tokens"], "rows_served": 0}]
             infos.append(pb.DatasetInfo(**d, shards=shards, max_seq_len=self.settings.max_seq_len,
-                                        max_batch_size=self.settings.max_batch_size))
+                                        max_batch_size=self.settings.max_batch_size,
+                                        sources=[pb.SourceInfo(**x) for x in sources]))
         return pb.DescribeResponse(datasets=infos, server_version=SERVER_VERSION)
 
 
@@ -81,6 +86,8 @@ def cursor_message(loc: Locator, params: StreamParams) -> pb.Cursor:
         version=wire.CURSOR_VERSION, dataset=params.dataset.name, fingerprint=params.dataset.fingerprint,
         seed=params.seed, seq_len=params.seq_len, packing=params.packing,
         row=loc.row, epoch=loc.epoch, shard=loc.shard, shard_row=loc.shard_row,
+        components=[pb.ComponentCursor(dataset=name, row=c.row, epoch=c.epoch, shard=c.shard, shard_row=c.shard_row)
+                    for name, c in loc.components],
     )
 
 
@@ -95,4 +102,6 @@ def to_message(chunk: Chunk, params: StreamParams) -> pb.BatchChunk:
         num_batches=len(chunk.steps), rows=params.batch_size, seq_len=params.seq_len,
         eos_id=info.eos_id, pad_id=info.pad_id,
         cursors=[cursor_message(c, params) for c in chunk.cursors], steps=chunk.steps, epochs=chunk.epochs,
+        provenance=b"".join(p.tobytes() for p in chunk.provenance) if chunk.provenance else b"",
+        provenance_counts=[len(p) for p in chunk.provenance] if chunk.provenance else [],
     )

@@ -11,8 +11,10 @@ import numpy as np
 from server.config import ServerSettings
 from server.dataset import Dataset
 from server.errors import FailedPrecondition, InvalidArgument, NotFound
+from server.mixture import Mixture
 from server.schedule import Locator
 from server.store import ShardStore
+from server.walker import make_walker
 from tokenfeed import wire
 from tokenfeed.v1 import tokenfeed_pb2 as pb
 
@@ -23,7 +25,7 @@ MAX_BATCHES_PER_MESSAGE = 64
 class StreamParams:
     """A validated stream request."""
 
-    dataset: Dataset
+    dataset: Dataset | Mixture
     seed: int
     seq_len: int
     batch_size: int
@@ -35,9 +37,10 @@ class StreamParams:
     batches_per_message: int
     compression: int
     start: Locator
+    provenance: bool = False
 
 
-def parse_request(req: pb.StreamRequest, datasets: dict[str, Dataset], limits: ServerSettings) -> StreamParams:
+def parse_request(req: pb.StreamRequest, datasets: dict[str, Dataset | Mixture], limits: ServerSettings) -> StreamParams:
     """Check every field of a request; errors name the field and the allowed range."""
     ds = datasets.get(req.dataset)
     if ds is None:
@@ -67,7 +70,7 @@ def parse_request(req: pb.StreamRequest, datasets: dict[str, Dataset], limits: S
         dataset=ds, seed=req.seed, seq_len=req.seq_len, batch_size=req.batch_size, packing=packing,
         rank=req.rank, world_size=req.world_size, first_step=req.first_step,
         step_stride=req.step_stride or 1, batches_per_message=per_msg,
-        compression=req.compression, start=start,
+        compression=req.compression, start=start, provenance=req.provenance,
     )
 
 
@@ -76,7 +79,7 @@ def _check_range(field: str, value: int, lo: int, hi: int) -> None:
         raise InvalidArgument(field, f"must be in [{lo}, {hi}], got {value}")
 
 
-def _check_cursor(req: pb.StreamRequest, ds: Dataset, packing: str) -> Locator:
+def _check_cursor(req: pb.StreamRequest, ds: Dataset | Mixture, packing: str) -> Locator:
     """A cursor must belong to the requested sequence; a mismatch is refused, never ignored."""
     c = req.cursor
     if c.version != wire.CURSOR_VERSION:
@@ -88,66 +91,23 @@ def _check_cursor(req: pb.StreamRequest, ds: Dataset, packing: str) -> Locator:
         if got != want:
             hint = " (the dataset's content or tokenizer changed)" if field == "fingerprint" else ""
             raise FailedPrecondition(f"cursor was made for {field}={got!r}, this stream has {field}={want!r}{hint}")
+    if isinstance(ds, Mixture):
+        names = [part.name for part in ds.components]
+        if [p.dataset for p in c.components] != names:
+            raise FailedPrecondition(f"cursor has components {[p.dataset for p in c.components]}, "
+                                     f"mixture {ds.name!r} has {names}")
+        parts = tuple((p.dataset, _locator(p, part, f"cursor.components[{i}]"))
+                      for i, (p, part) in enumerate(zip(c.components, ds.components)))
+        if sum(loc.row for _, loc in parts) != c.row:
+            raise FailedPrecondition("cursor's component rows do not add up to its mixture row")
+        return Locator(row=c.row, components=parts)
+    return _locator(c, ds, "cursor")
+
+
+def _locator(c: pb.Cursor | pb.ComponentCursor, ds: Dataset, field: str) -> Locator:
     if c.shard >= ds.num_shards:
-        raise InvalidArgument("cursor.shard", f"must be below the dataset's {ds.num_shards} shards, got {c.shard}")
+        raise InvalidArgument(f"{field}.shard", f"must be below {ds.name!r}'s {ds.num_shards} shards, got {c.shard}")
     return Locator(row=c.row, epoch=c.epoch, shard=c.shard, shard_row=c.shard_row)
-
-
-class Walker:
-    """A position in the global row sequence that only moves forward, loading shards lazily."""
-
-    def __init__(self, store: ShardStore, params: StreamParams) -> None:
-        self.store, self.p, self.ds = store, params, params.dataset
-        loc = params.start
-        self.row, self.epoch, self.shard, self.shard_row = loc.row, loc.epoch, loc.shard, loc.shard_row
-        self._rows: int | None = None
-
-    def locator(self) -> Locator:
-        return Locator(self.row, self.epoch, self.shard, self.shard_row)
-
-    async def _shard_rows(self) -> int:
-        if self._rows is None:
-            self._rows = await self.store.num_rows(self.ds, self.p.seed, self.epoch, self.shard, self.p.seq_len,
-                                                   self.p.packing)
-            if self.shard_row > self._rows:
-                raise FailedPrecondition(
-                    f"cursor points at row {self.shard_row} of shard {self.shard} (epoch {self.epoch}), "
-                    f"which has {self._rows} rows: the cursor does not belong to this dataset")
-        return self._rows
-
-    async def _ready(self) -> int:
-        """Move past exhausted shards; return the rows left in the current one (> 0)."""
-        empty = 0
-        while (left := await self._shard_rows() - self.shard_row) == 0:
-            empty += 1
-            if empty > self.ds.num_shards:
-                raise FailedPrecondition(f"dataset {self.ds.name!r} has no tokens to serve")
-            self.shard, self.shard_row, self._rows = self.shard + 1, 0, None
-            if self.shard == self.ds.num_shards:
-                self.epoch, self.shard = self.epoch + 1, 0
-        return left
-
-    async def skip(self, n: int) -> None:
-        assert n >= 0, n
-        while n:
-            step = min(n, await self._ready())
-            self.shard_row += step
-            self.row += step
-            n -= step
-
-    async def take(self, out: np.ndarray) -> int:
-        """Fill ``out`` ([rows, seq_len + 1]) with the next rows; return the epoch of the first."""
-        filled, first_epoch = 0, None
-        while filled < len(out):
-            step = min(len(out) - filled, await self._ready())
-            first_epoch = self.epoch if first_epoch is None else first_epoch
-            packed = await self.store.packed(self.ds, self.p.seed, self.epoch, self.shard, self.p.seq_len,
-                                             self.p.packing)
-            out[filled : filled + step] = packed.row_view(self.shard_row, self.shard_row + step)
-            filled += step
-            self.shard_row += step
-            self.row += step
-        return int(first_epoch)
 
 
 @dataclass
@@ -158,26 +118,30 @@ class Chunk:
     cursors: list[Locator]
     steps: list[int]
     epochs: list[int]
+    provenance: list[np.ndarray] | None = None  # per batch: records sorted by (row, column)
 
 
 async def stream_chunks(params: StreamParams, store: ShardStore) -> AsyncIterator[Chunk]:
     """The rank's steps ``first_step, first_step + stride, ...`` counted from the start cursor.
     Step t is global rows ``R + (t*W + rank)*B ...`` and leaves the job at ``R + (t+1)*W*B``."""
     p = params
-    walker = Walker(store, p)
+    walker = make_walker(store, p.dataset, p.seed, p.seq_len, p.packing, p.start)
     origin, rows_per_step, step = p.start.row, p.world_size * p.batch_size, p.first_step
-    # The stream's position, for the cache's eviction and the prefetcher; closed however the stream ends.
-    with store.follow(p.dataset, p.seed) as follower:
-        follower.at(walker.epoch, walker.shard)
+    try:  # however the stream ends (client gone, error, shutdown), its prefetches stop
         while True:
             tokens = np.empty((p.batches_per_message, p.batch_size, p.seq_len + 1), dtype=p.dataset.dtype)
-            cursors, steps, epochs = [], [], []
+            chunk = Chunk(tokens=tokens, cursors=[], steps=[], epochs=[], provenance=[] if p.provenance else None)
             for i in range(p.batches_per_message):
                 await walker.skip(origin + step * rows_per_step + p.rank * p.batch_size - walker.row)
-                follower.at(walker.epoch, walker.shard)
-                epochs.append(await walker.take(tokens[i]))
+                records: list[np.ndarray] | None = [] if p.provenance else None
+                chunk.epochs.append(await walker.take(tokens[i], records))
+                if records is not None:
+                    rec = np.concatenate(records) if records else np.empty((0, 7), dtype=np.int64)
+                    chunk.provenance.append(rec[np.lexsort((rec[:, 1], rec[:, 0]))])
                 await walker.skip(origin + (step + 1) * rows_per_step - walker.row)
-                cursors.append(walker.locator())
-                steps.append(step)
+                chunk.cursors.append(walker.locator())
+                chunk.steps.append(step)
                 step += p.step_stride
-            yield Chunk(tokens=tokens, cursors=cursors, steps=steps, epochs=epochs)
+            yield chunk
+    finally:
+        walker.close()

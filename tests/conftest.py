@@ -30,7 +30,7 @@ class ServerProcess:
         self.config_path: Path | None = None
         if config is not None:
             self.config_path = workdir / f"server-{os.getpid()}-{id(self)}.yaml"
-            self.config_path.write_text(yaml.safe_dump(config))
+            self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         self.extra_args = list(extra_args or [])
         self.env = {**os.environ, **(env or {})}
         self.port = 0
@@ -49,7 +49,7 @@ class ServerProcess:
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         ready = threading.Event()
         threading.Thread(target=self._pump, args=(self.proc, ready), daemon=True).start()
-        if not ready.wait(timeout) or self.proc.poll() is not None:
+        if not ready.wait(timeout) or self.port == 0 or self.proc.poll() is not None:
             self.stop()
             raise RuntimeError("server did not start:\n" + "".join(self.lines[-30:]))
         return self
@@ -61,7 +61,7 @@ class ServerProcess:
             if m and not ready.is_set():
                 self.port = int(m.group(2))
                 ready.set()
-        ready.set()  # process exited: wake the waiter
+        ready.set()  # output closed (the process is exiting): wake the waiter
 
     def kill(self) -> None:
         """SIGKILL: the crash case; nothing is flushed or drained."""

@@ -49,3 +49,16 @@ def decode_chunk(chunk: pb.BatchChunk) -> np.ndarray:
     if arr.size != shape[0] * shape[1] * shape[2]:
         raise ValueError(f"chunk holds {arr.size} tokens, expected {shape}")
     return arr.reshape(shape)
+
+
+#: Fields of a provenance record (see ``BatchChunk.provenance``).
+PROVENANCE_FIELDS = ("row", "column", "length", "source", "shard", "document", "offset")
+
+
+def decode_provenance(chunk: pb.BatchChunk) -> list[np.ndarray]:
+    """Per batch of a chunk, its provenance records ``[n, 7]`` (int64)."""
+    records = np.frombuffer(chunk.provenance, dtype="<i8").reshape(-1, len(PROVENANCE_FIELDS))
+    bounds = np.cumsum([0, *chunk.provenance_counts])
+    if bounds[-1] != len(records):
+        raise ValueError(f"chunk carries {len(records)} provenance records, counts say {bounds[-1]}")
+    return [records[a:b] for a, b in zip(bounds[:-1], bounds[1:])]

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctokenfeed/v1/tokenfeed.proto\x12\x0ctokenfeed.v1\"\xad\x01\n\x06\x43ursor\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x0f\n\x07\x64\x61taset\x18\x02 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x0f\n\x07seq_len\x18\x05 \x01(\r\x12\x0f\n\x07packing\x18\x06 \x01(\t\x12\x0b\n\x03row\x18\x07 \x01(\x04\x12\r\n\x05\x65poch\x18\x08 \x01(\x04\x12\r\n\x05shard\x18\t \x01(\r\x12\x11\n\tshard_row\x18\n \x01(\x04\"\xb5\x02\n\rStreamRequest\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12\x0f\n\x07seq_len\x18\x03 \x01(\r\x12\x12\n\nbatch_size\x18\x04 \x01(\r\x12\x0f\n\x07packing\x18\x05 \x01(\t\x12\x0c\n\x04rank\x18\x06 \x01(\r\x12\x12\n\nworld_size\x18\x07 \x01(\r\x12$\n\x06\x63ursor\x18\x08 \x01(\x0b\x32\x14.tokenfeed.v1.Cursor\x12\x12\n\nfirst_step\x18\t \x01(\r\x12\x13\n\x0bstep_stride\x18\n \x01(\r\x12\x1b\n\x13\x62\x61tches_per_message\x18\x0b \x01(\r\x12.\n\x0b\x63ompression\x18\x0c \x01(\x0e\x32\x19.tokenfeed.v1.Compression\x12\x11\n\tworker_id\x18\r \x01(\r\"\x8f\x02\n\nBatchChunk\x12\x0e\n\x06tokens\x18\x01 \x01(\x0c\x12\'\n\x05\x64type\x18\x02 \x01(\x0e\x32\x18.tokenfeed.v1.TokenDtype\x12.\n\x0b\x63ompression\x18\x03 \x01(\x0e\x32\x19.tokenfeed.v1.Compression\x12\x13\n\x0bnum_batches\x18\x04 \x01(\r\x12\x0c\n\x04rows\x18\x05 \x01(\r\x12\x0f\n\x07seq_len\x18\x06 \x01(\r\x12\x0e\n\x06\x65os_id\x18\x07 \x01(\r\x12\x0e\n\x06pad_id\x18\x08 \x01(\r\x12%\n\x07\x63ursors\x18\t \x03(\x0b\x32\x14.tokenfeed.v1.Cursor\x12\r\n\x05steps\x18\n \x03(\x04\x12\x0e\n\x06\x65pochs\x18\x0b \x03(\x04\"\"\n\x0f\x44\x65scribeRequest\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\"K\n\tShardInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\x11\n\tdocuments\x18\x03 \x01(\x03\x12\x0e\n\x06tokens\x18\x04 \x01(\x03\"\xb0\x03\n\x0b\x44\x61tasetInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\ttokenizer\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x0e\n\x06\x65os_id\x18\x04 \x01(\r\x12\x0e\n\x06pad_id\x18\x05 \x01(\r\x12\x0e\n\x06\x62os_id\x18\x06 \x01(\x05\x12\x13\n\x0b\x66ingerprint\x18\x07 \x01(\t\x12\x12\n\nnum_shards\x18\x08 \x01(\r\x12\x11\n\tdocuments\x18\t \x01(\x03\x12\x0e\n\x06tokens\x18\n \x01(\x03\x12\'\n\x06shards\x18\x0b \x03(\x0b\x32\x17.tokenfeed.v1.ShardInfo\x12\'\n\x05\x64type\x18\x0c \x01(\x0e\x32\x18.tokenfeed.v1.TokenDtype\x12>\n\x0b\x62\x61\x64_records\x18\r \x03(\x0b\x32).tokenfeed.v1.DatasetInfo.BadRecordsEntry\x12\x13\n\x0bmax_seq_len\x18\x0e \x01(\r\x12\x16\n\x0emax_batch_size\x18\x0f \x01(\r\x1a\x31\n\x0f\x42\x61\x64RecordsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"W\n\x10\x44\x65scribeResponse\x12+\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x19.tokenfeed.v1.DatasetInfo\x12\x16\n\x0eserver_version\x18\x02 \x01(\t*Y\n\nTokenDtype\x12\x1b\n\x17TOKEN_DTYPE_UNSPECIFIED\x10\x00\x12\x16\n\x12TOKEN_DTYPE_UINT16\x10\x01\x12\x16\n\x12TOKEN_DTYPE_UINT32\x10\x02*9\n\x0b\x43ompression\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x00\x12\x14\n\x10\x43OMPRESSION_ZSTD\x10\x01\x32\xa0\x01\n\tTokenFeed\x12H\n\rStreamBatches\x12\x1b.tokenfeed.v1.StreamRequest\x1a\x18.tokenfeed.v1.BatchChunk0\x01\x12I\n\x08\x44\x65scribe\x12\x1d.tokenfeed.v1.DescribeRequest\x1a\x1e.tokenfeed.v1.DescribeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctokenfeed/v1/tokenfeed.proto\x12\x0ctokenfeed.v1\"\xe0\x01\n\x06\x43ursor\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x0f\n\x07\x64\x61taset\x18\x02 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x0f\n\x07seq_len\x18\x05 \x01(\r\x12\x0f\n\x07packing\x18\x06 \x01(\t\x12\x0b\n\x03row\x18\x07 \x01(\x04\x12\r\n\x05\x65poch\x18\x08 \x01(\x04\x12\r\n\x05shard\x18\t \x01(\r\x12\x11\n\tshard_row\x18\n \x01(\x04\x12\x31\n\ncomponents\x18\x0b \x03(\x0b\x32\x1d.tokenfeed.v1.ComponentCursor\"`\n\x0f\x43omponentCursor\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x0b\n\x03row\x18\x02 \x01(\x04\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\r\n\x05shard\x18\x04 \x01(\r\x12\x11\n\tshard_row\x18\x05 \x01(\x04\"\xc9\x02\n\rStreamRequest\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12\x0f\n\x07seq_len\x18\x03 \x01(\r\x12\x12\n\nbatch_size\x18\x04 \x01(\r\x12\x0f\n\x07packing\x18\x05 \x01(\t\x12\x0c\n\x04rank\x18\x06 \x01(\r\x12\x12\n\nworld_size\x18\x07 \x01(\r\x12$\n\x06\x63ursor\x18\x08 \x01(\x0b\x32\x14.tokenfeed.v1.Cursor\x12\x12\n\nfirst_step\x18\t \x01(\r\x12\x13\n\x0bstep_stride\x18\n \x01(\r\x12\x1b\n\x13\x62\x61tches_per_message\x18\x0b \x01(\r\x12.\n\x0b\x63ompression\x18\x0c \x01(\x0e\x32\x19.tokenfeed.v1.Compression\x12\x11\n\tworker_id\x18\r \x01(\r\x12\x12\n\nprovenance\x18\x0e \x01(\x08\"\xbe\x02\n\nBatchChunk\x12\x0e\n\x06tokens\x18\x01 \x01(\x0c\x12\'\n\x05\x64type\x18\x02 \x01(\x0e\x32\x18.tokenfeed.v1.TokenDtype\x12.\n\x0b\x63ompression\x18\x03 \x01(\x0e\x32\x19.tokenfeed.v1.Compression\x12\x13\n\x0bnum_batches\x18\x04 \x01(\r\x12\x0c\n\x04rows\x18\x05 \x01(\r\x12\x0f\n\x07seq_len\x18\x06 \x01(\r\x12\x0e\n\x06\x65os_id\x18\x07 \x01(\r\x12\x0e\n\x06pad_id\x18\x08 \x01(\r\x12%\n\x07\x63ursors\x18\t \x03(\x0b\x32\x14.tokenfeed.v1.Cursor\x12\r\n\x05steps\x18\n \x03(\x04\x12\x0e\n\x06\x65pochs\x18\x0b \x03(\x04\x12\x12\n\nprovenance\x18\x0c \x01(\x0c\x12\x19\n\x11provenance_counts\x18\r \x03(\r\"\"\n\x0f\x44\x65scribeRequest\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\"K\n\tShardInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\x11\n\tdocuments\x18\x03 \x01(\x03\x12\x0e\n\x06tokens\x18\x04 \x01(\x03\"\xdb\x03\n\x0b\x44\x61tasetInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\ttokenizer\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x0e\n\x06\x65os_id\x18\x04 \x01(\r\x12\x0e\n\x06pad_id\x18\x05 \x01(\r\x12\x0e\n\x06\x62os_id\x18\x06 \x01(\x05\x12\x13\n\x0b\x66ingerprint\x18\x07 \x01(\t\x12\x12\n\nnum_shards\x18\x08 \x01(\r\x12\x11\n\tdocuments\x18\t \x01(\x03\x12\x0e\n\x06tokens\x18\n \x01(\x03\x12\'\n\x06shards\x18\x0b \x03(\x0b\x32\x17.tokenfeed.v1.ShardInfo\x12\'\n\x05\x64type\x18\x0c \x01(\x0e\x32\x18.tokenfeed.v1.TokenDtype\x12>\n\x0b\x62\x61\x64_records\x18\r \x03(\x0b\x32).tokenfeed.v1.DatasetInfo.BadRecordsEntry\x12\x13\n\x0bmax_seq_len\x18\x0e \x01(\r\x12\x16\n\x0emax_batch_size\x18\x0f \x01(\r\x12)\n\x07sources\x18\x10 \x03(\x0b\x32\x18.tokenfeed.v1.SourceInfo\x1a\x31\n\x0f\x42\x61\x64RecordsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"O\n\nSourceInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x01\x12\x0e\n\x06tokens\x18\x03 \x01(\x03\x12\x13\n\x0brows_served\x18\x04 \x01(\x04\"W\n\x10\x44\x65scribeResponse\x12+\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x19.tokenfeed.v1.DatasetInfo\x12\x16\n\x0eserver_version\x18\x02 \x01(\t*Y\n\nTokenDtype\x12\x1b\n\x17TOKEN_DTYPE_UNSPECIFIED\x10\x00\x12\x16\n\x12TOKEN_DTYPE_UINT16\x10\x01\x12\x16\n\x12TOKEN_DTYPE_UINT32\x10\x02*9\n\x0b\x43ompression\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x00\x12\x14\n\x10\x43OMPRESSION_ZSTD\x10\x01\x32\xa0\x01\n\tTokenFeed\x12H\n\rStreamBatches\x12\x1b.tokenfeed.v1.StreamRequest\x1a\x18.tokenfeed.v1.BatchChunk0\x01\x12I\n\x08\x44\x65scribe\x12\x1d.tokenfeed.v1.DescribeRequest\x1a\x1e.tokenfeed.v1.DescribeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,26 +33,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DATASETINFO_BADRECORDSENTRY']._loaded_options = None
   _globals['_DATASETINFO_BADRECORDSENTRY']._serialized_options = b'8\001'
-  _globals['_TOKENDTYPE']._serialized_start=1445
-  _globals['_TOKENDTYPE']._serialized_end=1534
-  _globals['_COMPRESSION']._serialized_start=1536
-  _globals['_COMPRESSION']._serialized_end=1593
+  _globals['_TOKENDTYPE']._serialized_start=1785
+  _globals['_TOKENDTYPE']._serialized_end=1874
+  _globals['_COMPRESSION']._serialized_start=1876
+  _globals['_COMPRESSION']._serialized_end=1933
   _globals['_CURSOR']._serialized_start=47
-  _globals['_CURSOR']._serialized_end=220
-  _globals['_STREAMREQUEST']._serialized_start=223
-  _globals['_STREAMREQUEST']._serialized_end=532
-  _globals['_BATCHCHUNK']._serialized_start=535
-  _globals['_BATCHCHUNK']._serialized_end=806
-  _globals['_DESCRIBEREQUEST']._serialized_start=808
-  _globals['_DESCRIBEREQUEST']._serialized_end=842
-  _globals['_SHARDINFO']._serialized_start=844
-  _globals['_SHARDINFO']._serialized_end=919
-  _globals['_DATASETINFO']._serialized_start=922
-  _globals['_DATASETINFO']._serialized_end=1354
-  _globals['_DATASETINFO_BADRECORDSENTRY']._serialized_start=1305
-  _globals['_DATASETINFO_BADRECORDSENTRY']._serialized_end=1354
-  _globals['_DESCRIBERESPONSE']._serialized_start=1356
-  _globals['_DESCRIBERESPONSE']._serialized_end=1443
-  _globals['_TOKENFEED']._serialized_start=1596
-  _globals['_TOKENFEED']._serialized_end=1756
+  _globals['_CURSOR']._serialized_end=271
+  _globals['_COMPONENTCURSOR']._serialized_start=273
+  _globals['_COMPONENTCURSOR']._serialized_end=369
+  _globals['_STREAMREQUEST']._serialized_start=372
+  _globals['_STREAMREQUEST']._serialized_end=701
+  _globals['_BATCHCHUNK']._serialized_start=704
+  _globals['_BATCHCHUNK']._serialized_end=1022
+  _globals['_DESCRIBEREQUEST']._serialized_start=1024
+  _globals['_DESCRIBEREQUEST']._serialized_end=1058
+  _globals['_SHARDINFO']._serialized_start=1060
+  _globals['_SHARDINFO']._serialized_end=1135
+  _globals['_DATASETINFO']._serialized_start=1138
+  _globals['_DATASETINFO']._serialized_end=1613
+  _globals['_DATASETINFO_BADRECORDSENTRY']._serialized_start=1564
+  _globals['_DATASETINFO_BADRECORDSENTRY']._serialized_end=1613
+  _globals['_SOURCEINFO']._serialized_start=1615
+  _globals['_SOURCEINFO']._serialized_end=1694
+  _globals['_DESCRIBERESPONSE']._serialized_start=1696
+  _globals['_DESCRIBERESPONSE']._serialized_end=1783
+  _globals['_TOKENFEED']._serialized_start=1936
+  _globals['_TOKENFEED']._serialized_end=2096
 # @@protoc_insertion_point(module_scope)

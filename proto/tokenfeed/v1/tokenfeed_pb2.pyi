@@ -24,7 +24,7 @@ COMPRESSION_NONE: Compression
 COMPRESSION_ZSTD: Compression
 
 class Cursor(_message.Message):
-    __slots__ = ("version", "dataset", "fingerprint", "seed", "seq_len", "packing", "row", "epoch", "shard", "shard_row")
+    __slots__ = ("version", "dataset", "fingerprint", "seed", "seq_len", "packing", "row", "epoch", "shard", "shard_row", "components")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DATASET_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,7 @@ class Cursor(_message.Message):
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     SHARD_ROW_FIELD_NUMBER: _ClassVar[int]
+    COMPONENTS_FIELD_NUMBER: _ClassVar[int]
     version: int
     dataset: str
     fingerprint: str
@@ -45,10 +46,25 @@ class Cursor(_message.Message):
     epoch: int
     shard: int
     shard_row: int
-    def __init__(self, version: _Optional[int] = ..., dataset: _Optional[str] = ..., fingerprint: _Optional[str] = ..., seed: _Optional[int] = ..., seq_len: _Optional[int] = ..., packing: _Optional[str] = ..., row: _Optional[int] = ..., epoch: _Optional[int] = ..., shard: _Optional[int] = ..., shard_row: _Optional[int] = ...) -> None: ...
+    components: _containers.RepeatedCompositeFieldContainer[ComponentCursor]
+    def __init__(self, version: _Optional[int] = ..., dataset: _Optional[str] = ..., fingerprint: _Optional[str] = ..., seed: _Optional[int] = ..., seq_len: _Optional[int] = ..., packing: _Optional[str] = ..., row: _Optional[int] = ..., epoch: _Optional[int] = ..., shard: _Optional[int] = ..., shard_row: _Optional[int] = ..., components: _Optional[_Iterable[_Union[ComponentCursor, _Mapping]]] = ...) -> None: ...
+
+class ComponentCursor(_message.Message):
+    __slots__ = ("dataset", "row", "epoch", "shard", "shard_row")
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    ROW_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    SHARD_ROW_FIELD_NUMBER: _ClassVar[int]
+    dataset: str
+    row: int
+    epoch: int
+    shard: int
+    shard_row: int
+    def __init__(self, dataset: _Optional[str] = ..., row: _Optional[int] = ..., epoch: _Optional[int] = ..., shard: _Optional[int] = ..., shard_row: _Optional[int] = ...) -> None: ...
 
 class StreamRequest(_message.Message):
-    __slots__ = ("dataset", "seed", "seq_len", "batch_size", "packing", "rank", "world_size", "cursor", "first_step", "step_stride", "batches_per_message", "compression", "worker_id")
+    __slots__ = ("dataset", "seed", "seq_len", "batch_size", "packing", "rank", "world_size", "cursor", "first_step", "step_stride", "batches_per_message", "compression", "worker_id", "provenance")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +78,7 @@ class StreamRequest(_message.Message):
     BATCHES_PER_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    PROVENANCE_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     seed: int
     seq_len: int
@@ -75,10 +92,11 @@ class StreamRequest(_message.Message):
     batches_per_message: int
     compression: Compression
     worker_id: int
-    def __init__(self, dataset: _Optional[str] = ..., seed: _Optional[int] = ..., seq_len: _Optional[int] = ..., batch_size: _Optional[int] = ..., packing: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., cursor: _Optional[_Union[Cursor, _Mapping]] = ..., first_step: _Optional[int] = ..., step_stride: _Optional[int] = ..., batches_per_message: _Optional[int] = ..., compression: _Optional[_Union[Compression, str]] = ..., worker_id: _Optional[int] = ...) -> None: ...
+    provenance: bool
+    def __init__(self, dataset: _Optional[str] = ..., seed: _Optional[int] = ..., seq_len: _Optional[int] = ..., batch_size: _Optional[int] = ..., packing: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., cursor: _Optional[_Union[Cursor, _Mapping]] = ..., first_step: _Optional[int] = ..., step_stride: _Optional[int] = ..., batches_per_message: _Optional[int] = ..., compression: _Optional[_Union[Compression, str]] = ..., worker_id: _Optional[int] = ..., provenance: _Optional[bool] = ...) -> None: ...
 
 class BatchChunk(_message.Message):
-    __slots__ = ("tokens", "dtype", "compression", "num_batches", "rows", "seq_len", "eos_id", "pad_id", "cursors", "steps", "epochs")
+    __slots__ = ("tokens", "dtype", "compression", "num_batches", "rows", "seq_len", "eos_id", "pad_id", "cursors", "steps", "epochs", "provenance", "provenance_counts")
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
@@ -90,6 +108,8 @@ class BatchChunk(_message.Message):
     CURSORS_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    PROVENANCE_FIELD_NUMBER: _ClassVar[int]
+    PROVENANCE_COUNTS_FIELD_NUMBER: _ClassVar[int]
     tokens: bytes
     dtype: TokenDtype
     compression: Compression
@@ -101,7 +121,9 @@ class BatchChunk(_message.Message):
     cursors: _containers.RepeatedCompositeFieldContainer[Cursor]
     steps: _containers.RepeatedScalarFieldContainer[int]
     epochs: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, tokens: _Optional[bytes] = ..., dtype: _Optional[_Union[TokenDtype, str]] = ..., compression: _Optional[_Union[Compression, str]] = ..., num_batches: _Optional[int] = ..., rows: _Optional[int] = ..., seq_len: _Optional[int] = ..., eos_id: _Optional[int] = ..., pad_id: _Optional[int] = ..., cursors: _Optional[_Iterable[_Union[Cursor, _Mapping]]] = ..., steps: _Optional[_Iterable[int]] = ..., epochs: _Optional[_Iterable[int]] = ...) -> None: ...
+    provenance: bytes
+    provenance_counts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, tokens: _Optional[bytes] = ..., dtype: _Optional[_Union[TokenDtype, str]] = ..., compression: _Optional[_Union[Compression, str]] = ..., num_batches: _Optional[int] = ..., rows: _Optional[int] = ..., seq_len: _Optional[int] = ..., eos_id: _Optional[int] = ..., pad_id: _Optional[int] = ..., cursors: _Optional[_Iterable[_Union[Cursor, _Mapping]]] = ..., steps: _Optional[_Iterable[int]] = ..., epochs: _Optional[_Iterable[int]] = ..., provenance: _Optional[bytes] = ..., provenance_counts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DescribeRequest(_message.Message):
     __slots__ = ("dataset",)
@@ -122,7 +144,7 @@ class ShardInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., bytes: _Optional[int] = ..., documents: _Optional[int] = ..., tokens: _Optional[int] = ...) -> None: ...
 
 class DatasetInfo(_message.Message):
-    __slots__ = ("name", "tokenizer", "vocab_size", "eos_id", "pad_id", "bos_id", "fingerprint", "num_shards", "documents", "tokens", "shards", "dtype", "bad_records", "max_seq_len", "max_batch_size")
+    __slots__ = ("name", "tokenizer", "vocab_size", "eos_id", "pad_id", "bos_id", "fingerprint", "num_shards", "documents", "tokens", "shards", "dtype", "bad_records", "max_seq_len", "max_batch_size", "sources")
     class BadRecordsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -145,6 +167,7 @@ class DatasetInfo(_message.Message):
     BAD_RECORDS_FIELD_NUMBER: _ClassVar[int]
     MAX_SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
     name: str
     tokenizer: str
     vocab_size: int
@@ -160,7 +183,20 @@ class DatasetInfo(_message.Message):
     bad_records: _containers.ScalarMap[str, int]
     max_seq_len: int
     max_batch_size: int
-    def __init__(self, name: _Optional[str] = ..., tokenizer: _Optional[str] = ..., vocab_size: _Optional[int] = ..., eos_id: _Optional[int] = ..., pad_id: _Optional[int] = ..., bos_id: _Optional[int] = ..., fingerprint: _Optional[str] = ..., num_shards: _Optional[int] = ..., documents: _Optional[int] = ..., tokens: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., dtype: _Optional[_Union[TokenDtype, str]] = ..., bad_records: _Optional[_Mapping[str, int]] = ..., max_seq_len: _Optional[int] = ..., max_batch_size: _Optional[int] = ...) -> None: ...
+    sources: _containers.RepeatedCompositeFieldContainer[SourceInfo]
+    def __init__(self, name: _Optional[str] = ..., tokenizer: _Optional[str] = ..., vocab_size: _Optional[int] = ..., eos_id: _Optional[int] = ..., pad_id: _Optional[int] = ..., bos_id: _Optional[int] = ..., fingerprint: _Optional[str] = ..., num_shards: _Optional[int] = ..., documents: _Optional[int] = ..., tokens: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., dtype: _Optional[_Union[TokenDtype, str]] = ..., bad_records: _Optional[_Mapping[str, int]] = ..., max_seq_len: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., sources: _Optional[_Iterable[_Union[SourceInfo, _Mapping]]] = ...) -> None: ...
+
+class SourceInfo(_message.Message):
+    __slots__ = ("name", "weight", "tokens", "rows_served")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_SERVED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    weight: float
+    tokens: int
+    rows_served: int
+    def __init__(self, name: _Optional[str] = ..., weight: _Optional[float] = ..., tokens: _Optional[int] = ..., rows_served: _Optional[int] = ...) -> None: ...
 
 class DescribeResponse(_message.Message):
     __slots__ = ("datasets", "server_version")
