@@ -10,13 +10,18 @@ import time
 
 import numpy as np
 
+from server import metrics
 from server.config import DatasetConfig
+from server.errors import ConfigError
 from server.packing import TokenizedShard, tokenized_shard
-from server.sources import BadRecords, ShardSpec, build_source
-from server.tokenizers import build_tokenizer
+from server.sources import BadRecords, BrokenShard, ShardSpec, TokensSource, build_source
+from server.tokenizers import Tokenizer, build_tokenizer
 from tokenfeed import wire
 
 log = logging.getLogger(__name__)
+
+# What reading a whole unreadable shard raises; the shard is then skipped (counted "broken_shard").
+BROKEN = (BrokenShard, OSError, EOFError, ValueError)
 
 
 class Dataset:
@@ -27,8 +32,15 @@ class Dataset:
         self.name = name
         self.config = config
         self.source = build_source(config.source, f"{field}.source")
-        self.tokenizer = build_tokenizer(config.tokenizer)
-        self.info = self.tokenizer.info
+        # A prepared (tokens) source carries its tokenizer: serving it tokenizes nothing.
+        self.tokenizer: Tokenizer | None = None
+        if isinstance(self.source, TokensSource):
+            self.info = self.source.info
+            if "tokenizer" in config.model_fields_set:
+                self._check_prepared_tokenizer(field)
+        else:
+            self.tokenizer = build_tokenizer(config.tokenizer, f"{field}.tokenizer")
+            self.info = self.tokenizer.info
         self.shards: list[ShardSpec] = self.source.shards()
         self.wire_dtype = wire.wire_dtype(self.info.vocab_size)
         self.dtype = wire.numpy_dtype(self.wire_dtype)
@@ -41,38 +53,74 @@ class Dataset:
     def num_shards(self) -> int:
         return len(self.shards)
 
+    def _check_prepared_tokenizer(self, field: str) -> None:
+        """A tokenizer named next to a tokens source must be the one the data was prepared with."""
+        configured = build_tokenizer(self.config.tokenizer, f"{field}.tokenizer").info
+        if configured.identity != self.info.identity:
+            raise ConfigError(
+                f"{field}.tokenizer: the prepared data at {self.source.path} was tokenized with "
+                f"{self.info.name} (identity {self.info.identity}), not {configured.name} (identity "
+                f"{configured.identity}); remove the tokenizer entry or prepare the data again")
+
     def _fingerprint(self) -> str:
-        """Changes whenever the tokens this dataset serves could change."""
+        """Changes whenever the tokens this dataset serves could change: the config, the
+        tokenizer, the shard list, and the size and mtime of every input file."""
         h = hashlib.sha256()
         h.update(self.config.model_dump_json().encode())
         h.update(self.info.identity.encode())
         for shard in self.shards:
-            for part in shard.parts:
-                st = os.stat(part.path)
-                h.update(json.dumps([part.path, part.start, part.end, st.st_size, st.st_mtime_ns]).encode())
+            h.update(json.dumps([shard.name, [[p.path, p.start, p.end] for p in shard.parts]]).encode())
+        for path in self.source.files():
+            st = os.stat(path)
+            h.update(json.dumps([path, st.st_size, st.st_mtime_ns]).encode())
         return h.hexdigest()[:16]
 
     def tokenize_shard(self, index: int) -> TokenizedShard:
-        """Read and tokenize one shard (blocking; call it off the event loop)."""
+        """Read and tokenize one shard (blocking; call it off the event loop). Bad records are
+        skipped and counted; a whole unreadable shard yields no documents."""
         t0 = time.perf_counter()
         shard = self.shards[index]
+        bad = BadRecords()
         try:
-            docs = self.source.read_shard(shard, self.bad)
-        except (OSError, EOFError, ValueError) as err:
-            # A whole unreadable shard is skipped, deterministically: it yields no rows.
-            self.bad.add("broken_shard")
-            log.warning("skipping unreadable shard %s of %s: %s", shard.name, self.name, err)
-            docs = []
-        tokens = self.tokenizer.encode_batch(docs)
-        kept = [t for t in tokens if t.size]
-        if len(kept) < len(tokens):
-            self.bad.add("empty_document", len(tokens) - len(kept))
-        result = tokenized_shard(kept, self.info.eos_id, self.dtype) if kept else empty_tokenized(self.dtype)
+            if self.tokenizer is None:
+                result = self.source.read_tokens(shard, bad, self.dtype)
+            else:
+                result = self._tokenize(shard, self.source.read_shard(shard, bad), bad)
+        except BROKEN as err:
+            # Deterministic: the shard yields no rows in every epoch, on every replica.
+            bad.add("broken_shard", sample=f"{shard.name}: {type(err).__name__}: {err}")
+            metrics.count_broken_shard(self.name, self.config.source.type, err)
+            result = empty_tokenized(self.dtype)
+        self.bad.merge(bad)
+        counts = bad.snapshot()
+        if counts:
+            reason = next(iter(counts))
+            log.warning("%s: skipped %s in %s; e.g. %s: %s", self.name, counts, shard.name, reason,
+                        bad.sample_snapshot().get(reason, "?"))
+        metrics.observe_shard(self.name, self.config.source.type, self.info.name if self.tokenizer else None,
+                              shard.bytes, result.num_docs, result.num_tokens, time.perf_counter() - t0)
         self.shard_docs[index] = result.num_docs
         self.shard_tokens[index] = result.num_tokens
         log.debug("tokenized %s: %d docs, %d tokens in %.3fs", shard.name, result.num_docs,
                   result.num_tokens, time.perf_counter() - t0)
         return result
+
+    def _tokenize(self, shard: ShardSpec, docs: list[str], bad: BadRecords) -> TokenizedShard:
+        assert self.tokenizer is not None
+        try:
+            tokens = self.tokenizer.encode_batch(docs)
+        except Exception:  # noqa: BLE001 - one bad document must not sink the shard: retry one by one
+            tokens = []
+            for i, doc in enumerate(docs):
+                try:
+                    tokens.extend(self.tokenizer.encode_batch([doc]))
+                except Exception as err:  # noqa: BLE001
+                    bad.add("tokenizer_error", sample=f"{shard.name} document {i}: {type(err).__name__}: {err}")
+        floor = 1 if self.tokenizer.add_bos else 0
+        kept = [t for t in tokens if t.size > floor]
+        if len(kept) < len(tokens):
+            bad.add("empty_document", len(tokens) - len(kept), sample=f"{shard.name}: a document has no tokens")
+        return tokenized_shard(kept, self.info.eos_id, self.dtype) if kept else empty_tokenized(self.dtype)
 
     def describe(self) -> dict:
         """A plain summary (also the source of the Describe RPC)."""

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from server.config import JsonlSourceConfig, SourceConfig, TextSourceConfig
-from server.sources.base import BadRecords, FilePart, ShardSpec, Source, resolve_paths
+from server.config import (HfSourceConfig, JsonlSourceConfig, ParquetSourceConfig, SourceConfig,
+                           TextSourceConfig, TokensSourceConfig)
+from server.sources.base import BadRecords, BrokenShard, FilePart, ShardSpec, Source, resolve_paths
 from server.sources.jsonl import JsonlSource
 from server.sources.text import TextSource
+from server.sources.tokens import TokensSource
 
-__all__ = ["BadRecords", "FilePart", "ShardSpec", "Source", "build_source", "resolve_paths"]
+__all__ = ["BadRecords", "BrokenShard", "FilePart", "ShardSpec", "Source", "TokensSource", "build_source",
+           "resolve_paths"]
 
 
 def build_source(config: SourceConfig, field: str) -> Source:
@@ -16,4 +19,14 @@ def build_source(config: SourceConfig, field: str) -> Source:
         return TextSource(config, field)
     if isinstance(config, JsonlSourceConfig):
         return JsonlSource(config, field)
+    if isinstance(config, ParquetSourceConfig):
+        from server.sources.parquet import ParquetSource  # imports pyarrow: only when used
+
+        return ParquetSource(config, field)
+    if isinstance(config, HfSourceConfig):
+        from server.sources.hf import HfSource  # imports `datasets` (~1 s): only when used
+
+        return HfSource(config, field)
+    if isinstance(config, TokensSourceConfig):
+        return TokensSource(config, field)
     raise ValueError(f"{field}.type: unknown source type {config.type!r}")

@@ -1,65 +1,113 @@
-"""JSON Lines source: one document per line, text from a (dotted) field; large files split."""
+"""JSON Lines source: one document per line, text from a (dotted) field; plain files are split
+into byte ranges, ``.gz`` / ``.zst`` files (detected by content) are one shard each."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import zlib
+from collections.abc import Iterator
+
+import zstandard
 
 from server.config import JsonlSourceConfig
-from server.sources.base import BadRecords, FilePart, ShardSpec, decode_utf8, resolve_paths
+from server.errors import ConfigError
+from server.sources.base import (BadRecords, BrokenShard, FilePart, ShardSpec, decode_utf8, path_field,
+                                 resolve_paths, sniff_format)
+
+_COMPRESSED = ("gzip", "zstd")
 
 
 class JsonlSource:
-    """JSONL files; a file larger than ``shard_bytes`` is split at line boundaries."""
+    """JSONL files; a plain file larger than ``shard_bytes`` is split at line boundaries."""
 
     def __init__(self, config: JsonlSourceConfig, field: str) -> None:
         self.config = config
         self.paths = resolve_paths(config.paths, config.exclude, field)
+        self.formats: dict[str, str | None] = {}
+        for path in self.paths:
+            fmt = sniff_format(path)
+            if fmt is not None and fmt not in _COMPRESSED:
+                raise ConfigError(f"{path_field(path, config.paths, field)}: {path} is a {fmt} file, not "
+                                  "JSON Lines (plain, gzip or zstd); set the source's `type` to match the data")
+            self.formats[path] = fmt
         self._keys = config.text_field.split(".")
 
     def shards(self) -> list[ShardSpec]:
         shards: list[ShardSpec] = []
         target = int(self.config.shard_bytes)
         for path in self.paths:
-            for start, end in _line_ranges(path, target):
-                name = path if (start, end) == (0, os.path.getsize(path)) else f"{path}[{start}:{end}]"
+            size = os.path.getsize(path)
+            # A compressed stream cannot seek: the whole file is one shard.
+            ranges = [(0, size)] if self.formats[path] else _line_ranges(path, target)
+            for start, end in ranges:
+                name = path if (start, end) == (0, size) else f"{path}[{start}:{end}]"
                 shards.append(ShardSpec(len(shards), name, (FilePart(path, start, end),), end - start))
         return shards
+
+    def files(self) -> list[str]:
+        return list(self.paths)
 
     def read_shard(self, shard: ShardSpec, bad: BadRecords) -> list[str]:
         docs: list[str] = []
         for part in shard.parts:
-            with open(part.path, "rb") as f:
-                f.seek(part.start)
-                data = f.read(part.end - part.start)
-            for line in data.splitlines():
+            for lineno, line in enumerate(self._read(part).split(b"\n")):
                 if line.strip():
-                    text = self._text(line, bad)
+                    text = self._text(line, bad, f"{shard.name} line {lineno + 1}")
                     if text is not None:
                         docs.append(text)
         return docs
 
-    def _text(self, line: bytes, bad: BadRecords) -> str | None:
-        raw = decode_utf8(line, bad)
+    def _read(self, part: FilePart) -> bytes:
+        fmt = self.formats[part.path]
+        with open(part.path, "rb") as f:
+            if fmt is None:
+                f.seek(part.start)
+                return f.read(part.end - part.start)
+            data = f.read()
+        try:
+            return _gunzip(data) if fmt == "gzip" else b"".join(_unzstd(data))
+        except (EOFError, OSError, zlib.error, zstandard.ZstdError) as err:
+            raise BrokenShard(f"{part.path}: unreadable {fmt} stream: {err}") from err
+
+    def _text(self, line: bytes, bad: BadRecords, where: str) -> str | None:
+        raw = decode_utf8(line, bad, where)
         if raw is None:
             return None
         try:
             value = json.loads(raw)
-        except json.JSONDecodeError:
-            bad.add("invalid_json")
+        except json.JSONDecodeError as err:
+            bad.add("invalid_json", sample=f"{where}: {err.msg}: {raw[:60]!r}")
             return None
         for key in self._keys:
             if not isinstance(value, dict) or key not in value:
-                bad.add("missing_field")
+                bad.add("missing_field", sample=f"{where}: no field {self.config.text_field!r}: {raw[:60]!r}")
                 return None
             value = value[key]
         if not isinstance(value, str):
-            bad.add("not_a_string")
+            bad.add("not_a_string", sample=f"{where}: {self.config.text_field!r} is {type(value).__name__}")
             return None
         if not value.strip():
-            bad.add("empty_document")
+            bad.add("empty_document", sample=f"{where}: blank {self.config.text_field!r}")
             return None
         return value
+
+
+def _gunzip(data: bytes) -> bytes:
+    """All members of a gzip stream; a truncated or corrupt one raises."""
+    return gzip.decompress(data)
+
+
+def _unzstd(data: bytes) -> Iterator[bytes]:
+    """All frames of a zstd stream; unlike ``stream_reader``, a truncated frame raises."""
+    dctx = zstandard.ZstdDecompressor()
+    while data:
+        dobj = dctx.decompressobj()
+        yield dobj.decompress(data)
+        if not dobj.eof:
+            raise EOFError("zstd stream ends inside a frame (truncated file)")
+        data = dobj.unused_data
 
 
 def _line_ranges(path: str, target: int) -> list[tuple[int, int]]:

@@ -1,0 +1,290 @@
+"""Offline corpus work: ``prepare`` (tokenize a dataset once into token shards, resumably, on all
+cores) and ``train_tokenizer`` (a byte-level BPE ``tokenizer.json`` trained on a dataset)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+
+from server.config import Config, DatasetConfig, HfTokenizerConfig, TokensSourceConfig
+from server.dataset import BROKEN, Dataset
+from server.errors import ConfigError
+from server.sources import BadRecords, build_source
+from server.sources.tokens import FORMAT, MANIFEST, VERSION, checksum, encode_shard
+
+log = logging.getLogger(__name__)
+PLAN = "plan.json"          # what an unfinished preparation is making (checked on resume)
+PROGRESS = "progress.jsonl"  # one line per finished shard; the manifest replaces it at the end
+
+
+@dataclass(frozen=True)
+class PrepareResult:
+    """What a ``prepare`` run did."""
+
+    complete: bool      # the manifest is written
+    shards_done: int    # shards finished in this run
+    shards_total: int
+    input_bytes: int    # source bytes read in this run
+    tokens: int         # tokens written in this run
+    seconds: float
+
+
+def dataset_config(config: Config, name: str) -> DatasetConfig:
+    """The named dataset's config, or a ``ConfigError`` listing the names there are."""
+    try:
+        return config.datasets[name]
+    except KeyError:
+        raise ConfigError(f"--dataset: the config has no dataset {name!r} "
+                          f"(it has: {', '.join(sorted(config.datasets))})") from None
+
+
+def prepare(config: Config, name: str, out: str, *, workers: int | None = None, max_shards: int | None = None,
+            level: int = 3, log_every_s: float = 5.0) -> PrepareResult:
+    """Tokenize dataset ``name`` into ``out``: one zstd token shard per source shard (same index,
+    same documents, so serving it yields the raw dataset's batches) and ``manifest.json``.
+
+    Resumable: finished shards are kept and a rerun does only the rest (``max_shards`` stops a run
+    early). ``workers`` processes (default: one per core) each read, tokenize and write shards.
+    """
+    ds_config = dataset_config(config, name)
+    if isinstance(ds_config.source, TokensSourceConfig):
+        raise ConfigError(f"datasets.{name}.source: already tokens; there is nothing to prepare")
+    ds = Dataset(name, ds_config)
+    plan = {"format": FORMAT, "version": VERSION, "dataset": name, "fingerprint": ds.fingerprint,
+            "num_shards": ds.num_shards, "tokenizer": ds.info.to_json(), "dtype": ds.dtype.str}
+    done = _start(out, plan)
+    if done is None:
+        log.info("%s is already a complete preparation of %r; nothing to do", out, name)
+        return PrepareResult(True, 0, ds.num_shards, 0, 0, 0.0)
+    todo = [i for i in range(ds.num_shards) if i not in done]
+    if max_shards is not None:
+        todo = todo[:max_shards]
+    log.info("preparing %r into %s: %d shards, %d already done, %d to do now", name, out, ds.num_shards,
+             len(done), len(todo))
+    t0 = time.perf_counter()
+    meter = _Meter(name, ds, len(done), t0, log_every_s)
+    with open(os.path.join(out, PROGRESS), "a") as progress:
+        for entry in _run(ds, config, todo, out, workers, level):
+            progress.write(json.dumps(entry) + "\n")
+            progress.flush()
+            done[entry["index"]] = entry
+            meter.add(entry)
+    complete = len(done) == ds.num_shards
+    if complete:
+        _finish(out, ds, plan, done)
+    meter.log(final=True)
+    return PrepareResult(complete, len(todo), ds.num_shards, meter.bytes, meter.tokens, time.perf_counter() - t0)
+
+
+def _start(out: str, plan: dict) -> dict[int, dict] | None:
+    """Create or check ``out``; the shards an earlier run finished, or None when all is done."""
+    os.makedirs(out, exist_ok=True)
+    manifest, plan_path = os.path.join(out, MANIFEST), os.path.join(out, PLAN)
+    if os.path.exists(manifest):
+        with open(manifest) as f:
+            old = json.load(f)
+        if {k: old.get(k) for k in plan} == plan:
+            return None
+        raise ConfigError(f"--out: {out} already holds a different preparation; remove it or choose another")
+    if os.path.exists(plan_path):
+        with open(plan_path) as f:
+            if json.load(f) != plan:
+                raise ConfigError(f"--out: {out} holds an unfinished preparation of other data or with "
+                                  "another tokenizer; remove it or choose another directory")
+    elif os.listdir(out):
+        raise ConfigError(f"--out: {out} is not empty and holds no preparation; choose an empty directory")
+    else:
+        _write_json(plan_path, plan)
+    for name in os.listdir(out):  # half-written files of a run that was killed
+        if name.endswith(".tmp"):
+            os.remove(os.path.join(out, name))
+    return _finished_shards(out)
+
+
+def _finished_shards(out: str) -> dict[int, dict]:
+    """Shards listed in the progress log whose files are intact (a line cut by a kill is ignored)."""
+    done: dict[int, dict] = {}
+    path = os.path.join(out, PROGRESS)
+    if not os.path.exists(path):
+        return done
+    with open(path) as f:
+        for line in f:
+            try:
+                entry = json.loads(line)
+                with open(os.path.join(out, entry["file"]), "rb") as shard:
+                    intact = checksum(shard.read()) == entry["checksum"]
+            except (ValueError, KeyError, TypeError, OSError):
+                continue
+            if intact:
+                done[int(entry["index"])] = entry
+    # Rewrite without the line a kill may have cut, so that new lines do not append to it.
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(entry) + "\n" for entry in done.values())
+    os.replace(tmp, path)
+    return done
+
+
+def _run(ds: Dataset, config: Config, todo: list[int], out: str, workers: int | None,
+         level: int) -> Iterator[dict]:
+    """Entries of finished shards, as they finish (in a process pool when ``workers > 1``)."""
+    workers = min(workers or os.cpu_count() or 1, max(1, len(todo)))
+    if workers == 1:
+        for index in todo:
+            yield prepare_shard(ds, index, out, level)
+        return
+    # spawn: a forked child would inherit the tokenizers thread pool (and its locks) mid-use.
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                             initargs=(config.model_dump_json(), ds.name)) as pool:
+        futures = [pool.submit(_work, index, out, level) for index in todo]
+        try:
+            for future in as_completed(futures):
+                yield future.result()
+        finally:
+            for future in futures:
+                future.cancel()
+
+
+_WORKER_DS: Dataset | None = None
+
+
+def _init_worker(config_json: str, name: str) -> None:
+    global _WORKER_DS
+    # Each process is one core's worth: the tokenizers thread pool would only oversubscribe.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _WORKER_DS = Dataset(name, Config.model_validate_json(config_json).datasets[name])
+
+
+def _work(index: int, out: str, level: int) -> dict:
+    assert _WORKER_DS is not None, "worker not initialised"
+    return prepare_shard(_WORKER_DS, index, out, level)
+
+
+def prepare_shard(ds: Dataset, index: int, out: str, level: int = 3) -> dict:
+    """Tokenize shard ``index`` and write its file atomically; its manifest entry."""
+    ds.bad = BadRecords()  # this shard's tally only (the Dataset is this process's own)
+    shard = ds.tokenize_shard(index)
+    data = encode_shard(shard, level)
+    name = f"shard-{index:06d}.tft"
+    tmp = os.path.join(out, f".{name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, os.path.join(out, name))
+    spec = ds.shards[index]
+    return {"index": index, "name": spec.name, "file": name, "docs": shard.num_docs, "tokens": shard.num_tokens,
+            "bytes": len(data), "input_bytes": spec.bytes, "checksum": checksum(data), "bad": ds.bad.snapshot()}
+
+
+def _finish(out: str, ds: Dataset, plan: dict, done: dict[int, dict]) -> None:
+    """Write the manifest (which marks the directory complete) and drop the resume files."""
+    shards = [{k: v for k, v in done[i].items() if k != "index"} for i in range(ds.num_shards)]
+    tokenizer_file = None
+    tok_config = ds.config.tokenizer
+    if isinstance(tok_config, HfTokenizerConfig):  # keep a copy so the directory decodes on its own
+        tokenizer_file = "tokenizer.json"
+        shutil.copyfile(os.path.expanduser(tok_config.path), os.path.join(out, tokenizer_file))
+    bad: dict[str, int] = {}
+    for s in shards:
+        for reason, n in s["bad"].items():
+            bad[reason] = bad.get(reason, 0) + n
+    manifest = {**plan, "tokenizer_file": tokenizer_file, "source": ds.config.source.model_dump(mode="json"),
+                "totals": {"shards": len(shards), "docs": sum(s["docs"] for s in shards),
+                           "tokens": sum(s["tokens"] for s in shards),
+                           "input_bytes": sum(s["input_bytes"] for s in shards), "bad": bad},
+                "shards": shards}
+    _write_json(os.path.join(out, MANIFEST), manifest)
+    for leftover in (PROGRESS, PLAN):
+        os.remove(os.path.join(out, leftover))
+
+
+def _write_json(path: str, data: dict) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+class _Meter:
+    """Rates of a prepare run, logged every few seconds."""
+
+    def __init__(self, name: str, ds: Dataset, already: int, t0: float, every_s: float) -> None:
+        self.name, self.total, self.count = name, ds.num_shards, already
+        self.t0, self.every_s, self.last = t0, every_s, t0
+        self.bytes = self.tokens = 0
+
+    def add(self, entry: dict) -> None:
+        self.count += 1
+        self.bytes += entry["input_bytes"]
+        self.tokens += entry["tokens"]
+        if time.perf_counter() - self.last >= self.every_s:
+            self.log()
+
+    def log(self, final: bool = False) -> None:
+        self.last = now = time.perf_counter()
+        dt = max(now - self.t0, 1e-9)
+        log.info("prepare %s: %d/%d shards%s, %.1f MB in %.1f s = %.2f MB/s of input, %.2f M tokens = "
+                 "%.2f M tokens/s", self.name, self.count, self.total, " (done)" if final else "",
+                 self.bytes / 1e6, dt, self.bytes / 1e6 / dt, self.tokens / 1e6, self.tokens / 1e6 / dt)
+
+
+def train_tokenizer(config: Config, name: str, vocab_size: int, out: str, *, min_frequency: int = 2,
+                    special_tokens: tuple[str, ...] = ("<|endoftext|>", "<|pad|>")) -> dict:
+    """Train a byte-level BPE on dataset ``name`` (offline) and write ``out`` (a tokenizer.json).
+
+    The special tokens get the first ids; the defaults are found as EOS and PAD by the ``hf``
+    tokenizer. Returns figures of the run.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    ds_config = dataset_config(config, name)
+    if isinstance(ds_config.source, TokensSourceConfig):
+        raise ConfigError(f"datasets.{name}.source: tokens carry no text to train a tokenizer on")
+    if vocab_size < 256 + len(special_tokens):
+        raise ConfigError(f"--vocab-size: must be at least {256 + len(special_tokens)} (256 bytes + "
+                          f"{len(special_tokens)} special tokens), got {vocab_size}")
+    # Only the source: the dataset's own tokenizer may be the file this run is about to write.
+    source = build_source(ds_config.source, f"datasets.{name}.source")
+    bad = BadRecords()
+    stats = {"docs": 0, "chars": 0}
+
+    def texts() -> Iterator[list[str]]:
+        for shard in source.shards():
+            try:
+                docs = source.read_shard(shard, bad)
+            except BROKEN as err:
+                bad.add("broken_shard", sample=f"{shard.name}: {err}")
+                continue
+            stats["docs"] += len(docs)
+            stats["chars"] += sum(len(d) for d in docs)
+            yield docs
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
+                                  special_tokens=list(special_tokens),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    t0 = time.perf_counter()
+    tok.train_from_iterator(texts(), trainer=trainer)
+    seconds = time.perf_counter() - t0
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = f"{out}.tmp"
+    tok.save(tmp)
+    os.replace(tmp, out)
+    result = {**stats, "vocab_size": tok.get_vocab_size(), "seconds": round(seconds, 2), "bad": bad.snapshot()}
+    if result["vocab_size"] < vocab_size:
+        log.warning("the corpus supports only %d of the %d tokens asked for (too little or too repetitive text)",
+                    result["vocab_size"], vocab_size)
+    log.info("trained a byte-level BPE of %d tokens on %d documents (%.1f M chars) of %r in %.1f s -> %s",
+             result["vocab_size"], stats["docs"], stats["chars"] / 1e6, name, seconds, out)
+    return result
