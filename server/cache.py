@@ -1,51 +1,309 @@
-"""A byte-budgeted, thread-safe LRU cache of tokenized shards."""
+"""The shard cache: zstd-compressed tokenized shards under a byte budget, content-addressed,
+evicted by a pluggable policy (LRU, or "smart" from the known future order), with an idle TTL
+and an optional disk tier. Plain synchronous, thread-safe code: callers run it off the event loop."""
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
+import json
+import os
+import stat
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
+from server.cache_disk import Blob, CorruptEntry, DiskTier, decode, encode
+from server.cache_policy import FutureIndex, Policy, Slot, make_policy
 from server.packing import TokenizedShard
+
+if TYPE_CHECKING:
+    from server.dataset import Dataset
+
+__all__ = ["ShardCache", "DiskTier", "FutureIndex", "shard_key", "ENTRY_OVERHEAD"]
+
+#: Bytes charged per entry on top of its compressed size (the entry object, its key, the index).
+ENTRY_OVERHEAD = 512  # measured with tracemalloc: ~480 B + the key
+_KEY_VERSION = "tokenfeed-shard-v1"
+#: Source settings that only choose or group files; a shard's own parts already pin its content.
+_GROUPING = {"paths", "exclude", "shard_bytes"}
+
+
+def shard_key(ds: Dataset, index: int) -> str:
+    """The content address of one tokenized shard: its files' identity and version (path, byte
+    range, size, mtime), the source settings that shape documents, and the tokenizer's identity.
+    Changing one file changes only its shard's key; two datasets (or jobs) on the same files and
+    tokenizer share entries. Packing is not part of it: entries hold tokenized documents, which
+    packing (seed, epoch, seq_len) only reorders and cuts. Costs a ``stat`` per file."""
+    h = hashlib.sha256(_KEY_VERSION.encode())
+    h.update(ds.config.source.model_dump_json(exclude=_GROUPING).encode())
+    h.update(f"|{ds.info.identity}|{ds.dtype.str}|".encode())
+    for part in ds.shards[index].parts:
+        try:
+            st = os.stat(part.path)
+            version = [st.st_size, st.st_mtime_ns] if stat.S_ISREG(st.st_mode) else ["dir", ds.fingerprint]
+        except OSError:
+            # Not a local file (or gone): only the dataset's start-up fingerprint can vouch for it.
+            version = ["missing", ds.fingerprint]
+        h.update(json.dumps([part.path, part.start, part.end, *version]).encode())
+    return h.hexdigest()[:32]
+
+
+def fixed_mmap_threshold(threshold: int = 128 << 10) -> bool:
+    """Make glibc serve every allocation of ``threshold`` bytes or more with its own mmap, returned
+    to the system when freed. By default glibc raises that threshold after the first large free,
+    so shard-sized temporaries (raw text, token arrays, decompressed shards) land in the heap
+    between long-lived cache entries, which then pin it: resident memory grew by several times
+    the cached bytes. Same as ``MALLOC_MMAP_THRESHOLD_``; a no-op off glibc. Returns whether set."""
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(-3, threshold))  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
+@dataclass(eq=False, slots=True)
+class _Entry:
+    blob: Blob
+    size: int              # charged bytes: compressed + key + ENTRY_OVERHEAD
+    slot: Slot | None      # where the entry sits in a dataset's order (for the smart policy)
+    used: float            # last access, for the idle TTL
+    prefetched: bool       # loaded by the prefetcher and not yet asked for
 
 
 class ShardCache:
-    """Least-recently-used eviction under a byte budget; ``max_bytes == 0`` caches nothing."""
+    """Compressed tokenized shards under a byte budget; ``max_bytes == 0`` keeps none in memory.
 
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self._entries: OrderedDict[Hashable, TokenizedShard] = OrderedDict()
-        self._bytes = 0
+    Args:
+        max_bytes: memory budget: compressed sizes plus ``ENTRY_OVERHEAD`` and the key per entry.
+        ttl_s: an entry not used for this long is dropped.
+        zstd_level: compression level of new entries.
+        policy: ``"smart"`` (uses ``future``), ``"lru"``, or any ``Policy``.
+        disk: optional second tier; every admitted shard is also written there.
+        future: the streams' positions; a fresh index when omitted.
+        clock: monotonic seconds (tests pass a fake one).
+    """
+
+    def __init__(self, max_bytes: int, *, ttl_s: float = 3600.0, zstd_level: int = 3,
+                 policy: str | Policy = "smart", disk: DiskTier | None = None, future: FutureIndex | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if max_bytes < 0 or ttl_s <= 0:
+            raise ValueError(f"cache.max_bytes must be >= 0 and cache.ttl_s > 0, got {max_bytes} and {ttl_s}")
+        self.max_bytes, self.ttl_s, self.zstd_level = max_bytes, ttl_s, zstd_level
+        self.future = future if future is not None else FutureIndex()
+        self.policy = make_policy(policy, self.future) if isinstance(policy, str) else policy
+        self.disk = disk
+        self._clock = clock
         self._lock = threading.Lock()
-        self.hits = self.misses = self.evictions = 0
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._bytes = self._raw = self._prefetched_bytes = 0
+        self._n = dict.fromkeys(("hits", "misses", "hits_memory", "hits_disk", "evictions", "expirations",
+                                 "admissions_declined", "corrupt", "prefetch_hits", "prefetch_wasted",
+                                 "raw_bytes_compressed", "compressed_bytes"), 0)
 
-    def get(self, key: Hashable) -> TokenizedShard | None:
+    # ---- reads -------------------------------------------------------------------------
+    def get(self, key: str, slot: Slot | None = None) -> TokenizedShard | None:
+        """The shard stored under ``key``, decompressed and checked, or ``None``; a damaged entry
+        is dropped and counted, never returned."""
+        with self._lock:
+            entry = self._lookup(key, slot)
+            prefetched = entry is not None and self._unflag(entry)
+        if entry is not None:
+            try:
+                shard = decode(entry.blob)
+            except CorruptEntry:
+                self._drop_corrupt(key, entry)
+            else:
+                self._count(hits=1, hits_memory=1, prefetch_hits=int(prefetched))
+                return shard
+        if self.disk is not None:
+            blob = self.disk.get(key)
+            if blob is not None:
+                try:
+                    shard = decode(blob)
+                except CorruptEntry:
+                    self.disk.remove(key, corrupt=True)
+                    self._count(corrupt=1)
+                else:
+                    self._admit(key, blob, slot, prefetched=False)
+                    self._count(hits=1, hits_disk=1)
+                    return shard
+        self._count(misses=1)
+        return None
+
+    def contains(self, key: str, slot: Slot | None = None) -> bool:
+        """Whether ``key`` is in memory, after promoting it from disk if it is there; counts no
+        hit or miss (the prefetcher's question). A promoted entry is marked as prefetched."""
+        with self._lock:
+            if self._lookup(key, slot) is not None:
+                return True
+        blob = self.disk.get(key) if self.disk is not None else None
+        return blob is not None and self._admit(key, blob, slot, prefetched=True)
+
+    def claim(self, key: str) -> None:
+        """A request was served by a prefetched entry that it caught while loading."""
         with self._lock:
             entry = self._entries.get(key)
-            if entry is None:
-                self.misses += 1
-                return None
-            self._entries.move_to_end(key)
-            self.hits += 1
-            return entry
+            if entry is not None and self._unflag(entry):
+                self._n["prefetch_hits"] += 1
 
-    def put(self, key: Hashable, value: TokenizedShard) -> None:
-        if value.nbytes > self.max_bytes:
-            return
+    # ---- writes ------------------------------------------------------------------------
+    def put(self, key: str, shard: TokenizedShard, slot: Slot | None = None, *, prefetched: bool = False) -> bool:
+        """Compress and store a shard; returns whether memory admitted it (the disk tier, when
+        there is one, takes it either way). Skips compressing when no tier would keep it."""
+        estimate = ENTRY_OVERHEAD + len(key) + shard.nbytes * self._ratio_inverse()
+        wanted = self.max_bytes > 0 and self._would_admit(slot, estimate)
+        if not wanted and self.disk is None:
+            if self.max_bytes > 0:
+                self._count(admissions_declined=1)
+            return False
+        blob = encode(shard, self.zstd_level)
+        self._count(raw_bytes_compressed=blob.raw_bytes, compressed_bytes=len(blob.data))
+        if self.disk is not None:
+            self.disk.put(key, blob)
+        if not wanted:
+            self._count(admissions_declined=int(self.max_bytes > 0))
+            return False
+        return self._admit(key, blob, slot, prefetched)
+
+    def expire(self) -> int:
+        """Drop every entry idle for longer than ``ttl_s``; returns how many went."""
         with self._lock:
-            old = self._entries.pop(key, None)
-            if old is not None:
-                self._bytes -= old.nbytes
-            self._entries[key] = value
-            self._bytes += value.nbytes
-            while self._bytes > self.max_bytes:
-                _, evicted = self._entries.popitem(last=False)
-                self._bytes -= evicted.nbytes
-                self.evictions += 1
+            return self._sweep()
 
+    def clear(self) -> None:
+        with self._lock:
+            for key in list(self._entries):
+                self._remove(key)
+
+    # ---- numbers -----------------------------------------------------------------------
     @property
     def bytes(self) -> int:
+        """Charged bytes in memory."""
         return self._bytes
+
+    @property
+    def prefetched_bytes(self) -> int:
+        """Charged bytes of entries the prefetcher loaded that no request has used yet."""
+        return self._prefetched_bytes
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters and gauges as a plain dict of numbers (exported to Prometheus by the metrics
+        module), plus ``tiers``: ``{"memory"|"disk": {"bytes", "entries"}}``."""
+        with self._lock:
+            out: dict[str, Any] = dict(self._n)
+            out.update(memory_bytes=self._bytes, memory_entries=len(self._entries),
+                       memory_max_bytes=self.max_bytes, memory_raw_bytes=self._raw,
+                       prefetched_bytes=self._prefetched_bytes, streams_known=len(self.future))
+        lookups = out["hits"] + out["misses"]
+        out["hit_rate"] = out["hits"] / lookups if lookups else 0.0
+        out["compression_ratio"] = (out["raw_bytes_compressed"] / out["compressed_bytes"]
+                                    if out["compressed_bytes"] else 0.0)
+        out.update(self.disk.stats() if self.disk is not None else
+                   {"disk_bytes": 0, "disk_entries": 0, "disk_max_bytes": 0})
+        out["max_bytes"] = self.max_bytes
+        out["tiers"] = {tier: {"bytes": out[f"{tier}_bytes"], "entries": out[f"{tier}_entries"]}
+                        for tier in ("memory", "disk")}
+        return out
+
+    # ---- internals (the ones named without "locked" take the lock themselves) -----------
+    def _count(self, **deltas: int) -> None:
+        with self._lock:
+            for name, delta in deltas.items():
+                self._n[name] += delta
+
+    def _ratio_inverse(self) -> float:
+        """Compressed / raw so far (1/3 before any data), to guess a new entry's size."""
+        raw, comp = self._n["raw_bytes_compressed"], self._n["compressed_bytes"]
+        return comp / raw if raw else 1 / 3
+
+    def _lookup(self, key: str, slot: Slot | None) -> _Entry | None:
+        """Assumes the lock. The live entry under ``key``, refreshed; an expired one is dropped."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        now = self._clock()
+        if now - entry.used > self.ttl_s:
+            self._remove(key)
+            self._n["expirations"] += 1
+            return None
+        entry.used = now
+        self._entries.move_to_end(key)
+        if slot is not None and slot != entry.slot:  # another dataset with the same files
+            self.policy.on_remove(key)
+            entry.slot = slot
+            self.policy.on_insert(key, entry)
+        else:
+            self.policy.on_access(key)
+        return entry
+
+    def _unflag(self, entry: _Entry) -> bool:
+        """Assumes the lock. Marks a prefetched entry as used; returns whether it was prefetched."""
+        if not entry.prefetched:
+            return False
+        entry.prefetched = False
+        self._prefetched_bytes -= entry.size
+        return True
+
+    def _would_admit(self, slot: Slot | None, size: float) -> bool:
+        with self._lock:
+            self._sweep()
+            need = self._bytes + size - self.max_bytes
+            return size <= self.max_bytes and (need <= 0 or self.policy.victims(self._entries, int(need), slot) is not None)
+
+    def _admit(self, key: str, blob: Blob, slot: Slot | None, prefetched: bool) -> bool:
+        size = len(blob.data) + len(key) + ENTRY_OVERHEAD
+        if size > self.max_bytes:
+            return False
+        with self._lock:
+            self._sweep()
+            if key in self._entries:
+                self._remove(key)
+            need = self._bytes + size - self.max_bytes
+            victims = self.policy.victims(self._entries, need, slot) if need > 0 else []
+            if victims is None:
+                self._n["admissions_declined"] += 1
+                return False
+            for victim in victims:
+                self._n["prefetch_wasted"] += int(self._remove(victim).prefetched)
+                self._n["evictions"] += 1
+            entry = self._entries[key] = _Entry(blob, size, slot, self._clock(), prefetched)
+            self.policy.on_insert(key, entry)
+            self._bytes += size
+            self._raw += blob.raw_bytes
+            self._prefetched_bytes += size if prefetched else 0
+            assert self._bytes <= self.max_bytes, (self._bytes, self.max_bytes)
+            return True
+
+    def _remove(self, key: str) -> _Entry:
+        """Assumes the lock."""
+        entry = self._entries.pop(key)
+        self.policy.on_remove(key)
+        self._bytes -= entry.size
+        self._raw -= entry.blob.raw_bytes
+        self._prefetched_bytes -= entry.size if entry.prefetched else 0
+        return entry
+
+    def _sweep(self) -> int:
+        """Assumes the lock. Entries are in last-use order, so the idle ones are at the front."""
+        now, gone = self._clock(), 0
+        while self._entries:
+            key, entry = next(iter(self._entries.items()))
+            if now - entry.used <= self.ttl_s:
+                break
+            self._remove(key)
+            gone += 1
+        self._n["expirations"] += gone
+        return gone
+
+    def _drop_corrupt(self, key: str, entry: _Entry) -> None:
+        with self._lock:
+            if self._entries.get(key) is entry:
+                self._remove(key)
+            self._n["corrupt"] += 1

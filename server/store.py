@@ -1,4 +1,5 @@
-"""Async access to shards: cache lookups, single-flight loads off the event loop, packing."""
+"""Async access to shards: cache lookups, single-flight loads off the event loop, packing, and
+the prefetcher that keeps every stream's next shards loading ahead."""
 
 from __future__ import annotations
 
@@ -7,13 +8,15 @@ import functools
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from concurrent.futures import Executor
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from server.cache import ShardCache
+from server.cache import DiskTier, ShardCache, fixed_mmap_threshold, shard_key
+from server.config import Config, PrefetchSettings
 from server.dataset import Dataset
-from server.packing import PackedShard, TokenizedShard, concat_rows, pack_concat
+from server.packing import PackedShard, TokenizedShard, known_rows, pack
+from server.prefetch import Follower, Prefetcher
 from server.schedule import doc_order, shard_order
 
 
@@ -22,20 +25,43 @@ def _shard_order(seed: int, epoch: int, num_shards: int) -> np.ndarray:
     return shard_order(seed, epoch, num_shards)
 
 
-class ShardStore:
-    """Loads each shard once however many streams want it, and keeps recent ones warm."""
+class _Loaded(NamedTuple):
+    key: str                       # the shard's content key
+    shard: TokenizedShard | None   # None: a prefetch found it already cached
+    prefetched: bool               # a prefetch loaded it and the cache admitted it
 
-    def __init__(self, cache: ShardCache, executor: Executor, packed_slots: int = 16) -> None:
+
+class ShardStore:
+    """Loads each shard once however many streams want it, and keeps recent ones warm.
+
+    Tiers, fastest first: a few packed shards (uncompressed, per seed/epoch/seq_len), the
+    compressed ``ShardCache`` (memory, then disk), then the source. Every blocking step (stat,
+    decompress, read, tokenize, compress) runs in ``executor``.
+    """
+
+    def __init__(self, cache: ShardCache, executor: Executor, packed_slots: int = 16, *,
+                 prefetch: PrefetchSettings | None = None) -> None:
         self.cache = cache
         self.executor = executor
         self._inflight: dict[Hashable, asyncio.Task] = {}
         self._packed: OrderedDict[Hashable, PackedShard] = OrderedDict()
         self._packed_slots = packed_slots
+        prefetch = prefetch or PrefetchSettings(depth=0)
+        # Prefetched shards live in the cache: with no cache there is nowhere to put them.
+        self.prefetcher = (
+            Prefetcher(self._warm, depth=prefetch.depth, concurrency=prefetch.concurrency,
+                       room=lambda: cache.prefetched_bytes < prefetch.max_share * cache.max_bytes)
+            if prefetch.depth > 0 and cache.max_bytes > 0 else None)
 
     @staticmethod
     def shard_index(ds: Dataset, seed: int, epoch: int, ordinal: int) -> int:
         """The shard at position ``ordinal`` of epoch ``epoch``'s order."""
         return int(_shard_order(seed, epoch, ds.num_shards)[ordinal])
+
+    def follow(self, ds: Dataset, seed: int) -> Follower:
+        """A handle through which a stream reports its position (``at(epoch, ordinal)``) so that
+        the cache knows its future and the prefetcher loads ahead; ``close()`` it when done."""
+        return Follower(ds, seed, self.cache.future, self.prefetcher, self.shard_index)
 
     async def _once(self, key: Hashable, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` in the executor, sharing one run among concurrent callers. A caller that is
@@ -53,43 +79,91 @@ class ShardStore:
         finally:
             self._inflight.pop(key, None)
 
+    def _load(self, ds: Dataset, index: int, prefetch: bool) -> _Loaded:
+        """Blocking: the shard from the cache, else read, tokenize and cache it. A prefetch only
+        makes sure it is cached (no decompression when it already is)."""
+        key, slot = shard_key(ds, index), (ds.fingerprint, index)
+        if prefetch:
+            if self.cache.contains(key, slot):
+                return _Loaded(key, None, False)
+        elif (hit := self.cache.get(key, slot)) is not None:
+            return _Loaded(key, hit, False)
+        shard = ds.tokenize_shard(index)
+        if shard_key(ds, index) != key:  # a file changed while we read it: do not cache a mix
+            return _Loaded(key, shard, False)
+        admitted = self.cache.put(key, shard, slot, prefetched=prefetch)
+        return _Loaded(key, shard, prefetch and admitted)
+
+    async def _warm(self, ds: Dataset, index: int) -> None:
+        """The prefetcher's load: shares the single flight of requests for the same shard."""
+        await self._once(("tok", ds.fingerprint, index), functools.partial(self._load, ds, index, True))
+
     async def tokenized(self, ds: Dataset, index: int) -> TokenizedShard:
-        key = (ds.fingerprint, index)
-        hit = self.cache.get(key)
-        if hit is not None:
-            return hit
+        flight = ("tok", ds.fingerprint, index)
+        while True:
+            loaded = await self._once(flight, functools.partial(self._load, ds, index, False))
+            if loaded.shard is not None:  # else we joined a prefetch that found it cached: look it up
+                break
+        if loaded.prefetched:
+            self.cache.claim(loaded.key)
+        return loaded.shard
 
-        def load() -> TokenizedShard:
-            shard = ds.tokenize_shard(index)
-            self.cache.put(key, shard)
-            return shard
-
-        return await self._once(("tok",) + key, load)
-
-    async def num_rows(self, ds: Dataset, seed: int, epoch: int, ordinal: int, seq_len: int) -> int:
-        """Rows of a shard in an epoch; needs only its token count once that is known."""
+    async def num_rows(self, ds: Dataset, seed: int, epoch: int, ordinal: int, seq_len: int,
+                       packing: str = "concat") -> int:
+        """Rows of a shard in an epoch; needs only its counts once they are known (except bfd)."""
         index = self.shard_index(ds, seed, epoch, ordinal)
-        tokens = ds.shard_tokens.get(index)
-        if tokens is None:
-            tokens = (await self.tokenized(ds, index)).num_tokens
-        return concat_rows(tokens, seq_len)
+        tokens, docs = ds.shard_tokens.get(index), ds.shard_docs.get(index)
+        if tokens is not None and docs is not None:
+            rows = known_rows(packing, tokens, docs, seq_len)
+            if rows is not None:
+                return rows
+        return (await self.packed(ds, seed, epoch, ordinal, seq_len, packing)).rows
 
-    async def packed(self, ds: Dataset, seed: int, epoch: int, ordinal: int, seq_len: int) -> PackedShard:
+    async def packed(self, ds: Dataset, seed: int, epoch: int, ordinal: int, seq_len: int,
+                     packing: str = "concat") -> PackedShard:
         """A shard's rows for one epoch (documents shuffled by seed and epoch)."""
         index = self.shard_index(ds, seed, epoch, ordinal)
-        key = ("packed", ds.fingerprint, index, seed, epoch, seq_len)
+        key = ("packed", ds.fingerprint, index, seed, epoch, seq_len, packing)
         hit = self._packed.get(key)
         if hit is not None:
             self._packed.move_to_end(key)
             return hit
         tok = await self.tokenized(ds, index)
 
-        def pack() -> PackedShard:
+        def build() -> PackedShard:
             order = doc_order(seed, epoch, index, tok.num_docs)
-            return pack_concat(tok, order, seq_len, ds.info.pad_id)
+            return pack(packing, tok, order, seq_len, ds.info.pad_id)
 
-        packed = await self._once(key, pack)
+        packed = await self._once(key, build)
         self._packed[key] = packed
         while len(self._packed) > self._packed_slots:
             self._packed.popitem(last=False)
         return packed
+
+    def prefetch_stats(self) -> dict[str, int]:
+        """Prefetch hits, queue depth, loads in flight (requests and prefetches), and counters."""
+        pre = self.prefetcher.stats() if self.prefetcher is not None else {}
+        return {**pre, "hits": int(self.cache.stats()["prefetch_hits"]),
+                "queue_depth": pre.get("prefetch_queue_depth", 0), "inflight": len(self._inflight)}
+
+    def stats(self) -> dict[str, Any]:
+        """The cache's numbers, the prefetcher's, and the hot tier's, as one plain dict."""
+        out = self.cache.stats()
+        out.update(self.prefetcher.stats() if self.prefetcher is not None else {})
+        out.update(inflight_loads=len(self._inflight), hot_entries=len(self._packed),
+                   hot_bytes=sum(p.nbytes for p in list(self._packed.values())))
+        return out
+
+    async def close(self) -> None:
+        """Cancel every prefetch (shutdown; streams are closed first)."""
+        if self.prefetcher is not None:
+            await self.prefetcher.close()
+
+
+def build_store(config: Config, executor: Executor) -> ShardStore:
+    """The store, cache tiers and prefetcher that ``config`` describes."""
+    c = config.cache
+    fixed_mmap_threshold()  # keeps resident memory close to the cache budget (see there)
+    disk = DiskTier(c.disk.path, int(c.disk.max_bytes)) if c.disk is not None else None
+    cache = ShardCache(int(c.max_bytes), ttl_s=c.ttl_s, zstd_level=c.zstd_level, policy=c.policy, disk=disk)
+    return ShardStore(cache, executor, packed_slots=c.hot_slots, prefetch=config.prefetch)
