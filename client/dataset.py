@@ -58,6 +58,10 @@ class StreamingDataset(IterableDataset):
         reconnect_deadline_s: how long to keep reconnecting after the server went away.
         batches_per_message: batches the server packs into one gRPC message.
         compression: ``"zstd"`` to compress tokens on the wire (pays off only on slow links).
+        max_tokens: token-budget batches: each batch is one row of ``max_tokens`` tokens holding
+            whole document pieces (documents split at ``seq_len``); each step takes the next
+            pieces of the global order and balances them across ranks by longest-processing-time,
+            so every rank gets nearly the same number of tokens. ``batch_size`` is unused.
         provenance: add ``batch["provenance"]``, int64 ``[n, 7]``: for every piece of every row,
             (row, column, length, source, shard, document, offset in document); ``source`` indexes
             ``describe().sources`` and ``shard`` ``describe().shards`` of that source's dataset, so
@@ -66,7 +70,7 @@ class StreamingDataset(IterableDataset):
 
     def __init__(self, address: str | Sequence[str], dataset: str, seq_len: int = 2048, batch_size: int = 8,
                  seed: int = 0, rank: int | None = None, world_size: int | None = None, *,
-                 packing: str = wire.DEFAULT_PACKING, provenance: bool = False,
+                 packing: str = wire.DEFAULT_PACKING, max_tokens: int | None = None, provenance: bool = False,
                  reconnect_deadline_s: float = 60.0, batches_per_message: int = 1,
                  compression: str | None = None) -> None:
         super().__init__()
@@ -79,6 +83,13 @@ class StreamingDataset(IterableDataset):
             raise ValueError(f"seq_len and batch_size must be positive, got {seq_len} and {batch_size}")
         if packing not in wire.PACKINGS:
             raise ValueError(f"packing must be one of {wire.PACKINGS}, got {packing!r}")
+        if max_tokens is not None:
+            if max_tokens < seq_len:
+                raise ValueError(f"max_tokens ({max_tokens}) must be at least seq_len ({seq_len}), "
+                                 "the longest document piece")
+            if packing not in (wire.DEFAULT_PACKING, "split"):
+                raise ValueError(f"max_tokens batches are made of document pieces; packing={packing!r} does not apply")
+            packing = "split"
         if compression not in (None, "none", "zstd"):
             raise ValueError(f"compression must be None or 'zstd', got {compression!r}")
         addresses = [address] if isinstance(address, str) else list(address)
@@ -87,11 +98,13 @@ class StreamingDataset(IterableDataset):
         self.address = addresses[self.rank % len(addresses)]
         self.identity = Identity(dataset=dataset, seed=seed, seq_len=seq_len, packing=packing)
         self.batch_size = batch_size
+        self.max_tokens = max_tokens or 0
         self.provenance = provenance
         self.backoff = Backoff(deadline_s=reconnect_deadline_s)
         self.batches_per_message = batches_per_message
         self.compression = pb.COMPRESSION_ZSTD if compression == "zstd" else pb.COMPRESSION_NONE
-        max_message = batches_per_message * batch_size * (seq_len + 1) * 4 + (1 << 20)
+        row_tokens = max_tokens + 1 if max_tokens else batch_size * (seq_len + 1)
+        max_message = batches_per_message * row_tokens * 4 + (1 << 20)
         self._channel = Channel(self.address, max(max_message, 4 << 20))
         self._position = Position()
         self._steps = 0
@@ -126,7 +139,8 @@ class StreamingDataset(IterableDataset):
             dataset=ident.dataset, seed=ident.seed, seq_len=ident.seq_len, batch_size=self.batch_size,
             packing=ident.packing, rank=self.rank, world_size=self.world_size, first_step=first_step,
             step_stride=self._stride, batches_per_message=self.batches_per_message,
-            compression=self.compression, worker_id=worker, provenance=self.provenance)
+            compression=self.compression, worker_id=worker, provenance=self.provenance,
+            max_tokens=self.max_tokens)
         if cursor is not None:
             req.cursor.CopyFrom(cursor)
         return req
@@ -141,15 +155,16 @@ class StreamingDataset(IterableDataset):
         chunks = stream_batches(
             self._channel, lambda cursor, step: self._request(cursor, step, worker),
             start.to_cursor(self.identity), first, workers, self.backoff)
-        tokens = provenance = None
+        tokens = provenance = piece_starts = None
         for k, (chunk, i) in enumerate(chunks):
             if i == 0:
                 tokens = wire.decode_chunk(chunk)
                 provenance = wire.decode_provenance(chunk) if self.provenance else None
+                piece_starts = wire.decode_piece_starts(chunk)
             j = first + k * workers  # the rank's step, counted from where this iteration started
             self._position = Position.from_cursor(chunk.cursors[i])
             self._steps, self._cycle = steps0 + j + 1, base_cycle + j + 1
-            batch = to_batch(tokens[i], chunk.eos_id, chunk.pad_id)
+            batch = to_batch(tokens[i], chunk.eos_id, chunk.pad_id, piece_starts[i] if piece_starts else None)
             if provenance is not None:
                 batch["provenance"] = torch.from_numpy(provenance[i].copy())
             if self._attach_state:
@@ -157,14 +172,17 @@ class StreamingDataset(IterableDataset):
             yield batch
 
 
-def to_batch(tokens: np.ndarray, eos_id: int, pad_id: int) -> dict[str, torch.Tensor]:
-    """Tensors of one batch from its rows of ``seq_len + 1`` tokens (contract 4 of DESIGN.md)."""
+def to_batch(tokens: np.ndarray, eos_id: int, pad_id: int, piece_starts: list[int] | None = None) -> dict[str, torch.Tensor]:
+    """Tensors of one batch from its rows of ``seq_len + 1`` tokens (contract 4 of DESIGN.md).
+    ``piece_starts``: columns of row 0 where a segment starts without an EOS before it."""
     ids, nxt = tokens[:, :-1], tokens[:, 1:]
     labels = nxt.astype(np.int64)
     labels[nxt == pad_id] = -100
     starts = np.empty(ids.shape, dtype=bool)
     starts[:, 0] = True
     np.equal(ids[:, :-1], eos_id, out=starts[:, 1:])
+    if piece_starts:
+        starts[0, piece_starts] = True
     arange = np.arange(ids.shape[1], dtype=np.int64)
     positions = arange - np.maximum.accumulate(np.where(starts, arange, 0), axis=1)
     # flash-attention varlen layout: segment boundaries over the flattened batch

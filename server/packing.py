@@ -170,7 +170,13 @@ def pack_bfd(shard: TokenizedShard, order: np.ndarray, seq_len: int, pad_id: int
     return _fill(shard, rows, seq_len, pad_id)
 
 
-PACKERS = {"concat": pack_concat, "bfd": pack_bfd, "pad": pack_pad}
+def pack_split(shard: TokenizedShard, order: np.ndarray, seq_len: int, pad_id: int) -> PackedShard:
+    """One piece per row: documents in ``order`` cut into pieces of at most ``seq_len`` tokens
+    (the unit that token-budget batches are made of)."""
+    return _fill(shard, [[piece] for piece in _pieces(shard, order, seq_len)], seq_len, pad_id)
+
+
+PACKERS = {"concat": pack_concat, "bfd": pack_bfd, "pad": pack_pad, "split": pack_split}
 
 
 def pack(packing: str, shard: TokenizedShard, order: np.ndarray, seq_len: int, pad_id: int) -> PackedShard:

@@ -99,9 +99,11 @@ def to_message(chunk: Chunk, params: StreamParams) -> pb.BatchChunk:
     info = params.dataset.info
     return pb.BatchChunk(
         tokens=payload, dtype=params.dataset.wire_dtype, compression=compression,
-        num_batches=len(chunk.steps), rows=params.batch_size, seq_len=params.seq_len,
+        num_batches=len(chunk.steps), rows=chunk.tokens.shape[1], seq_len=chunk.tokens.shape[2] - 1,
         eos_id=info.eos_id, pad_id=info.pad_id,
         cursors=[cursor_message(c, params) for c in chunk.cursors], steps=chunk.steps, epochs=chunk.epochs,
         provenance=b"".join(p.tobytes() for p in chunk.provenance) if chunk.provenance else b"",
         provenance_counts=[len(p) for p in chunk.provenance] if chunk.provenance else [],
+        piece_starts=[c for s in chunk.starts for c in s] if chunk.starts else [],
+        piece_start_counts=[len(s) for s in chunk.starts] if chunk.starts else [],
     )

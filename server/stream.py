@@ -38,6 +38,7 @@ class StreamParams:
     compression: int
     start: Locator
     provenance: bool = False
+    max_tokens: int = 0  # token-budget batches when > 0
 
 
 def parse_request(req: pb.StreamRequest, datasets: dict[str, Dataset | Mixture], limits: ServerSettings) -> StreamParams:
@@ -56,11 +57,18 @@ def parse_request(req: pb.StreamRequest, datasets: dict[str, Dataset | Mixture],
         raise InvalidArgument("packing", f"must be one of {', '.join(wire.PACKINGS)}, got {packing!r}")
     per_msg = req.batches_per_message or 1
     _check_range("batches_per_message", per_msg, 1, MAX_BATCHES_PER_MESSAGE)
-    payload = per_msg * req.batch_size * (req.seq_len + 1) * ds.dtype.itemsize
+    rows, width = req.batch_size, req.seq_len + 1
+    if req.max_tokens:
+        if req.packing not in ("", "split"):
+            raise InvalidArgument("packing", f"token-budget batches pack pieces ('split'), got {req.packing!r}")
+        packing = "split"
+        _check_range("max_tokens", req.max_tokens, req.seq_len, limits.max_seq_len * limits.max_batch_size)
+        rows, width = 1, req.max_tokens + 1
+    payload = per_msg * rows * width * ds.dtype.itemsize
     if payload + 65536 > limits.max_message_bytes:
         raise InvalidArgument(
-            "batch_size",
-            f"{per_msg} batch(es) of {req.batch_size} x {req.seq_len} tokens take {payload} bytes, "
+            "max_tokens" if req.max_tokens else "batch_size",
+            f"{per_msg} batch(es) of {rows} x {width - 1} tokens take {payload} bytes, "
             f"above the server's max message size of {int(limits.max_message_bytes)} bytes",
         )
     if req.compression not in (pb.COMPRESSION_NONE, pb.COMPRESSION_ZSTD):
@@ -70,7 +78,7 @@ def parse_request(req: pb.StreamRequest, datasets: dict[str, Dataset | Mixture],
         dataset=ds, seed=req.seed, seq_len=req.seq_len, batch_size=req.batch_size, packing=packing,
         rank=req.rank, world_size=req.world_size, first_step=req.first_step,
         step_stride=req.step_stride or 1, batches_per_message=per_msg,
-        compression=req.compression, start=start, provenance=req.provenance,
+        compression=req.compression, start=start, provenance=req.provenance, max_tokens=req.max_tokens,
     )
 
 
@@ -119,12 +127,19 @@ class Chunk:
     steps: list[int]
     epochs: list[int]
     provenance: list[np.ndarray] | None = None  # per batch: records sorted by (row, column)
+    starts: list[list[int]] | None = None  # token-budget batches: columns where pieces start
 
 
 async def stream_chunks(params: StreamParams, store: ShardStore) -> AsyncIterator[Chunk]:
     """The rank's steps ``first_step, first_step + stride, ...`` counted from the start cursor.
     Step t is global rows ``R + (t*W + rank)*B ...`` and leaves the job at ``R + (t+1)*W*B``."""
     p = params
+    if p.max_tokens:
+        from server.budget import budget_chunks  # it builds on this module
+
+        async for chunk in budget_chunks(p, store):
+            yield chunk
+        return
     walker = make_walker(store, p.dataset, p.seed, p.seq_len, p.packing, p.start)
     origin, rows_per_step, step = p.start.row, p.world_size * p.batch_size, p.first_step
     try:  # however the stream ends (client gone, error, shutdown), its prefetches stop

@@ -10,7 +10,7 @@ from tokenfeed.v1 import tokenfeed_pb2 as pb
 #: Version of the cursor layout; a cursor of another version is refused.
 CURSOR_VERSION = 1
 #: Packing modes a stream may ask for.
-PACKINGS = ("concat", "bfd", "pad")
+PACKINGS = ("concat", "bfd", "pad", "split")
 DEFAULT_PACKING = "concat"
 
 _NP_DTYPES = {
@@ -62,3 +62,14 @@ def decode_provenance(chunk: pb.BatchChunk) -> list[np.ndarray]:
     if bounds[-1] != len(records):
         raise ValueError(f"chunk carries {len(records)} provenance records, counts say {bounds[-1]}")
     return [records[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def decode_piece_starts(chunk: pb.BatchChunk) -> list[list[int]] | None:
+    """Per batch, the columns where token-budget pieces start (None for row batches)."""
+    if not chunk.piece_start_counts:
+        return None
+    starts, out, i = list(chunk.piece_starts), [], 0
+    for n in chunk.piece_start_counts:
+        out.append(starts[i : i + n])
+        i += n
+    return out

@@ -1,0 +1,141 @@
+"""Token-budget batches: each step takes the next document pieces of the global order that fit
+``max_tokens`` per rank, and balances them across ranks by longest-processing-time (LPT).
+
+The global unit is the ``split`` sequence (documents cut into pieces of at most ``seq_len``
+tokens, one per row). A step is a run of consecutive pieces; its end is a cursor, so resume and
+elastic resume start a new step exactly at the first piece not yet consumed. Every rank computes
+every step (it needs the whole step to know its share) and keeps its own part."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from server.schedule import Locator
+from server.store import ShardStore
+from server.stream import Chunk, StreamParams
+from server.walker import PROVENANCE_FIELDS, make_walker
+
+
+@dataclass
+class Piece:
+    tokens: np.ndarray       # the piece's tokens (no PAD)
+    records: np.ndarray | None  # provenance records (row 0, columns within the piece)
+    epoch: int
+
+
+def lpt(lengths: list[int], ranks: int) -> list[int]:
+    """Longest-processing-time: longest piece first, each to the least-loaded rank."""
+    loads, owner = [0] * ranks, [0] * len(lengths)
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        r = min(range(ranks), key=lambda k: (loads[k], k))
+        owner[i], loads[r] = r, loads[r] + lengths[i]
+    return owner
+
+
+def greedy(lengths: list[int], ranks: int, budget: int) -> list[int]:
+    """The plain baseline: pieces in order, each rank filled up to the budget before the next."""
+    owner, r, load = [], 0, 0
+    for n in lengths:
+        if load + n > budget and r < ranks - 1:
+            r, load = r + 1, 0
+        owner.append(r)
+        load += n
+    return owner
+
+
+def imbalance(lengths: list[int], owner: list[int], ranks: int) -> float:
+    """max / mean tokens per rank in a step."""
+    loads = np.bincount(owner, weights=lengths, minlength=ranks)
+    return float(loads.max() / loads.mean()) if loads.sum() else 1.0
+
+
+class StepPlanner:
+    """Cuts the piece sequence into steps that fit ``ranks * budget`` tokens."""
+
+    def __init__(self, store: ShardStore, p: StreamParams) -> None:
+        self.p = p
+        self.walker = make_walker(store, p.dataset, p.seed, p.seq_len, "split", p.start)
+        self.pad = p.dataset.info.pad_id
+        self._next: tuple[Piece, Locator] | None = None  # read but not consumed: starts the next step
+        self._row = np.empty((1, p.seq_len + 1), dtype=p.dataset.dtype)
+
+    async def _read(self) -> tuple[Piece, Locator]:
+        """The next piece and the cursor just before it."""
+        if self._next is not None:
+            held, self._next = self._next, None
+            return held
+        before = self.walker.locator()
+        records: list[np.ndarray] | None = [] if self.p.provenance else None
+        epoch = await self.walker.take(self._row, records)
+        row = self._row[0, :-1]
+        pads = np.flatnonzero(row == self.pad)
+        length = int(pads[0]) if len(pads) else len(row)
+        rec = np.concatenate(records) if records else None
+        return Piece(row[:length].copy(), rec, epoch), before
+
+    async def step(self) -> tuple[list[Piece], list[int], Locator]:
+        """The next step's pieces, each piece's rank, and the cursor after the step."""
+        ranks, budget = self.p.world_size, self.p.max_tokens
+        pieces: list[Piece] = []
+        loads, online = [0] * ranks, []
+        while True:
+            piece, before = await self._read()
+            r = min(range(ranks), key=lambda k: (loads[k], k))
+            if pieces and loads[r] + len(piece.tokens) > budget:
+                self._next = (piece, before)  # does not fit: it opens the next step
+                break
+            pieces.append(piece)
+            online.append(r)
+            loads[r] += len(piece.tokens)
+        lengths = [len(p.tokens) for p in pieces]
+        owner = lpt(lengths, ranks)
+        if max(np.bincount(owner, weights=lengths, minlength=ranks)) > budget:
+            owner = online  # LPT overshot the budget: keep the assignment that fits
+        return pieces, owner, before
+
+
+def assemble(pieces: list[Piece], owner: list[int], rank: int, out: np.ndarray,
+             pad_id: int) -> tuple[np.ndarray, list[int]]:
+    """Rank ``rank``'s pieces, in sequence order, back to back in ``out`` ([1, budget + 1]);
+    returns its provenance records and the columns where pieces start."""
+    out.fill(pad_id)
+    col, starts, recs = 0, [], []
+    for piece, r in zip(pieces, owner):
+        if r != rank:
+            continue
+        out[0, col : col + len(piece.tokens)] = piece.tokens
+        if piece.records is not None:
+            rec = piece.records.copy()
+            rec[:, 1] += col
+            recs.append(rec)
+        starts.append(col)
+        col += len(piece.tokens)
+    prov = np.concatenate(recs) if recs else np.empty((0, PROVENANCE_FIELDS), dtype=np.int64)
+    return prov, starts
+
+
+async def budget_chunks(params: StreamParams, store: ShardStore) -> AsyncIterator[Chunk]:
+    """Token-budget batches ``[1, max_tokens]`` of the rank's steps first_step, +stride, ..."""
+    p = params
+    planner = StepPlanner(store, p)
+    step, wanted = 0, p.first_step
+    while True:
+        chunk = Chunk(tokens=np.empty((p.batches_per_message, 1, p.max_tokens + 1), dtype=p.dataset.dtype),
+                      cursors=[], steps=[], epochs=[], provenance=[] if p.provenance else None, starts=[])
+        while len(chunk.steps) < p.batches_per_message:
+            pieces, owner, after = await planner.step()
+            if step == wanted:
+                i = len(chunk.steps)
+                prov, starts = assemble(pieces, owner, p.rank, chunk.tokens[i], p.dataset.info.pad_id)
+                chunk.cursors.append(after)
+                chunk.steps.append(step)
+                chunk.epochs.append(pieces[0].epoch)
+                chunk.starts.append(starts)
+                if chunk.provenance is not None:
+                    chunk.provenance.append(prov)
+                wanted += p.step_stride
+            step += 1
+        yield chunk
