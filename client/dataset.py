@@ -175,21 +175,24 @@ class StreamingDataset(IterableDataset):
 def to_batch(tokens: np.ndarray, eos_id: int, pad_id: int, piece_starts: list[int] | None = None) -> dict[str, torch.Tensor]:
     """Tensors of one batch from its rows of ``seq_len + 1`` tokens (contract 4 of DESIGN.md).
     ``piece_starts``: columns of row 0 where a segment starts without an EOS before it."""
+    rows, width = tokens.shape
+    seq_len = width - 1
     ids, nxt = tokens[:, :-1], tokens[:, 1:]
     labels = nxt.astype(np.int64)
     labels[nxt == pad_id] = -100
-    starts = np.empty(ids.shape, dtype=bool)
+    starts = np.empty((rows, seq_len), dtype=bool)  # a segment starts at each row start and after EOS
     starts[:, 0] = True
     np.equal(ids[:, :-1], eos_id, out=starts[:, 1:])
     if piece_starts:
         starts[0, piece_starts] = True
-    arange = np.arange(ids.shape[1], dtype=np.int64)
-    positions = arange - np.maximum.accumulate(np.where(starts, arange, 0), axis=1)
-    # flash-attention varlen layout: segment boundaries over the flattened batch
-    cu_seqlens = np.append(np.flatnonzero(starts), starts.size).astype(np.int32)
+    seg = np.flatnonzero(starts)
+    size = rows * seq_len
+    positions = np.arange(size, dtype=np.int64)
+    positions -= np.repeat(seg, np.diff(seg, append=size))
     return {
         "input_ids": torch.from_numpy(ids.astype(np.int64)),
         "labels": torch.from_numpy(labels),
-        "position_ids": torch.from_numpy(positions),
-        "cu_seqlens": torch.from_numpy(cu_seqlens),
+        "position_ids": torch.from_numpy(positions.reshape(rows, seq_len)),
+        # flash-attention varlen layout: segment boundaries over the flattened batch
+        "cu_seqlens": torch.from_numpy(np.append(seg, size).astype(np.int32)),
     }
