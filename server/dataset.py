@@ -47,6 +47,9 @@ class Dataset:
         self.bad = BadRecords()
         self.shard_docs: dict[int, int] = {}
         self.shard_tokens: dict[int, int] = {}
+        if isinstance(self.source, TokensSource):  # row counts known up front: seeks read nothing
+            for i, (docs, tokens) in enumerate(self.source.counts()):
+                self.shard_docs[i], self.shard_tokens[i] = docs, tokens
         self.fingerprint = self._fingerprint()
 
     @property

@@ -109,6 +109,10 @@ class TokensSource:
     def files(self) -> list[str]:
         return [os.path.join(self.path, MANIFEST)] + [s.parts[0].path for s in self._shards]
 
+    def counts(self) -> list[tuple[int, int]]:
+        """(documents, tokens) of every shard, from the manifest."""
+        return [(docs, tokens) for _, docs, tokens, _ in self._meta]
+
     def read_shard(self, shard: ShardSpec, bad: BadRecords) -> list[str]:
         raise TypeError(f"{self.path} holds tokens, not text")
 
