@@ -8,7 +8,9 @@ import asyncio
 import logging
 import sys
 
-from server.config import Config, default_config, load_config
+from pydantic import ValidationError
+
+from server.config import Config, default_config, format_validation_error, load_config
 from server.errors import ConfigError
 
 
@@ -21,6 +23,16 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="gRPC port (default 50051; 0 picks a free one)")
     serve.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
     serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
+    security = serve.add_argument_group("security and limits (override the config's `server:` keys)")
+    security.add_argument("--auth-tokens-file", metavar="FILE",
+                          help="require bearer tokens: one per line, `TOKEN` or `TOKEN dataset1,dataset2`")
+    security.add_argument("--auth-tokens-env", metavar="VAR", help="also take tokens from this environment variable")
+    security.add_argument("--tls-cert", metavar="FILE", help="PEM server certificate (with --tls-key): serve TLS")
+    security.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
+    security.add_argument("--tls-client-ca", metavar="FILE", help="PEM CA: require client certificates (mTLS)")
+    security.add_argument("--data-root", dest="data_roots", action="append", metavar="DIR",
+                          help="datasets may read only files under DIR (repeatable)")
+    security.add_argument("--max-streams", type=int, metavar="N", help="concurrent streams (default 256)")
     health = sub.add_parser("health", help="exit 0 if a server reports SERVING (gRPC health service)")
     health.add_argument("--address", default="127.0.0.1:50051", help="host:port of the server")
     health.add_argument("--service", default="", help="service to check (default: the whole server)")
@@ -85,12 +97,20 @@ def _health(args: argparse.Namespace) -> int:
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
+_SECURITY_FLAGS = ("auth_tokens_file", "auth_tokens_env", "tls_cert", "tls_key", "tls_client_ca", "data_roots",
+                   "max_streams")
+
+
 def _apply_overrides(config: Config, args: argparse.Namespace) -> Config:
     overrides = {k: v for k, v in {"host": args.host, "port": args.port,
                                   "metrics_port": args.metrics_port}.items() if v is not None}
+    overrides.update({k: getattr(args, k) for k in _SECURITY_FLAGS if getattr(args, k) is not None})
     if not overrides:
         return config
-    server = config.server.model_validate({**config.server.model_dump(), **overrides})
+    try:
+        server = config.server.model_validate({**config.server.model_dump(), **overrides})
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, "(command-line flags)").replace("\n  ", "\n  server.")) from None
     return config.model_copy(update={"server": server})
 
 

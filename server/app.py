@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -12,8 +13,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from server import metrics
+from server.auth import (AccessInterceptor, check_config_paths, check_dataset_files, load_tokens,
+                         server_credentials)
 from server.config import Config
 from server.dataset import Dataset
+from server.limits import server_options
 from server.mixture import Mixture, build_mixture
 from server.service import TokenFeedService
 from server.store import build_store
@@ -25,9 +29,12 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TokenFeed"].full_name
 
 
 def build_datasets(config: Config) -> dict[str, Dataset | Mixture]:
-    """Resolve every dataset's files and shards; config errors surface here, at start-up."""
+    """Resolve every dataset's files and shards; config errors surface here, at start-up.
+    With ``server.data_roots`` nothing outside them is read (paths checked before and after)."""
+    check_config_paths(config)
     plain: dict[str, Dataset | Mixture] = {
         name: Dataset(name, ds) for name, ds in config.datasets.items() if ds.mixture is None}
+    check_dataset_files(config, {name: ds.source.files() for name, ds in plain.items()})
     for name, ds in config.datasets.items():
         if ds.mixture is not None:
             plain[name] = build_mixture(name, ds.mixture, plain)
@@ -37,19 +44,23 @@ def build_datasets(config: Config) -> dict[str, Dataset | Mixture]:
 async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
     """Serve until ``stop`` is set or SIGTERM/SIGINT arrives."""
     settings = config.server
+    tokens = load_tokens(settings, config.datasets)
+    credentials = server_credentials(settings)
     datasets = build_datasets(config)
     executor = ThreadPoolExecutor(settings.workers, thread_name_prefix="tokenfeed-load")
     store = build_store(config, executor)
-    limit = int(settings.max_message_bytes)
-    server = grpc.aio.server(interceptors=[metrics.RpcMetricsInterceptor()], options=[
-        ("grpc.max_send_message_length", limit),
-        ("grpc.max_receive_message_length", 4 << 20),
-    ])
-    pb_grpc.add_TokenFeedServicer_to_server(TokenFeedService(datasets, store, settings), server)
+    # The metrics interceptor goes first so that refused calls are counted too. The gRPC-wide
+    # RPC cap only stops floods of small calls: streams meet server.max_streams first, with a reason.
+    server = grpc.aio.server(
+        interceptors=[metrics.RpcMetricsInterceptor(), AccessInterceptor(SERVICE_NAME, tokens)],
+        options=server_options(settings), maximum_concurrent_rpcs=2 * settings.max_streams + 64)
+    service = TokenFeedService(datasets, store, settings)
+    pb_grpc.add_TokenFeedServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    address = f"{settings.host}:{settings.port}"
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot listen on {settings.host}:{settings.port}")
     exporter = metrics.start_exporter(settings.host, settings.metrics_port, datasets, store)
@@ -63,13 +74,20 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
     for ds in datasets.values():
         log.info("dataset %r: %d shards, %d bytes, tokenizer %s (vocab %d), fingerprint %s", ds.name,
                  ds.num_shards, sum(s.bytes for s in ds.shards), ds.info.name, ds.info.vocab_size, ds.fingerprint)
-    log.info("tokenfeed listening on %s:%d", settings.host, port)
+    log.info("tokenfeed listening on %s:%d (%s, %s)", settings.host, port,
+             "mutual TLS" if settings.tls_client_ca else "TLS" if credentials else "plaintext",
+             f"{len(tokens)} bearer token(s)" if tokens else "no authentication")
     try:
         await stop.wait()
         log.info("shutting down: health NOT_SERVING, draining streams for %.1fs", settings.shutdown_grace_s)
         await health_servicer.enter_graceful_shutdown()
     finally:
+        # Fixed order: refuse new streams, let open ones send the message they are assembling
+        # (then they end with UNAVAILABLE and their clients resume from the cursor elsewhere),
+        # stop gRPC (cancelling what is left after the grace period), then cancel prefetches.
+        t0, open_streams = time.monotonic(), service.admission.drain()
         await server.stop(settings.shutdown_grace_s)
+        log.info("drained %d stream(s) in %.2fs", open_streams, time.monotonic() - t0)
         await store.close()
         executor.shutdown(wait=False, cancel_futures=True)
         if exporter is not None:

@@ -122,20 +122,23 @@ async def budget_chunks(params: StreamParams, store: ShardStore) -> AsyncIterato
     p = params
     planner = StepPlanner(store, p)
     step, wanted = 0, p.first_step
-    while True:
-        chunk = Chunk(tokens=np.empty((p.batches_per_message, 1, p.max_tokens + 1), dtype=p.dataset.dtype),
-                      cursors=[], steps=[], epochs=[], provenance=[] if p.provenance else None, starts=[])
-        while len(chunk.steps) < p.batches_per_message:
-            pieces, owner, after = await planner.step()
-            if step == wanted:
-                i = len(chunk.steps)
-                prov, starts = assemble(pieces, owner, p.rank, chunk.tokens[i], p.dataset.info.pad_id)
-                chunk.cursors.append(after)
-                chunk.steps.append(step)
-                chunk.epochs.append(pieces[0].epoch)
-                chunk.starts.append(starts)
-                if chunk.provenance is not None:
-                    chunk.provenance.append(prov)
-                wanted += p.step_stride
-            step += 1
-        yield chunk
+    try:
+        while True:
+            chunk = Chunk(tokens=np.empty((p.batches_per_message, 1, p.max_tokens + 1), dtype=p.dataset.dtype),
+                          cursors=[], steps=[], epochs=[], provenance=[] if p.provenance else None, starts=[])
+            while len(chunk.steps) < p.batches_per_message:
+                pieces, owner, after = await planner.step()
+                if step == wanted:
+                    i = len(chunk.steps)
+                    prov, starts = assemble(pieces, owner, p.rank, chunk.tokens[i], p.dataset.info.pad_id)
+                    chunk.cursors.append(after)
+                    chunk.steps.append(step)
+                    chunk.epochs.append(pieces[0].epoch)
+                    chunk.starts.append(starts)
+                    if chunk.provenance is not None:
+                        chunk.provenance.append(prov)
+                    wanted += p.step_stride
+                step += 1
+            yield chunk
+    finally:
+        planner.walker.close()  # unregister from the cache's future index and the prefetcher

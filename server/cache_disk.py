@@ -55,7 +55,10 @@ def encode(shard: TokenizedShard, level: int) -> Blob:
     """Compress a tokenized shard (blocking: run it off the event loop)."""
     lengths = np.diff(shard.offsets).astype("<i8", copy=False)
     payload = shard.tokens.tobytes() + lengths.tobytes()
-    return Blob(_compressor(level).compress(payload), shard.tokens.dtype.str, shard.num_tokens, shard.num_docs)
+    # zstd writes into a buffer of the input's size and shrinks it in place; an exact-size copy
+    # (a memcpy of the compressed bytes) leaves less slack behind each long-lived entry.
+    data = bytes(memoryview(_compressor(level).compress(payload)))
+    return Blob(data, shard.tokens.dtype.str, shard.num_tokens, shard.num_docs)
 
 
 def decode(blob: Blob) -> TokenizedShard:

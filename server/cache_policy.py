@@ -210,14 +210,29 @@ class SmartPolicy:
         dist = np.concatenate([_distances(nexts.get(ds), g) for ds, g in self._groups.items()] or [np.empty(0)])
         used = np.concatenate([g.used[: len(g.keys)] for g in groups] or [np.empty(0, np.int64)])
         size = np.concatenate([g.size[: len(g.keys)] for g in groups] or [np.empty(0, np.int64)])
-        order = np.lexsort((used, -dist))  # furthest next use first; the oldest among equals
-        taken = int(np.searchsorted(np.cumsum(size[order]), need)) + 1
-        chosen = order[:taken]
+        chosen = _furthest(dist, used, size, need)
         if len(chosen) and dist[chosen[-1]] < distance(slot):
             return None  # evicting it would lose a hit that comes sooner than the newcomer's
         starts = np.cumsum([0] + [len(g.keys) for g in groups])
         which = np.searchsorted(starts, chosen, side="right") - 1
         return [groups[g].keys[i - starts[g]] for g, i in zip(which.tolist(), chosen.tolist())]
+
+
+def _furthest(dist: np.ndarray, used: np.ndarray, size: np.ndarray, need: int, few: int = 16) -> np.ndarray:
+    """Positions to evict, furthest next use first and the oldest among equals, until they free
+    ``need`` bytes. Sorts only the few furthest (one eviction usually frees enough); sorts all
+    when those are not enough."""
+    pick = np.arange(len(dist))
+    if len(dist) > 2 * few:
+        cutoff = np.partition(dist, len(dist) - few)[len(dist) - few]
+        above, at = np.flatnonzero(dist > cutoff), np.flatnonzero(dist == cutoff)
+        if len(at) > few:  # many equals (say, all never needed again): the oldest of them
+            at = at[np.argpartition(used[at], few)[:few]]
+        pick = np.concatenate([above, at])
+        if size[pick].sum() < need:
+            pick = np.arange(len(dist))
+    order = pick[np.lexsort((used[pick], -dist[pick]))]
+    return order[: int(np.searchsorted(np.cumsum(size[order]), need)) + 1]
 
 
 def _distances(nexts: np.ndarray | None, group: _Group) -> np.ndarray:

@@ -174,6 +174,17 @@ class DatasetConfig(_Strict):
         return self
 
 
+#: gRPC's message limits are C ints.
+GRPC_MAX_MESSAGE_BYTES = (1 << 31) - 1
+#: Room in a message for everything but tokens: cursors, steps, headers.
+MESSAGE_OVERHEAD_BYTES = 1 << 20
+
+
+def largest_batch_bytes(max_seq_len: int, max_batch_size: int) -> int:
+    """Token bytes of one batch of the largest allowed shape, at the widest wire dtype (4 bytes)."""
+    return max_batch_size * (max_seq_len + 1) * 4
+
+
 class ServerSettings(_Strict):
     """Network and limits of the server process."""
 
@@ -182,9 +193,64 @@ class ServerSettings(_Strict):
     metrics_port: int | None = Field(default=None, ge=0, le=65535, description="Prometheus /metrics port.")
     max_seq_len: int = Field(default=65536, gt=0, description="Largest seq_len a stream may ask for.")
     max_batch_size: int = Field(default=4096, gt=0, description="Largest batch_size a stream may ask for.")
-    max_message_bytes: ByteSize = Field(default=ByteSize(64 << 20), gt=0, description="gRPC message limit.")
+    max_message_bytes: ByteSize = Field(
+        default=ByteSize(largest_batch_bytes(65536, 4096) + MESSAGE_OVERHEAD_BYTES), gt=0, le=GRPC_MAX_MESSAGE_BYTES,
+        description="gRPC message limit; unset: what one batch of the largest allowed shape needs.")
     shutdown_grace_s: float = Field(default=5.0, ge=0, description="Time in-flight streams get on shutdown.")
     workers: int = Field(default=2, gt=0, description="Threads that read and tokenize shards.")
+    # ---- access (issue 8; README "Security") ----
+    auth_tokens_file: str | None = Field(
+        default=None, min_length=1, description="Bearer tokens, one per line: `TOKEN [dataset1,dataset2]`.")
+    auth_tokens_env: str | None = Field(
+        default=None, min_length=1, description="Name of an environment variable holding tokens (same lines, or `;`-separated).")
+    tls_cert: str | None = Field(default=None, min_length=1, description="PEM server certificate (chain); enables TLS.")
+    tls_key: str | None = Field(default=None, min_length=1, description="PEM private key of tls_cert.")
+    tls_client_ca: str | None = Field(
+        default=None, min_length=1, description="PEM CA bundle; when set, clients must present a certificate it signed (mTLS).")
+    data_roots: list[str] | None = Field(
+        default=None, min_length=1, description="When set, every file a dataset reads must resolve (symlinks too) under one of these.")
+    # ---- limits ----
+    max_streams: int = Field(default=256, gt=0, description="Concurrent batch streams; more get RESOURCE_EXHAUSTED.")
+    stream_memory_bytes: ByteSize = Field(
+        default=ByteSize(4 << 30), gt=0, description="Budget of the messages all open streams may hold (each is charged its largest).")
+    max_rows_per_step: int = Field(
+        default=1 << 20, gt=0, description="Largest world_size x batch_size x step_stride a stream may ask for (bounds skipping).")
+    keepalive_time_s: float = Field(default=30.0, gt=0, description="Ping each client connection this often (finds dead clients).")
+    keepalive_timeout_s: float = Field(default=10.0, gt=0, description="Close a connection whose ping is unanswered this long.")
+    min_client_ping_interval_s: float = Field(
+        default=5.0, ge=0, description="Clients may ping this often without a too_many_pings GOAWAY (client default: 10 s).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _message_limit(cls, data: Any) -> Any:
+        """Unset ``max_message_bytes`` becomes what one batch of the largest allowed shape needs."""
+        if isinstance(data, dict) and data.get("max_message_bytes") is None:
+            fields = cls.model_fields
+            try:
+                need = largest_batch_bytes(int(data.get("max_seq_len", fields["max_seq_len"].default)),
+                                           int(data.get("max_batch_size", fields["max_batch_size"].default)))
+            except (TypeError, ValueError):
+                return data  # the fields' own validation names the bad value
+            data = {**data, "max_message_bytes": min(need + MESSAGE_OVERHEAD_BYTES, GRPC_MAX_MESSAGE_BYTES)}
+        return data
+
+    @model_validator(mode="after")
+    def _check_limits(self) -> ServerSettings:
+        need = largest_batch_bytes(self.max_seq_len, self.max_batch_size) + MESSAGE_OVERHEAD_BYTES
+        if need > self.max_message_bytes:
+            raise ValueError(
+                f"max_message_bytes ({int(self.max_message_bytes)}) cannot hold the largest batch a request may ask "
+                f"for: max_batch_size={self.max_batch_size} rows x (max_seq_len={self.max_seq_len} + 1) tokens x 4 "
+                f"bytes + {MESSAGE_OVERHEAD_BYTES} = {need} bytes; raise max_message_bytes (at most "
+                f"{GRPC_MAX_MESSAGE_BYTES}) or lower max_batch_size or max_seq_len")
+        if self.stream_memory_bytes < self.max_message_bytes:
+            raise ValueError(f"stream_memory_bytes ({int(self.stream_memory_bytes)}) must hold at least one largest "
+                             f"message (max_message_bytes={int(self.max_message_bytes)})")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        return self
 
 
 class DiskCacheSettings(_Strict):

@@ -145,6 +145,11 @@ class Follower:
         self.ds, self.seed = ds, seed
         self._future, self._prefetcher, self._shard_index = future, prefetcher, shard_index
         self._pos: tuple[int, int] | None = None
+        self._closed = False
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None
 
     def at(self, epoch: int, ordinal: int) -> None:
         """The stream is reading shard ``ordinal`` of epoch ``epoch``'s order."""
@@ -160,6 +165,16 @@ class Follower:
                                             for e, o in positions])
 
     def close(self) -> None:
+        """Idempotent; safe from any thread (a garbage-collection finalizer may call it)."""
+        if self._closed:
+            return
+        if self._loop is not None and not _in_loop(self._loop):
+            try:
+                self._loop.call_soon_threadsafe(self.close)
+            except RuntimeError:  # the loop is closed: nothing is left to cancel
+                pass
+            return
+        self._closed = True
         self._future.remove(self.id)
         if self._prefetcher is not None:
             self._prefetcher.forget(self.id)
@@ -169,3 +184,10 @@ class Follower:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _in_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False

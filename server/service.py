@@ -12,6 +12,7 @@ from server import metrics
 from server.config import ServerSettings
 from server.dataset import Dataset
 from server.errors import FailedPrecondition, InvalidArgument, NotFound, TokenfeedError
+from server.limits import RETRY_AFTER_KEY, Admission, Overloaded, ShuttingDown, check_request
 from server.mixture import Mixture
 from server.schedule import Locator
 from server.store import ShardStore
@@ -27,6 +28,8 @@ _STATUS = {
     NotFound: grpc.StatusCode.NOT_FOUND,
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ShuttingDown: grpc.StatusCode.UNAVAILABLE,
 }
 
 
@@ -43,10 +46,13 @@ class TokenFeedService(pb_grpc.TokenFeedServicer):
 
     def __init__(self, datasets: dict[str, Dataset], store: ShardStore, settings: ServerSettings) -> None:
         self.datasets, self.store, self.settings = datasets, store, settings
+        self.admission = Admission(settings.max_streams, int(settings.stream_memory_bytes))
 
     async def StreamBatches(self, request: pb.StreamRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.BatchChunk]:
+        ticket = None  # the admission slot, released in `finally` however the stream ends
         try:
             params = parse_request(request, self.datasets, self.settings)
+            ticket = self.admission.admit(check_request(params, self.settings))
             log.info("stream opened: %s rank %d/%d worker %d from %s (row %d)", request.dataset,
                      request.rank, request.world_size, request.worker_id, context.peer(), params.start.row)
             with metrics.StreamMeter(params.dataset.name, params.packing, params.dataset.info.pad_id) as meter:
@@ -55,13 +61,19 @@ class TokenFeedService(pb_grpc.TokenFeedServicer):
                     meter.sent(chunk.tokens, len(message.tokens))
                     yield message
                     meter.resumed()
+                    if self.admission.draining:  # shutdown: this message was the stream's last
+                        raise ShuttingDown("server is shutting down; reconnect from the cursor")
         except TokenfeedError as err:
-            await context.abort(status_of(err), str(err))
+            retry = ((RETRY_AFTER_KEY, "250"),) if isinstance(err, Overloaded) else ()
+            await context.abort(status_of(err), str(err), trailing_metadata=retry)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as err:  # a bug must not take the server down; the client gets a reason
             log.exception("stream for %s rank %d failed", request.dataset, request.rank)
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}")
+        finally:
+            if ticket is not None:
+                ticket.release()
 
     async def Describe(self, request: pb.DescribeRequest, context: grpc.aio.ServicerContext) -> pb.DescribeResponse:
         if request.dataset and request.dataset not in self.datasets:

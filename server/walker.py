@@ -3,6 +3,8 @@ loads shards lazily, skips rows by their counts alone, and copies out the rows i
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 
 from server.dataset import Dataset
@@ -25,8 +27,10 @@ class Walker:
         self.row, self.epoch, self.shard, self.shard_row = start.row, start.epoch, start.shard, start.shard_row
         self.source = source
         self._rows: int | None = None
-        # Tells the cache (eviction by next use) and the prefetcher where this walker is; close() ends it.
+        # Tells the cache (eviction by next use) and the prefetcher where this walker is; close()
+        # ends it, and so does dropping the walker (a safety net for callers that do not close).
         self._follow = store.follow(ds, seed)
+        weakref.finalize(self, self._follow.close)
 
     def locator(self) -> Locator:
         return Locator(self.row, self.epoch, self.shard, self.shard_row)

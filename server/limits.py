@@ -1,0 +1,177 @@
+"""Stream admission and limits: how many streams, how much message memory, how far a request may
+make the server skip, how big a message can get; and the keepalive the server enforces."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from prometheus_client import Counter, Gauge
+
+from server.config import ServerSettings
+from server.errors import InvalidArgument, TokenfeedError
+from server.metrics import REGISTRY
+from server.mixture import Mixture
+from server.stream import StreamParams
+from server.walker import PROVENANCE_FIELDS
+
+log = logging.getLogger(__name__)
+
+#: Trailing metadata key on a RESOURCE_EXHAUSTED admission refusal: the client may retry (with
+#: backoff) after about this many milliseconds. Other RESOURCE_EXHAUSTED (a local message-size
+#: limit) carry no such key and are not retried.
+RETRY_AFTER_KEY = "tokenfeed-retry-after-ms"
+#: Cursor positions beyond this are refused: far from any real job, and far enough from the
+#: uint64 limit that counting onwards cannot overflow a protobuf field.
+MAX_POSITION = 1 << 62
+#: Serialized size bounds of one cursor (plus one per mixture component), step and epoch entry.
+_CURSOR_BYTES, _COMPONENT_BYTES = 160, 96
+
+ADMITTED = Gauge("tokenfeed_admitted_streams", "Streams holding an admission slot now.", registry=REGISTRY)
+CHARGED = Gauge("tokenfeed_stream_memory_charged_bytes",
+                "Message bytes charged to open streams (at most server.stream_memory_bytes).", registry=REGISTRY)
+REJECTED = Counter("tokenfeed_streams_rejected_total", "Streams refused at admission, by reason.", ["reason"],
+                   registry=REGISTRY)
+LOOP_TASKS = Gauge("tokenfeed_event_loop_tasks", "asyncio tasks alive on the server's event loop.", registry=REGISTRY)
+for _reason in ("max_streams", "memory", "draining"):
+    REJECTED.labels(_reason)
+
+
+class Overloaded(TokenfeedError):
+    """The server is at a limit right now; retry later or elsewhere (RESOURCE_EXHAUSTED)."""
+
+
+class ShuttingDown(TokenfeedError):
+    """The server is draining; continue on another replica or after the restart (UNAVAILABLE)."""
+
+
+def message_bound(params: StreamParams) -> int:
+    """The most bytes one message of this stream can take: its tokens, worst-case provenance
+    (every document is at least 2 tokens, EOS included, so a row of ``w`` tokens holds at most
+    ``w // 2 + 1`` pieces), token-budget piece starts, cursors and the rest."""
+    rows, width = (1, params.max_tokens + 1) if params.max_tokens else (params.batch_size, params.seq_len + 1)
+    per_batch = rows * width * params.dataset.dtype.itemsize
+    if params.provenance:
+        per_batch += rows * (width // 2 + 1) * PROVENANCE_FIELDS * 8 + 8
+    if params.max_tokens:  # a varint piece start per piece; split pieces may be 1 token long
+        per_batch += 5 * width + 8
+    components = len(params.dataset.components) if isinstance(params.dataset, Mixture) else 0
+    per_batch += _CURSOR_BYTES + components * _COMPONENT_BYTES + 24
+    return params.batches_per_message * per_batch + 4096
+
+
+def stream_charge(params: StreamParams) -> int:
+    """Bytes a stream may hold at once: one message, and for token-budget batches the whole
+    step it plans (every rank's pieces: ``world_size * max_tokens`` tokens, twice for overhead)."""
+    held = 2 * params.world_size * params.max_tokens * params.dataset.dtype.itemsize if params.max_tokens else 0
+    return message_bound(params) + held
+
+
+def check_request(params: StreamParams, settings: ServerSettings) -> int:
+    """Refuse requests whose work, messages or memory are out of bounds; return the stream's
+    memory charge (``stream_charge``).
+
+    ``first_step`` is below ``step_stride`` in every request a client makes (a worker's offset
+    in the round robin); with ``max_rows_per_step`` it bounds how many rows the server walks
+    between two batches: work done before anything is sent, in one go on the event loop."""
+    p, stride = params, params.step_stride
+    if p.first_step >= stride:
+        raise InvalidArgument("first_step", f"must be below step_stride={stride}, got {p.first_step}")
+    per_rank = max(1, p.max_tokens // p.seq_len) if p.max_tokens else p.batch_size  # rows (pieces) per rank
+    rows = p.world_size * per_rank * stride
+    if rows > settings.max_rows_per_step:
+        raise InvalidArgument("world_size", f"world_size x {'max_tokens / seq_len' if p.max_tokens else 'batch_size'} "
+                              f"x step_stride = {rows} rows per step, above the server's max_rows_per_step of "
+                              f"{settings.max_rows_per_step}")
+    start = p.start
+    for field, value in [("row", start.row), ("epoch", start.epoch)] + [
+            (f"components[{i}].{f}", getattr(loc, f)) for i, (_, loc) in enumerate(start.components)
+            for f in ("row", "epoch")]:
+        if value >= MAX_POSITION:
+            raise InvalidArgument(f"cursor.{field}", f"must be below 2**62, got {value}")
+    bound = message_bound(p)
+    if bound > settings.max_message_bytes:
+        raise InvalidArgument("batches_per_message", f"messages of this stream may take {bound} bytes (provenance, "
+                              f"piece starts and cursors included), above the server's max message size of "
+                              f"{int(settings.max_message_bytes)} bytes; ask for fewer or smaller batches")
+    charge = stream_charge(p)
+    if charge > settings.stream_memory_bytes:
+        raise InvalidArgument("max_tokens", f"world_size x max_tokens needs {charge} bytes of server memory per "
+                              f"step, above server.stream_memory_bytes ({int(settings.stream_memory_bytes)})")
+    return charge
+
+
+class Admission:
+    """Counts open streams and the message bytes they may hold, against ``max_streams`` and
+    ``stream_memory_bytes``; ``drain()`` refuses new streams and tells open ones to end.
+
+    Memory: a stream holds one message at a time (the batches it assembles, then their encoding
+    while gRPC sends them), so the resident memory of all streams stays within a small multiple
+    (about 3: the token array, the payload, the serialized message) of ``stream_memory_bytes``.
+    """
+
+    def __init__(self, max_streams: int, memory_bytes: int) -> None:
+        self.max_streams, self.memory_bytes = max_streams, memory_bytes
+        self.streams = self.charged = 0
+        self.draining = False
+        try:  # the loop this server runs on: its task count is a leak detector (scraped from a thread)
+            loop = asyncio.get_running_loop()
+            LOOP_TASKS.set_function(lambda: len(asyncio.all_tasks(loop)))
+        except RuntimeError:
+            pass
+
+    def admit(self, charge: int) -> Ticket:
+        """A slot and ``charge`` bytes, held until ``Ticket.release()``; raises when out of either."""
+        if self.draining:
+            REJECTED.labels("draining").inc()
+            raise ShuttingDown("server is shutting down; reconnect (to another replica) from the cursor")
+        if self.streams >= self.max_streams:
+            REJECTED.labels("max_streams").inc()
+            raise Overloaded(f"server is at its limit of {self.max_streams} concurrent streams "
+                             "(server.max_streams); retry later or use another replica")
+        if self.charged + charge > self.memory_bytes:
+            REJECTED.labels("memory").inc()
+            raise Overloaded(f"server's stream memory budget is in use ({self.charged} of {self.memory_bytes} bytes, "
+                             f"server.stream_memory_bytes; this stream needs {charge}); retry later")
+        self._add(1, charge)
+        return Ticket(self, charge)
+
+    def _add(self, streams: int, charge: int) -> None:
+        self.streams += streams
+        self.charged += charge
+        ADMITTED.set(self.streams)
+        CHARGED.set(self.charged)
+
+    def drain(self) -> int:
+        """Refuse new streams; open ones end after the message they are assembling. Returns how
+        many were open."""
+        self.draining = True
+        return self.streams
+
+
+class Ticket:
+    """One admitted stream's share; ``release()`` (idempotent) gives it back."""
+
+    def __init__(self, admission: Admission, charge: int) -> None:
+        self._admission, self._charge = admission, charge
+
+    def release(self) -> None:
+        if self._admission is not None:
+            self._admission._add(-1, -self._charge)
+            self._admission = None
+
+
+def server_options(settings: ServerSettings) -> list[tuple[str, int]]:
+    """Message limits and keepalive. Clients ping (by default every 10 s, also between epochs
+    when no call is open); the server accepts pings ``min_client_ping_interval_s`` apart, with or
+    without calls, so an idle client never gets a too_many_pings GOAWAY."""
+    ms = lambda s: int(s * 1000)  # noqa: E731
+    return [
+        ("grpc.max_send_message_length", int(settings.max_message_bytes)),
+        ("grpc.max_receive_message_length", 4 << 20),  # requests are small
+        ("grpc.keepalive_time_ms", ms(settings.keepalive_time_s)),
+        ("grpc.keepalive_timeout_ms", ms(settings.keepalive_timeout_s)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", ms(settings.min_client_ping_interval_s)),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]

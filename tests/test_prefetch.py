@@ -1,0 +1,295 @@
+"""The prefetcher: dedup, cancellation, backpressure, nothing left behind when streams close, and
+that caching and prefetching never change what a client receives."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from server.cache import ShardCache
+from server.config import DatasetConfig, PrefetchSettings, ServerSettings
+from server.dataset import Dataset
+from server.packing import TokenizedShard, concat_rows
+from server.schedule import shard_order
+from server.service import TokenFeedService
+from server.store import ShardStore
+from server.stream import parse_request, stream_chunks
+from tokenfeed.v1 import tokenfeed_pb2 as pb
+from tokenfeed.v1 import tokenfeed_pb2_grpc as pb_grpc
+
+from conftest import jsonl_config, make_documents, write_jsonl
+
+
+class Gate:
+    """Wraps ``ds.tokenize_shard``: records calls and holds them until ``release()``."""
+
+    def __init__(self, ds: Dataset, closed: bool = True) -> None:
+        self.calls: list[int] = []
+        self.entered = threading.Event()
+        self._open = threading.Event()
+        if not closed:
+            self._open.set()
+        self._original = ds.tokenize_shard
+        ds.tokenize_shard = self  # type: ignore[method-assign]
+
+    def __call__(self, index: int) -> TokenizedShard:
+        self.calls.append(index)
+        self.entered.set()
+        if not self._open.wait(30):
+            raise TimeoutError("gate never opened")
+        return self._original(index)
+
+    def release(self) -> None:
+        self._open.set()
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> Dataset:
+    """About 40 shards of a few KiB."""
+    write_jsonl(tmp_path / "data", make_documents(160, seed=3), files=4)
+    config = {"source": {"type": "jsonl", "paths": [str(tmp_path / "data" / "*.jsonl")], "shard_bytes": 4096}}
+    ds = Dataset("d", DatasetConfig.model_validate(config))
+    assert ds.num_shards >= 20
+    return ds
+
+
+@pytest.fixture
+def pool() -> Iterator[ThreadPoolExecutor]:
+    with ThreadPoolExecutor(4, thread_name_prefix="test-load") as executor:
+        yield executor
+
+
+@pytest.fixture
+def gates(pool: ThreadPoolExecutor) -> Iterator[Callable[..., Gate]]:
+    """``gate(ds, closed=True)``; every gate opens at teardown, before the pool waits for its threads."""
+    made: list[Gate] = []
+
+    def make(ds: Dataset, closed: bool = True) -> Gate:
+        made.append(Gate(ds, closed))
+        return made[-1]
+
+    yield make
+    for g in made:
+        g.release()
+
+
+def make_store(pool: ThreadPoolExecutor, depth: int = 4, concurrency: int = 2, max_bytes: int = 64 << 20) -> ShardStore:
+    return ShardStore(ShardCache(max_bytes), pool, prefetch=PrefetchSettings(depth=depth, concurrency=concurrency))
+
+
+def prefetch_tasks() -> list[asyncio.Task]:
+    return [t for t in asyncio.all_tasks() if t.get_name().startswith("prefetch ")]
+
+
+def open_files_under(path: Path) -> list[str]:
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(path)):
+            out.append(target)
+    return out
+
+
+async def until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+    """For conditions another process or a server-side task settles, with no event to await."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+async def test_each_shard_is_loaded_once_for_all_streams_and_requests(
+        dataset: Dataset, pool: ThreadPoolExecutor, gates: Callable[..., Gate]) -> None:
+    gate = gates(dataset)
+    store = make_store(pool, depth=4, concurrency=4)
+    order = shard_order(7, 0, dataset.num_shards).tolist()
+    ranks = [store.follow(dataset, 7) for _ in range(3)]  # three ranks of one job, same position
+    for f in ranks:
+        f.at(0, 0)
+    # A request for the next shard joins the prefetch already loading it.
+    request = asyncio.create_task(store.tokenized(dataset, order[1]))
+    await asyncio.to_thread(gate.entered.wait, 10)
+    gate.release()
+    shard = await request
+    await store.prefetcher.idle()
+    assert sorted(gate.calls) == sorted(order[1:5])
+    assert np.array_equal(shard.tokens, dataset.tokenize_shard._original(order[1]).tokens)
+    assert (await store.tokenized(dataset, order[2])).num_tokens > 0
+    stats = store.stats()
+    assert stats["prefetch_hits"] == 2  # one joined in flight, one found in the cache
+    assert stats["misses"] == 0 and sorted(gate.calls) == sorted(order[1:5])
+    for f in ranks:
+        f.close()
+
+
+async def test_closing_a_stream_cancels_its_waiting_prefetches(
+        dataset: Dataset, pool: ThreadPoolExecutor, gates: Callable[..., Gate]) -> None:
+    gate = gates(dataset)
+    store = make_store(pool, depth=4, concurrency=1)
+    follower = store.follow(dataset, 1)
+    follower.at(0, 0)
+    await asyncio.to_thread(gate.entered.wait, 10)
+    stats = store.prefetcher.stats()
+    assert stats["prefetch_inflight"] == 1 and stats["prefetch_queue_depth"] == 3
+    loading = f"#{shard_order(1, 0, dataset.num_shards)[1]}"
+    waiting = [t for t in prefetch_tasks() if not t.get_name().endswith(loading)]
+    follower.close()
+    await asyncio.wait(waiting)
+    stats = store.prefetcher.stats()
+    assert stats["prefetch_cancelled"] == 3 and stats["prefetch_queue_depth"] == 0
+    gate.release()  # the load already in a thread finishes and stays cached
+    await store.prefetcher.idle()
+    assert len(gate.calls) == 1 and not prefetch_tasks() and not store._inflight
+    assert store.stats()["memory_entries"] == 1 and len(store.cache.future) == 0
+
+
+async def test_moving_on_cancels_what_left_the_window_unless_another_stream_wants_it(
+        dataset: Dataset, pool: ThreadPoolExecutor, gates: Callable[..., Gate]) -> None:
+    gate = gates(dataset)
+    store = make_store(pool, depth=3, concurrency=1)
+    order = shard_order(2, 0, dataset.num_shards).tolist()
+    slow, fast = store.follow(dataset, 2), store.follow(dataset, 2)
+    slow.at(0, 0)
+    fast.at(0, 0)
+    await asyncio.to_thread(gate.entered.wait, 10)  # order[1] loading; order[2], order[3] waiting
+    fast.at(0, 10)  # fast jumps ahead: its window is now order[11:14]
+    slow.close()    # order[2] and order[3] are now wanted by nobody
+    gate.release()
+    await store.prefetcher.idle()
+    assert gate.calls == [order[1], *order[11:14]]
+    fast.close()
+
+
+async def test_a_slow_consumer_never_makes_the_server_run_ahead(dataset: Dataset, pool: ThreadPoolExecutor) -> None:
+    gate = Gate(dataset, closed=False)
+    depth, seq_len = 3, 32
+    store = make_store(pool, depth=depth)
+    request = pb.StreamRequest(dataset="d", seed=5, seq_len=seq_len, batch_size=2, world_size=1)
+    chunks = stream_chunks(parse_request(request, {"d": dataset}, ServerSettings()), store)
+    await chunks.__anext__()
+    for _ in range(3):  # the consumer stalls: however long, nothing more is loaded
+        await store.prefetcher.idle()
+        await asyncio.sleep(0.05)
+        assert len(gate.calls) == 1 + depth
+    rows = 2
+    while rows < 2000:  # consume across many shards: always exactly `depth` ahead, each shard once
+        rows += len((await chunks.__anext__()).tokens[0])
+    await store.prefetcher.idle()
+    order = shard_order(5, 0, dataset.num_shards).tolist()
+    ends = np.cumsum([concat_rows(dataset.shard_tokens[i], seq_len) for i in order[: len(gate.calls)]])
+    current = int(np.searchsorted(ends, rows - 1, side="right"))  # ordinal of the last row read
+    assert current >= 3
+    assert len(gate.calls) == len(set(gate.calls)) and set(gate.calls) == set(order[: len(gate.calls)])
+    assert current + depth <= len(gate.calls) <= current + 1 + depth
+    await chunks.aclose()
+    assert store.prefetcher.stats()["prefetch_streams"] == 0 and len(store.cache.future) == 0
+    await store.prefetcher.idle()
+    assert not prefetch_tasks()
+
+
+@pytest.mark.integration
+async def test_a_client_that_goes_away_leaves_nothing_behind(dataset: Dataset, pool: ThreadPoolExecutor,
+                                                             tmp_path: Path) -> None:
+    Gate(dataset, closed=False)
+    store = make_store(pool, depth=4, concurrency=2, max_bytes=16 << 10)  # small: evictions too
+    server = grpc.aio.server()
+    pb_grpc.add_TokenFeedServicer_to_server(TokenFeedService({"d": dataset}, store, ServerSettings()), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.TokenFeedStub(channel)
+            calls = [stub.StreamBatches(pb.StreamRequest(dataset="d", seed=s, seq_len=64, batch_size=4,
+                                                         world_size=1)) for s in range(4)]
+            for call in calls:
+                for _ in range(20):
+                    await call.read()
+            assert store.prefetcher.stats()["prefetch_streams"] == 4
+            for call in calls:
+                call.cancel()
+        await until(lambda: store.prefetcher.stats()["prefetch_streams"] == 0 and len(store.cache.future) == 0)
+        await store.prefetcher.idle()
+        await until(lambda: not store._inflight)
+        assert not prefetch_tasks()
+        assert not open_files_under(tmp_path / "data")
+        stats = store.stats()
+        assert stats["prefetch_queue_depth"] == 0 and stats["prefetch_inflight"] == 0
+        assert stats["memory_bytes"] <= 16 << 10 and stats["prefetched_bytes"] <= stats["memory_bytes"]
+    finally:
+        await server.stop(None)
+        await store.close()
+
+
+def read_batches(address: str, ranks: int, count: int) -> list[list[np.ndarray]]:
+    from client import StreamingDataset
+
+    out = []
+    for rank in range(ranks):
+        ds = StreamingDataset(address, "docs", seq_len=48, batch_size=4, seed=9, rank=rank, world_size=ranks,
+                              batches_per_message=4)
+        batches = []
+        for batch in ds:
+            batches.append(batch["input_ids"].numpy().copy())
+            if len(batches) == count:
+                break
+        out.append(batches)
+    return out
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_caching_and_prefetch_never_change_what_clients_receive(start_server, tmp_path: Path) -> None:
+    docs = make_documents(60, seed=1, max_len=2000)
+    write_jsonl(tmp_path / "data", docs, files=3)
+    corpus_tokens = sum(len(d.encode()) + 1 for d in docs)
+    count = int(1.3 * corpus_tokens / (2 * 4 * 48)) + 1  # per rank: 1.3 epochs in all
+    base = jsonl_config(tmp_path / "data", shard_bytes=2048)
+    variants = {
+        "off": {"cache": {"max_bytes": 0}, "prefetch": {"depth": 0}},
+        "tiny": {"cache": {"max_bytes": "1KiB"}, "prefetch": {"depth": 2}},  # smaller than any entry
+        "lru-small": {"cache": {"max_bytes": "6KiB", "policy": "lru"}, "prefetch": {"depth": 4}},
+        "smart-disk": {"cache": {"max_bytes": "6KiB", "disk": {"path": str(tmp_path / "disk"),
+                                                                "max_bytes": "16KiB"}},
+                       "prefetch": {"depth": 4, "concurrency": 3}},
+        "huge": {"cache": {"max_bytes": "1GiB", "zstd_level": 1}, "prefetch": {"depth": 8}},
+    }
+    results = {}
+    for name, extra in variants.items():
+        server = start_server({**base, **extra})
+        results[name] = read_batches(server.address, ranks=2, count=count)
+        server.stop()
+    reference = results.pop("off")
+    for name, got in results.items():
+        for rank, (want, have) in enumerate(zip(reference, got)):
+            assert len(want) == len(have)
+            for i, (a, b) in enumerate(zip(want, have)):
+                assert np.array_equal(a, b), f"{name}: rank {rank} batch {i} differs"
+
+
+async def test_a_walker_dropped_without_closing_still_lets_go(dataset: Dataset, pool: ThreadPoolExecutor) -> None:
+    import gc
+
+    from server.schedule import Locator
+    from server.walker import make_walker
+
+    store = make_store(pool, depth=2)
+    walker = make_walker(store, dataset, 3, 32, "concat", Locator())
+    await walker.skip(5)
+    assert len(store.cache.future) == 1 and store.prefetcher.stats()["prefetch_streams"] == 1
+    del walker
+    gc.collect()
+    assert len(store.cache.future) == 0 and store.prefetcher.stats()["prefetch_streams"] == 0
+    await store.prefetcher.idle()
+    assert not prefetch_tasks()
