@@ -100,19 +100,21 @@ def pack_concat(shard: TokenizedShard, order: np.ndarray, seq_len: int, pad_id: 
     rows = concat_rows(shard.num_tokens, seq_len)
     stream = np.full(rows * seq_len + 1, pad_id, dtype=shard.tokens.dtype)
     starts, ends = shard.offsets[order], shard.offsets[order + 1]
-    pos = 0
-    seg: tuple[list[int], ...] = ([], [], [], [], [])
-    for doc, start, end in zip(order.tolist(), starts.tolist(), ends.tolist()):
-        stream[pos : pos + end - start] = shard.tokens[start:end]
-        offset = 0
-        while offset < end - start:  # one segment per row the document touches
-            row, col = divmod(pos + offset, seq_len)
-            length = min(seq_len - col, end - start - offset)
-            for lst, v in zip(seg, (row, col, length, doc, offset)):
-                lst.append(v)
-            offset += length
-        pos += end - start
-    return PackedShard(seq_len=seq_len, rows=rows, segments=_segments(*seg), stream=stream)
+    if len(order):
+        pieces = [shard.tokens[a:b] for a, b in zip(starts.tolist(), ends.tolist())]
+        np.concatenate(pieces, out=stream[: shard.num_tokens])
+    # one segment per (document, row it touches), computed without a Python loop
+    lengths = ends - starts
+    pos = np.cumsum(lengths) - lengths
+    first = pos // seq_len
+    counts = (pos + lengths - 1) // seq_len - first + 1
+    nth = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+    row = np.repeat(first, counts) + nth
+    doc_pos, doc_len = np.repeat(pos, counts), np.repeat(lengths, counts)
+    begin = np.maximum(doc_pos, row * seq_len)
+    end = np.minimum(doc_pos + doc_len, (row + 1) * seq_len)
+    segments = np.stack([row, begin - row * seq_len, end - begin, np.repeat(order, counts), begin - doc_pos], axis=1)
+    return PackedShard(seq_len=seq_len, rows=rows, segments=segments.astype(np.int64), stream=stream)
 
 
 def _pieces(shard: TokenizedShard, order: np.ndarray, seq_len: int) -> list[tuple[int, int, int]]:

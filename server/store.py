@@ -46,6 +46,7 @@ class ShardStore:
         self._inflight: dict[Hashable, asyncio.Task] = {}
         self._packed: OrderedDict[Hashable, PackedShard] = OrderedDict()
         self._packed_slots = packed_slots
+        self._ahead: set[asyncio.Task] = set()
         prefetch = prefetch or PrefetchSettings(depth=0)
         # Prefetched shards live in the cache: with no cache there is nowhere to put them.
         self.prefetcher = (
@@ -154,8 +155,27 @@ class ShardStore:
                    hot_bytes=sum(p.nbytes for p in list(self._packed.values())))
         return out
 
+    def pack_ahead(self, ds: Dataset, seed: int, epoch: int, ordinal: int, seq_len: int, packing: str) -> None:
+        """Start packing a shard a stream will read next, so that crossing into it does not wait
+        for decompression and packing. Fire and forget: a failure surfaces when it is read."""
+        if ordinal == ds.num_shards:
+            epoch, ordinal = epoch + 1, 0
+        key = ("packed", ds.fingerprint, self.shard_index(ds, seed, epoch, ordinal), seed, epoch, seq_len, packing)
+        if key in self._packed or key in self._inflight:
+            return
+        task = asyncio.get_running_loop().create_task(self.packed(ds, seed, epoch, ordinal, seq_len, packing))
+        self._ahead.add(task)
+        task.add_done_callback(self._ahead_done)
+
+    def _ahead_done(self, task: asyncio.Task) -> None:
+        self._ahead.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: a failed pack-ahead is not an error until it is read
+
     async def close(self) -> None:
-        """Cancel every prefetch (shutdown; streams are closed first)."""
+        """Cancel every prefetch and pack-ahead (shutdown; streams are closed first)."""
+        for task in list(self._ahead):
+            task.cancel()
         if self.prefetcher is not None:
             await self.prefetcher.close()
 

@@ -27,6 +27,7 @@ class Walker:
         self.row, self.epoch, self.shard, self.shard_row = start.row, start.epoch, start.shard, start.shard_row
         self.source = source
         self._rows: int | None = None
+        self._ahead_from: tuple[int, int] | None = None
         # Tells the cache (eviction by next use) and the prefetcher where this walker is; close()
         # ends it, and so does dropping the walker (a safety net for callers that do not close).
         self._follow = store.follow(ds, seed)
@@ -78,6 +79,9 @@ class Walker:
             step = min(len(out) - filled, await self._ready())
             first_epoch = self.epoch if first_epoch is None else first_epoch
             packed = await self.store.packed(self.ds, self.seed, self.epoch, self.shard, self.seq_len, self.packing)
+            if self._ahead_from != (self.epoch, self.shard):  # taking from a new shard: pack the next
+                self._ahead_from = (self.epoch, self.shard)
+                self.store.pack_ahead(self.ds, self.seed, self.epoch, self.shard + 1, self.seq_len, self.packing)
             out[filled : filled + step] = packed.row_view(self.shard_row, self.shard_row + step)
             if provenance is not None:
                 seg = packed.row_segments(self.shard_row, self.shard_row + step)
