@@ -1,0 +1,107 @@
+"""``tokenfeed-train`` / ``torchrun -m trainer``: parse the config, join the job, train."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any
+
+from trainer.config import ConfigError, TrainConfig, build_config, parse_overrides
+from trainer.marker import MARKER, finished
+
+log = logging.getLogger("trainer")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tokenfeed-train", description="FSDP2 training on a tokenfeed stream. Launch one process per "
+        "rank with torchrun (`torchrun --nproc-per-node N -m trainer ...`), or run it plainly for one rank.",
+        epilog="Overrides: section.field=value (YAML values), e.g. model.width=256 eval.every=0 "
+               "'data.address=[h1:50051, h2:50051]'. Flags win over overrides, overrides over the file.")
+    p.add_argument("--config", help="YAML config (default: built-in defaults, a tiny CPU-sized model)")
+    p.add_argument("--address", action="append", help="server host:port (repeat, or comma-separate, for replicas)")
+    p.add_argument("--dataset", help="dataset name on the server")
+    p.add_argument("--run-dir", help="directory for checkpoints, metrics.jsonl and the final model")
+    p.add_argument("--max-steps", type=int, help="optimizer steps to train")
+    p.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps")
+    p.add_argument("--seed", type=int, help="seed of the model init and the data order")
+    p.add_argument("--resume", action="store_true", help="require a checkpoint to resume from (without it a "
+                   "run resumes from its run directory when one is there, else starts fresh)")
+    p.add_argument("overrides", nargs="*", metavar="section.field=value")
+    return p
+
+
+def _flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    if args.address:
+        addresses = [a.strip() for item in args.address for a in item.split(",") if a.strip()]
+        tree.setdefault("data", {})["address"] = addresses[0] if len(addresses) == 1 else addresses
+    if args.dataset is not None:
+        tree.setdefault("data", {})["dataset"] = args.dataset
+    if args.checkpoint_every is not None:
+        tree.setdefault("checkpoint", {})["every"] = args.checkpoint_every
+    for key in ("run_dir", "max_steps", "seed"):
+        if getattr(args, key) is not None:
+            tree[key] = getattr(args, key)
+    return tree
+
+
+def load(argv: list[str]) -> tuple[TrainConfig, bool]:
+    """The validated config and the ``--resume`` flag from a command line."""
+    args = _parser().parse_intermixed_args(argv)
+    overrides = parse_overrides(args.overrides)
+    for section, value in _flag_overrides(args).items():
+        if isinstance(value, dict):
+            overrides[section] = {**overrides.get(section, {}), **value}
+        else:
+            overrides[section] = value
+    return build_config(args.config, overrides), args.resume
+
+
+def _setup_logging() -> None:
+    rank = int(os.environ.get("RANK", 0))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stderr,
+                        format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code (2: bad config, 1: failure, 0: done)."""
+    _setup_logging()
+    try:
+        cfg, require_resume = load(sys.argv[1:] if argv is None else argv)
+    except ConfigError as err:
+        print(f"tokenfeed-train: {err}", file=sys.stderr)
+        return 2
+    done = finished(cfg.run_dir)
+    if done is not None:
+        log.info("run %s already finished (%s at step %s; final model %s): nothing to do. Delete %s to "
+                 "train it further.", cfg.run_dir, done.get("reason"), done.get("step"), done.get("final_model"),
+                 cfg.run_dir / MARKER)
+        return 0
+    # torch is imported only now: --help, config errors and finished runs answer at once
+    from trainer.checkpoint import CheckpointMismatch
+    from trainer.data import DataUnavailable, describe
+    from trainer.loop import Trainer
+    from trainer.parallelize import init_distributed, shutdown_distributed
+
+    try:
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        info = describe(cfg, rank, world)  # before joining the job: an unreachable server fails fast
+        code = Trainer(cfg, init_distributed(), info).run(require_resume)
+        # Only after a clean run: a rank that failed must not wait in a teardown collective for the
+        # others (torchrun stops them). The Trainer is gone by now, so the process group's
+        # resources are released while the interpreter is fully alive.
+        shutdown_distributed()
+        return code
+    except (ConfigError, CheckpointMismatch) as err:
+        log.error("%s", err)
+        return 2
+    except (DataUnavailable, ValueError) as err:
+        log.error("%s", err)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
