@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import threading
 from collections import Counter
@@ -105,11 +106,14 @@ def resolve_paths(patterns: list[str], exclude: list[str], field: str, key: str 
 
 
 def group_files(paths: list[str], shard_bytes: int) -> list[ShardSpec]:
-    """Consecutive files grouped into shards of about ``shard_bytes`` each."""
+    """Files grouped into shards of about ``shard_bytes`` each. Files are taken in the order of a
+    hash of their path, not sorted: neighbours in a directory tend to be alike (one package, one
+    crawl), and a shard is the unit that a trainer reads for a while, so each shard should be a
+    sample of the whole corpus. The order is still a pure function of the paths."""
     shards: list[ShardSpec] = []
     group: list[FilePart] = []
     size = 0
-    for path in paths:
+    for path in sorted(paths, key=lambda p: hashlib.blake2b(p.encode(), digest_size=8).digest()):
         group.append(FilePart(path))
         size += os.path.getsize(path)
         if size >= shard_bytes:
