@@ -1,7 +1,7 @@
 """The README's main job: a data server on the embedded stdlib corpus feeding a short FSDP2
 training on 2 CPU ranks, which is killed after a checkpoint, resumed, finished, and sampled.
 
-    python -m scripts.main_job [--steps 300] [--ranks 2] [--run-dir runs/main]
+    python -m scripts.main_job [--steps 600] [--ranks 2] [--run-dir runs/main]
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def checkpoints(run_dir: Path) -> list[int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--run-dir", default="runs/main")
     args = parser.parse_args()
