@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from client.state import Identity, Position, make_state, parse_state
-from client.transport import Backoff, Channel, stream_batches
+from client.transport import Backoff, Channel, Tls, stream_batches
 from tokenfeed import wire
 from tokenfeed.v1 import tokenfeed_pb2 as pb
 
@@ -66,13 +66,17 @@ class StreamingDataset(IterableDataset):
             (row, column, length, source, shard, document, offset in document); ``source`` indexes
             ``describe().sources`` and ``shard`` ``describe().shards`` of that source's dataset, so
             a loss spike can be traced to the exact documents.
+        token: bearer token for a server that requires one; default: ``$TOKENFEED_TOKEN``.
+        tls_ca: PEM CA bundle that signed the server's certificate: connect with TLS.
+        tls_cert, tls_key: PEM client certificate and key, for a server that requires mutual TLS.
     """
 
     def __init__(self, address: str | Sequence[str], dataset: str, seq_len: int = 2048, batch_size: int = 8,
                  seed: int = 0, rank: int | None = None, world_size: int | None = None, *,
                  packing: str = wire.DEFAULT_PACKING, max_tokens: int | None = None, provenance: bool = False,
                  reconnect_deadline_s: float = 60.0, batches_per_message: int = 1,
-                 compression: str | None = None) -> None:
+                 compression: str | None = None, token: str | None = None, tls_ca: str | None = None,
+                 tls_cert: str | None = None, tls_key: str | None = None) -> None:
         super().__init__()
         default_rank, default_world = _default_rank_world()
         self.rank = default_rank if rank is None else rank
@@ -105,7 +109,13 @@ class StreamingDataset(IterableDataset):
         self.compression = pb.COMPRESSION_ZSTD if compression == "zstd" else pb.COMPRESSION_NONE
         row_tokens = max_tokens + 1 if max_tokens else batch_size * (seq_len + 1)
         max_message = batches_per_message * row_tokens * 4 + (1 << 20)
-        self._channel = Channel(self.address, max(max_message, 4 << 20))
+        if provenance:  # worst case as the server bounds it: 2-token documents, a 56-byte record each
+            max_message += batches_per_message * (row_tokens // 2 + batch_size) * 56
+        if max_tokens:  # a varint piece start per piece (the server's bound)
+            max_message += batches_per_message * 5 * row_tokens
+        token = token if token is not None else os.environ.get("TOKENFEED_TOKEN") or None
+        self._channel = Channel(self.address, max(max_message, 4 << 20), token=token,
+                                tls=Tls.load(tls_ca, tls_cert, tls_key))
         self._position = Position()
         self._steps = 0
         self._cycle = 0
@@ -128,6 +138,10 @@ class StreamingDataset(IterableDataset):
         self._cycle = meta["worker_cycle"] if self._per_worker_state else 0
 
     # ---- iteration ---------------------------------------------------------------------
+    def close(self) -> None:
+        """Close this process's channel (a later iteration opens a new one)."""
+        self._channel.close()
+
     def describe(self, timeout: float = 30.0) -> pb.DatasetInfo:
         """The server's description of this dataset (vocabulary size, EOS/PAD ids, shards); waits up
         to ``timeout`` seconds for the server to answer."""
