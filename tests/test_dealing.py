@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from client import StreamingDataset
+from client.loader import fork_safe_context
 from tests.conftest import decode_rows, jsonl_config
 
 SEQ, BATCH = 128, 4
@@ -18,7 +19,10 @@ SEQ, BATCH = 128, 4
 
 def rank_batches(address: str, world: int, rank: int, workers: int, n: int, **kw) -> list[dict]:
     ds = StreamingDataset(address, "docs", seq_len=SEQ, batch_size=BATCH, seed=7, rank=rank, world_size=world, **kw)
-    loader = DataLoader(ds, batch_size=None, num_workers=workers)
+    # a plain DataLoader; forkserver because this test process holds live gRPC channels, and
+    # forking a process with threads inside gRPC can deadlock the child (see README)
+    loader = DataLoader(ds, batch_size=None, num_workers=workers,
+                        multiprocessing_context=fork_safe_context() if workers else None)
     return list(itertools.islice(loader, n))
 
 

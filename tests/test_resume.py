@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from client import StreamingDataLoader, StreamingDataset
+from client.loader import fork_safe_context
 from tests.conftest import jsonl_config, make_documents, write_jsonl
 from tests.resume_helpers import check_resume, resume, same_batches, save_after, take
 
@@ -95,7 +96,8 @@ def test_torchdata_stateful_dataloader(env, workers):
     ref = reference(2, 1, 11)
 
     def make() -> StatefulDataLoader:
-        return StatefulDataLoader(dataset(2, 1), batch_size=None, num_workers=workers)
+        return StatefulDataLoader(dataset(2, 1), batch_size=None, num_workers=workers,
+                                  multiprocessing_context=fork_safe_context() if workers else None)
 
     for k in (0, 3, 7):
         check_resume(make, make, ref, k)
