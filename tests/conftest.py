@@ -86,19 +86,24 @@ class ServerProcess:
         return "".join(self.lines)
 
 
-@pytest.fixture
-def start_server(tmp_path: Path) -> Iterator:
-    """``start_server(config_dict | None, extra_args=None)`` -> a running ServerProcess."""
+def _servers(workdir: Path) -> Iterator:
+    """A ``start(config_dict | None, **kwargs)`` function; stops every server it started."""
     servers: list[ServerProcess] = []
 
     def start(config: dict[str, Any] | None = None, **kwargs: Any) -> ServerProcess:
-        server = ServerProcess(config, tmp_path, **kwargs).start()
+        server = ServerProcess(config, workdir, **kwargs).start()
         servers.append(server)
         return server
 
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator:
+    """``start_server(config_dict | None, extra_args=None)`` -> a running ServerProcess."""
+    yield from _servers(tmp_path)
 
 
 def make_documents(n: int, seed: int = 0, min_len: int = 20, max_len: int = 6000) -> list[str]:
@@ -164,14 +169,4 @@ def decode_rows(rows: Any, eos: int = 256, pad: int = 257) -> list[str]:
 @pytest.fixture(scope="module")
 def module_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     """Like ``start_server`` but shared by a module's tests: ``module_servers(config)``."""
-    servers: list[ServerProcess] = []
-    workdir = tmp_path_factory.mktemp("servers")
-
-    def start(config: dict[str, Any] | None = None, **kwargs: Any) -> ServerProcess:
-        server = ServerProcess(config, workdir, **kwargs).start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.stop()
+    yield from _servers(tmp_path_factory.mktemp("servers"))
