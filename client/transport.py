@@ -1,4 +1,5 @@
-"""One stream from a cursor, reopened with jittered exponential backoff when the server goes away."""
+"""One stream from a cursor, reopened with jittered exponential backoff when the server goes away
+(or a keepalive ping goes unanswered: a half-open connection); TLS and bearer-token credentials."""
 
 from __future__ import annotations
 
@@ -20,6 +21,81 @@ log = logging.getLogger(__name__)
 #: Codes after which the stream is reopened from the cursor (the server went away or restarted).
 #: A server bug (UNKNOWN, INTERNAL) is raised at once rather than retried until the deadline.
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED}
+#: A RESOURCE_EXHAUSTED carrying this trailing metadata key is a server at its stream limit: retried
+#: like UNAVAILABLE. Without it (e.g. a local message-size limit) it is raised.
+RETRY_AFTER_KEY = "tokenfeed-retry-after-ms"
+_LOOPBACK = ("127.", "localhost", "[::1]", "::1", "unix:")
+
+
+def retryable(err: grpc.RpcError) -> bool:
+    """Whether reopening the stream from its cursor may succeed."""
+    if err.code() in RETRYABLE:
+        return True
+    if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        trailing = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
+        return any(key == RETRY_AFTER_KEY for key, _ in trailing or ())
+    return False
+
+
+@dataclass(frozen=True)
+class Keepalive:
+    """Client keepalive: a ping every ``time_s`` (with or without a call open); one unanswered for
+    ``timeout_s`` closes the connection, so a frozen or vanished server (a half-open connection)
+    fails the stream with UNAVAILABLE and it resumes from its cursor. The server accepts pings
+    this often (``server.min_client_ping_interval_s``, default 5 s, must stay below ``time_s``).
+    Environment: ``TOKENFEED_KEEPALIVE_S``, ``TOKENFEED_KEEPALIVE_TIMEOUT_S``."""
+
+    time_s: float = 10.0
+    timeout_s: float = 10.0
+
+    @classmethod
+    def from_env(cls) -> Keepalive:
+        try:
+            return cls(time_s=float(os.environ.get("TOKENFEED_KEEPALIVE_S", cls.time_s)),
+                       timeout_s=float(os.environ.get("TOKENFEED_KEEPALIVE_TIMEOUT_S", cls.timeout_s)))
+        except ValueError as err:
+            raise ValueError(f"TOKENFEED_KEEPALIVE_S / TOKENFEED_KEEPALIVE_TIMEOUT_S must be seconds: {err}") from None
+
+    def options(self) -> list[tuple[str, int]]:
+        return [("grpc.keepalive_time_ms", int(self.time_s * 1000)),
+                ("grpc.keepalive_timeout_ms", int(self.timeout_s * 1000)),
+                # gRPC core also times every ping out after this (default 60 s), whichever is first
+                ("grpc.http2.ping_timeout_ms", int(self.timeout_s * 1000)),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.max_pings_without_data", 0)]  # a server-streaming client never sends data
+
+
+@dataclass(frozen=True)
+class Tls:
+    """PEM bytes for a TLS channel: the CA bundle that signs the server's certificate (``None``:
+    the system roots) and, for mutual TLS, the client's certificate chain and key."""
+
+    ca: bytes | None = None
+    cert: bytes | None = None
+    key: bytes | None = None
+
+    @classmethod
+    def load(cls, ca: str | None, cert: str | None, key: str | None) -> Tls | None:
+        """Read the files (errors name the argument); ``None`` when none is given (plaintext)."""
+        if (cert is None) != (key is None):
+            raise ValueError("tls_cert and tls_key go together (the client certificate of mutual TLS)")
+        if ca is None and cert is None:
+            return None
+        return cls(*(_read(name, path) for name, path in (("tls_ca", ca), ("tls_cert", cert), ("tls_key", key))))
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(root_certificates=self.ca, private_key=self.key,
+                                            certificate_chain=self.cert)
+
+
+def _read(name: str, path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        with open(os.path.expanduser(path), "rb") as f:
+            return f.read()
+    except OSError as err:
+        raise ValueError(f"{name}: cannot read {path}: {err.strerror}") from None
 
 
 @dataclass(frozen=True)
@@ -41,10 +117,18 @@ class Backoff:
 class Channel:
     """A gRPC channel created lazily in the process that uses it (gRPC is not fork-safe)."""
 
-    def __init__(self, address: str, max_message_bytes: int) -> None:
+    def __init__(self, address: str, max_message_bytes: int, *, token: str | None = None, tls: Tls | None = None,
+                 keepalive: Keepalive | None = None) -> None:
         self.address = address
         self._options = [("grpc.max_receive_message_length", max_message_bytes),
-                         ("grpc.max_send_message_length", 4 << 20)]
+                         ("grpc.max_send_message_length", 4 << 20), *(keepalive or Keepalive.from_env()).options()]
+        self._tls = tls
+        if token is not None and (not token or not token.isascii() or not token.isprintable() or " " in token):
+            raise ValueError("token must be non-empty printable ASCII without spaces")
+        self.metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
+        if token and tls is None and not address.startswith(_LOOPBACK):
+            log.warning("sending a bearer token to %s without TLS: anyone on the path can read it "
+                        "(pass tls_ca=... to encrypt)", address)
         self._pid: int | None = None
         self._channel: grpc.Channel | None = None
         self._stub: pb_grpc.TokenFeedStub | None = None
@@ -52,7 +136,8 @@ class Channel:
     @property
     def stub(self) -> pb_grpc.TokenFeedStub:
         if self._pid != os.getpid():  # new process (or first use): never reuse a forked channel
-            self._channel = grpc.insecure_channel(self.address, options=self._options)
+            self._channel = (grpc.secure_channel(self.address, self._tls.credentials(), options=self._options)
+                             if self._tls is not None else grpc.insecure_channel(self.address, options=self._options))
             self._stub = pb_grpc.TokenFeedStub(self._channel)
             self._pid = os.getpid()
         assert self._stub is not None
@@ -68,7 +153,8 @@ class Channel:
 
     def describe(self, dataset: str = "", timeout: float = 30.0) -> pb.DescribeResponse:
         try:
-            return self.stub.Describe(pb.DescribeRequest(dataset=dataset), timeout=timeout, wait_for_ready=True)
+            return self.stub.Describe(pb.DescribeRequest(dataset=dataset), timeout=timeout, wait_for_ready=True,
+                                      metadata=self.metadata)
         except grpc.RpcError as err:
             raise from_rpc_error(err, self.address) from None
 
@@ -80,7 +166,7 @@ def stream_batches(channel: Channel, request_from: Callable[[pb.Cursor | None, i
     the position after the last yielded batch (its cursor, then the rank's next step)."""
     delays: Iterator[float] | None = None
     while True:
-        call = channel.stub.StreamBatches(request_from(cursor, first_step))
+        call = channel.stub.StreamBatches(request_from(cursor, first_step), metadata=channel.metadata)
         try:
             for chunk in call:
                 delays = None
@@ -88,7 +174,7 @@ def stream_batches(channel: Channel, request_from: Callable[[pb.Cursor | None, i
                     yield chunk, i
                     cursor, first_step = chunk.cursors[i], stride - 1
         except grpc.RpcError as err:
-            if err.code() not in RETRYABLE:
+            if not retryable(err):
                 raise from_rpc_error(err, channel.address) from None
             delays = delays or backoff.delays()
             delay = next(delays, None)

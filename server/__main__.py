@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import logging
 import sys
+from pathlib import Path
 
 from pydantic import ValidationError
 
@@ -37,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     health.add_argument("--address", default="127.0.0.1:50051", help="host:port of the server")
     health.add_argument("--service", default="", help="service to check (default: the whole server)")
     health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for an answer")
+    health.add_argument("--tls-ca", help="CA bundle: check a TLS server (else plaintext)")
+    health.add_argument("--tls-cert", help="client certificate, for a server that requires mTLS")
+    health.add_argument("--tls-key", help="client key, for a server that requires mTLS")
     _add_offline_parsers(sub)
     return parser
 
@@ -85,7 +89,15 @@ def _health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(args.address) as channel:
+    if args.tls_ca:
+        def read(path: str | None) -> bytes | None:
+            return Path(path).read_bytes() if path else None
+
+        creds = grpc.ssl_channel_credentials(read(args.tls_ca), read(args.tls_key), read(args.tls_cert))
+        channel = grpc.secure_channel(args.address, creds)
+    else:
+        channel = grpc.insecure_channel(args.address)
+    with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)

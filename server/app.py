@@ -34,7 +34,7 @@ def build_datasets(config: Config) -> dict[str, Dataset | Mixture]:
     check_config_paths(config)
     plain: dict[str, Dataset | Mixture] = {
         name: Dataset(name, ds) for name, ds in config.datasets.items() if ds.mixture is None}
-    check_dataset_files(config, {name: ds.source.files() for name, ds in plain.items()})
+    check_dataset_files(config, {name: ds.source.files() for name, ds in plain.items() if isinstance(ds, Dataset)})
     for name, ds in config.datasets.items():
         if ds.mixture is not None:
             plain[name] = build_mixture(name, ds.mixture, plain)
@@ -83,11 +83,14 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
         await health_servicer.enter_graceful_shutdown()
     finally:
         # Fixed order: refuse new streams, let open ones send the message they are assembling
-        # (then they end with UNAVAILABLE and their clients resume from the cursor elsewhere),
-        # stop gRPC (cancelling what is left after the grace period), then cancel prefetches.
+        # (then they end with UNAVAILABLE and their clients resume from the cursor elsewhere)
+        # within the grace period, stop gRPC (cancelling what is left: streams whose client
+        # stopped reading, health watches), then cancel prefetches.
         t0, open_streams = time.monotonic(), service.admission.drain()
-        await server.stop(settings.shutdown_grace_s)
-        log.info("drained %d stream(s) in %.2fs", open_streams, time.monotonic() - t0)
+        drained = await service.admission.wait_idle(settings.shutdown_grace_s)
+        await server.stop(min(1.0, settings.shutdown_grace_s))
+        log.info("drained %d stream(s) in %.2fs%s", open_streams, time.monotonic() - t0,
+                 "" if drained else f"; {service.admission.streams} cancelled after the grace period")
         await store.close()
         executor.shutdown(wait=False, cancel_futures=True)
         if exporter is not None:

@@ -150,8 +150,8 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         if self.tokens is not None:
             token = bearer_token(details.invocation_metadata)
             if token is None:
-                refusal = (grpc.StatusCode.UNAUTHENTICATED, "this server requires a bearer token: pass "
-                           "StreamingDataset(token=...) or set TOKENFEED_TOKEN")
+                refusal = (grpc.StatusCode.UNAUTHENTICATED,
+                           "this server requires a bearer token: pass StreamingDataset(token=...) or set TOKENFEED_TOKEN")
             elif (found := self.tokens.authenticate(token)) is None:
                 refusal = (grpc.StatusCode.UNAUTHENTICATED, "the bearer token is not accepted by this server")
             else:
@@ -271,12 +271,12 @@ def check_config_paths(config: Config) -> None:
         return
     allowed = ", ".join(roots)
     for field, value, is_glob in _config_paths(config):
-        path = os.path.abspath(os.path.expanduser(value))
+        path = os.path.expanduser(value)  # as the sources use it: globbed, never normalised
         parts = path.split(os.sep)
+        if ".." in parts:  # '..' after a symlink or a wildcard is not what it looks like: refuse it
+            raise ConfigError(f"{field}: {value!r}: '..' is not allowed in paths when server.data_roots is set")
         fixed = next((i for i, p in enumerate(parts) if _GLOB_CHARS & set(p)), len(parts))
-        if ".." in parts[fixed:]:
-            raise ConfigError(f"{field}: {value!r}: '..' after a wildcard is not allowed with server.data_roots")
-        if not _inside(os.sep.join(parts[:fixed]) or os.sep, roots):
+        if not _inside(os.path.abspath(os.sep.join(parts[:fixed]) or os.sep), roots):
             raise ConfigError(f"{field}: {value!r} is outside server.data_roots ({allowed})")
         for match in glob.glob(path, recursive=True) if is_glob else ():
             if not _inside(match, roots):

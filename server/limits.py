@@ -114,6 +114,8 @@ class Admission:
         self.max_streams, self.memory_bytes = max_streams, memory_bytes
         self.streams = self.charged = 0
         self.draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
         try:  # the loop this server runs on: its task count is a leak detector (scraped from a thread)
             loop = asyncio.get_running_loop()
             LOOP_TASKS.set_function(lambda: len(asyncio.all_tasks(loop)))
@@ -141,6 +143,10 @@ class Admission:
         self.charged += charge
         ADMITTED.set(self.streams)
         CHARGED.set(self.charged)
+        if self.streams:
+            self._idle.clear()
+        else:
+            self._idle.set()
 
     def drain(self) -> int:
         """Refuse new streams; open ones end after the message they are assembling. Returns how
@@ -148,12 +154,21 @@ class Admission:
         self.draining = True
         return self.streams
 
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for every admitted stream to end; whether they did."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
 
 class Ticket:
     """One admitted stream's share; ``release()`` (idempotent) gives it back."""
 
     def __init__(self, admission: Admission, charge: int) -> None:
-        self._admission, self._charge = admission, charge
+        self._admission: Admission | None = admission
+        self._charge = charge
 
     def release(self) -> None:
         if self._admission is not None:
@@ -165,12 +180,13 @@ def server_options(settings: ServerSettings) -> list[tuple[str, int]]:
     """Message limits and keepalive. Clients ping (by default every 10 s, also between epochs
     when no call is open); the server accepts pings ``min_client_ping_interval_s`` apart, with or
     without calls, so an idle client never gets a too_many_pings GOAWAY."""
-    ms = lambda s: int(s * 1000)  # noqa: E731
+    ms = lambda s: int(s * 1000)
     return [
         ("grpc.max_send_message_length", int(settings.max_message_bytes)),
         ("grpc.max_receive_message_length", 4 << 20),  # requests are small
         ("grpc.keepalive_time_ms", ms(settings.keepalive_time_s)),
         ("grpc.keepalive_timeout_ms", ms(settings.keepalive_timeout_s)),
+        ("grpc.http2.ping_timeout_ms", ms(settings.keepalive_timeout_s)),  # gRPC core times pings out by this
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", ms(settings.min_client_ping_interval_s)),
         ("grpc.http2.max_pings_without_data", 0),
