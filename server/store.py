@@ -155,6 +155,15 @@ class ShardStore:
                    hot_bytes=sum(p.nbytes for p in list(self._packed.values())))
         return out
 
+    def packed_now(self, ds: Dataset, seed: int, epoch: int, ordinal: int, seq_len: int,
+                   packing: str) -> PackedShard | None:
+        """The packed shard if it is in the hot tier, without waiting for anything."""
+        key = ("packed", ds.fingerprint, self.shard_index(ds, seed, epoch, ordinal), seed, epoch, seq_len, packing)
+        hit = self._packed.get(key)
+        if hit is not None:
+            self._packed.move_to_end(key)
+        return hit
+
     def pack_ahead(self, ds: Dataset, seed: int, epoch: int, ordinal: int, seq_len: int, packing: str) -> None:
         """Start packing a shard a stream will read next, so that crossing into it does not wait
         for decompression and packing. Fire and forget: a failure surfaces when it is read."""

@@ -14,7 +14,7 @@ from server.errors import FailedPrecondition, InvalidArgument, NotFound
 from server.mixture import Mixture
 from server.schedule import Locator
 from server.store import ShardStore
-from server.walker import make_walker
+from server.walker import Walker, make_walker
 from tokenfeed import wire
 from tokenfeed.v1 import tokenfeed_pb2 as pb
 
@@ -146,6 +146,15 @@ async def stream_chunks(params: StreamParams, store: ShardStore) -> AsyncIterato
         while True:
             tokens = np.empty((p.batches_per_message, p.batch_size, p.seq_len + 1), dtype=p.dataset.dtype)
             chunk = Chunk(tokens=tokens, cursors=[], steps=[], epochs=[], provenance=[] if p.provenance else None)
+            steps = [step + i * p.step_stride for i in range(p.batches_per_message)]
+            if not p.provenance and isinstance(walker, Walker):  # whole chunk from one packed shard?
+                cursors = walker.take_now(tokens, [origin + t * rows_per_step + p.rank * p.batch_size for t in steps],
+                                          [origin + (t + 1) * rows_per_step for t in steps])
+                if cursors is not None:
+                    chunk.cursors, chunk.steps, chunk.epochs = cursors, steps, [walker.epoch] * len(steps)
+                    step = steps[-1] + p.step_stride
+                    yield chunk
+                    continue
             for i in range(p.batches_per_message):
                 await walker.skip(origin + step * rows_per_step + p.rank * p.batch_size - walker.row)
                 records: list[np.ndarray] | None = [] if p.provenance else None

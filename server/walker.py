@@ -76,6 +76,23 @@ class Walker:
             if crossed % 64 == 0:  # counts already known never suspend: let other streams run
                 await asyncio.sleep(0)
 
+    def take_now(self, out: np.ndarray, firsts: list[int], ends: list[int]) -> list[Locator] | None:
+        """The fast path, without awaiting: batch ``i`` is rows ``firsts[i] ...`` (``out[i]``) and
+        is followed by the position ``ends[i]``. Works only when all of them lie in the current
+        shard and its rows are packed in memory; returns the locators at ``ends``, else None and
+        nothing moved."""
+        rows = self._rows
+        if rows is None or self.shard_row + (ends[-1] - self.row) > rows or firsts[0] < self.row:
+            return None
+        packed = self.store.packed_now(self.ds, self.seed, self.epoch, self.shard, self.seq_len, self.packing)
+        if packed is None:
+            return None
+        base = self.shard_row - self.row  # shard row = global row + base, inside this shard
+        index = np.asarray(firsts, dtype=np.int64)[:, None] + np.arange(out.shape[1]) + base
+        out[...] = packed.row_view(0, packed.rows)[index]
+        self.row, self.shard_row = ends[-1], ends[-1] + base
+        return [Locator(end, self.epoch, self.shard, end + base) for end in ends]
+
     async def take(self, out: np.ndarray, provenance: list[np.ndarray] | None = None) -> int:
         """Fill ``out`` ([rows, seq_len + 1]) with the next rows; return the epoch of the first.
         With ``provenance``, append the records of where each piece of each row came from."""
