@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import random
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -159,7 +162,25 @@ class Channel:
             raise from_rpc_error(err, self.address) from None
 
 
-def stream_batches(channel: Channel, request_from: Callable[[pb.Cursor | None, int], pb.StreamRequest],
+#: Streams still open, closed at interpreter exit while gRPC is still importable (a suspended
+#: iterator is otherwise finalised during module teardown and fails noisily).
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_streams() -> None:
+    for stream in list(_LIVE):
+        stream.close()
+
+
+def stream_batches(*args: Any, **kwargs: Any) -> Iterator[tuple[pb.BatchChunk, int]]:
+    """See ``_stream_batches``; the stream is closed at exit if it is still open."""
+    stream = _stream_batches(*args, **kwargs)
+    _LIVE.add(stream)
+    return stream
+
+
+def _stream_batches(channel: Channel, request_from: Callable[[pb.Cursor | None, int], pb.StreamRequest],
                    cursor: pb.Cursor | None, first_step: int, stride: int,
                    backoff: Backoff) -> Iterator[tuple[pb.BatchChunk, int]]:
     """Yield ``(chunk, i)`` for every batch ``i`` of every chunk, reopening after a failure at
