@@ -17,6 +17,9 @@ from tokenfeed.v1 import tokenfeed_pb2 as pb
 
 #: Key under which each batch carries its state when iterated by a ``StreamingDataLoader``.
 STATE_KEY = "_tokenfeed_state"
+#: Key of a batch still in its wire form: a worker of a ``StreamingDataLoader`` sends the uint16
+#: rows (one small storage to share instead of four int64 ones) and the main process expands them.
+RAW_KEY = "_tokenfeed_raw"
 
 
 def _default_rank_world() -> tuple[int, int]:
@@ -178,12 +181,25 @@ class StreamingDataset(IterableDataset):
             j = first + k * workers  # the rank's step, counted from where this iteration started
             self._position = Position.from_cursor(chunk.cursors[i])
             self._steps, self._cycle = steps0 + j + 1, base_cycle + j + 1
-            batch = to_batch(tokens[i], chunk.eos_id, chunk.pad_id, piece_starts[i] if piece_starts else None)
+            starts = piece_starts[i] if piece_starts else None
+            if self._attach_state and info is not None:
+                batch = {RAW_KEY: {"tokens": torch.from_numpy(tokens[i].copy()), "eos_id": chunk.eos_id,
+                                   "pad_id": chunk.pad_id, "piece_starts": starts}}
+            else:
+                batch = to_batch(tokens[i], chunk.eos_id, chunk.pad_id, starts)
             if provenance is not None:
                 batch["provenance"] = torch.from_numpy(provenance[i].copy())
             if self._attach_state:
                 batch[STATE_KEY] = self.state_dict()
             yield batch
+
+
+def expand_raw(batch: dict) -> dict:
+    """A batch in wire form (``RAW_KEY``) as the tensors ``to_batch`` makes; others unchanged."""
+    raw = batch.pop(RAW_KEY, None)
+    if raw is None:
+        return batch
+    return {**to_batch(raw["tokens"].numpy(), raw["eos_id"], raw["pad_id"], raw["piece_starts"]), **batch}
 
 
 def to_batch(tokens: np.ndarray, eos_id: int, pad_id: int, piece_starts: list[int] | None = None) -> dict[str, torch.Tensor]:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from client.dataset import STATE_KEY, StreamingDataset
+from client.dataset import STATE_KEY, StreamingDataset, expand_raw
 
 
 def fork_safe_context() -> multiprocessing.context.BaseContext:
@@ -46,6 +46,9 @@ class StreamingDataLoader(DataLoader):
         self.dataset._attach_state = True  # pickled into the workers this iterator starts
         for batch in super().__iter__():
             self._state = batch.pop(STATE_KEY)
+            batch = expand_raw(batch)
+            if self.pin_memory and torch.cuda.is_available():  # the workers pinned the wire form
+                batch = {k: v.pin_memory() for k, v in batch.items()}
             yield batch
 
     def state_dict(self) -> dict[str, Any]:
