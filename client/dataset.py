@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -59,7 +60,9 @@ class StreamingDataset(IterableDataset):
             documents best-fit into rows, longer ones split, rest PAD) or ``"pad"`` (one document
             per row, truncated to ``seq_len``).
         reconnect_deadline_s: how long to keep reconnecting after the server went away.
-        batches_per_message: batches the server packs into one gRPC message.
+        batches_per_message: batches the server packs into one gRPC message; by default as many
+            as fit in about 256 KiB (at most 16): fewer messages cost less per token, and the
+            state stays exact per batch.
         compression: ``"zstd"`` to compress tokens on the wire (pays off only on slow links).
         max_tokens: token-budget batches: each batch is one row of ``max_tokens`` tokens holding
             whole document pieces (documents split at ``seq_len``); each step takes the next
@@ -77,7 +80,7 @@ class StreamingDataset(IterableDataset):
     def __init__(self, address: str | Sequence[str], dataset: str, seq_len: int = 2048, batch_size: int = 8,
                  seed: int = 0, rank: int | None = None, world_size: int | None = None, *,
                  packing: str = wire.DEFAULT_PACKING, max_tokens: int | None = None, provenance: bool = False,
-                 reconnect_deadline_s: float = 60.0, batches_per_message: int = 1,
+                 reconnect_deadline_s: float = 60.0, batches_per_message: int | None = None,
                  compression: str | None = None, token: str | None = None, tls_ca: str | None = None,
                  tls_cert: str | None = None, tls_key: str | None = None) -> None:
         super().__init__()
@@ -108,6 +111,9 @@ class StreamingDataset(IterableDataset):
         self.max_tokens = max_tokens or 0
         self.provenance = provenance
         self.backoff = Backoff(deadline_s=reconnect_deadline_s)
+        if batches_per_message is None:
+            batch_bytes = (max_tokens + 1 if max_tokens else batch_size * (seq_len + 1)) * 2
+            batches_per_message = max(1, min(16, (256 << 10) // batch_bytes))
         self.batches_per_message = batches_per_message
         self.compression = pb.COMPRESSION_ZSTD if compression == "zstd" else pb.COMPRESSION_NONE
         row_tokens = max_tokens + 1 if max_tokens else batch_size * (seq_len + 1)
@@ -202,6 +208,13 @@ def expand_raw(batch: dict) -> dict:
     return {**to_batch(raw["tokens"].numpy(), raw["eos_id"], raw["pad_id"], raw["piece_starts"]), **batch}
 
 
+@functools.lru_cache(maxsize=8)
+def _arange(size: int) -> np.ndarray:
+    out = np.arange(size, dtype=np.int64)
+    out.flags.writeable = False
+    return out
+
+
 def to_batch(tokens: np.ndarray, eos_id: int, pad_id: int, piece_starts: list[int] | None = None) -> dict[str, torch.Tensor]:
     """Tensors of one batch from its rows of ``seq_len + 1`` tokens (contract 4 of DESIGN.md).
     ``piece_starts``: columns of row 0 where a segment starts without an EOS before it."""
@@ -217,8 +230,10 @@ def to_batch(tokens: np.ndarray, eos_id: int, pad_id: int, piece_starts: list[in
         starts[0, piece_starts] = True
     seg = np.flatnonzero(starts)
     size = rows * seq_len
-    positions = np.arange(size, dtype=np.int64)
-    positions -= np.repeat(seg, np.diff(seg, append=size))
+    lengths = np.empty_like(seg)
+    np.subtract(seg[1:], seg[:-1], out=lengths[:-1])
+    lengths[-1] = size - seg[-1]
+    positions = _arange(size) - np.repeat(seg, lengths)
     return {
         "input_ids": torch.from_numpy(ids.astype(np.int64)),
         "labels": torch.from_numpy(labels),
