@@ -1,0 +1,1 @@
+"""Scripts behind the README commands (set-up, main job, tests)."""

@@ -1,0 +1,1 @@
+"""tokenfeed data server: sources, tokenizers, packing, cache, prefetch and the gRPC service."""

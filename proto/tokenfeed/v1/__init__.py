@@ -1,0 +1,1 @@
+"""Generated code of tokenfeed.v1 (see ../tokenfeed.proto; never edited by hand)."""
