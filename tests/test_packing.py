@@ -23,6 +23,13 @@ def doc_tokens(shard, d: int) -> np.ndarray:
     return shard.tokens[shard.offsets[d] : shard.offsets[d + 1]]
 
 
+def packed_case(mode: str, docs: list[np.ndarray], seq_len: int, seed: int):
+    """A shard of ``docs``, a seeded document order, and the shard packed by ``mode``."""
+    shard = shard_of(docs)
+    order = np.random.default_rng(seed).permutation(shard.num_docs)
+    return shard, order, pack(mode, shard, order, seq_len, PAD)
+
+
 def check_segments(packed, shard) -> dict[int, list[tuple[int, int]]]:
     """Every segment holds exactly its document's tokens; returns doc -> [(offset, length)]."""
     pieces: dict[int, list[tuple[int, int]]] = {}
@@ -37,9 +44,7 @@ def check_segments(packed, shard) -> dict[int, list[tuple[int, int]]]:
 @settings(max_examples=150, deadline=None)
 @given(docs=docs_strategy, seq_len=st.integers(1, 64), seed=st.integers(0, 3))
 def test_concat_tiles_the_stream(docs, seq_len, seed):
-    shard = shard_of(docs)
-    order = np.random.default_rng(seed).permutation(shard.num_docs)
-    packed = pack("concat", shard, order, seq_len, PAD)
+    shard, order, packed = packed_case("concat", docs, seq_len, seed)
     assert packed.rows == known_rows("concat", shard.num_tokens, shard.num_docs, seq_len)
     rows = packed.row_view(0, packed.rows)
     assert rows.shape == (packed.rows, seq_len + 1)
@@ -55,9 +60,7 @@ def test_concat_tiles_the_stream(docs, seq_len, seed):
 @settings(max_examples=150, deadline=None)
 @given(docs=docs_strategy, seq_len=st.integers(1, 64), seed=st.integers(0, 3))
 def test_bfd_keeps_documents_whole_when_they_fit(docs, seq_len, seed):
-    shard = shard_of(docs)
-    order = np.random.default_rng(seed).permutation(shard.num_docs)
-    packed = pack("bfd", shard, order, seq_len, PAD)
+    shard, order, packed = packed_case("bfd", docs, seq_len, seed)
     rows = packed.row_view(0, packed.rows)
     assert rows.shape == (packed.rows, seq_len + 1)
     assert np.all(rows[:, -1] == PAD)
@@ -74,9 +77,7 @@ def test_bfd_keeps_documents_whole_when_they_fit(docs, seq_len, seed):
 @settings(max_examples=150, deadline=None)
 @given(docs=docs_strategy, seq_len=st.integers(1, 64), seed=st.integers(0, 3))
 def test_pad_one_document_per_row(docs, seq_len, seed):
-    shard = shard_of(docs)
-    order = np.random.default_rng(seed).permutation(shard.num_docs)
-    packed = pack("pad", shard, order, seq_len, PAD)
+    shard, order, packed = packed_case("pad", docs, seq_len, seed)
     assert packed.rows == shard.num_docs == known_rows("pad", shard.num_tokens, shard.num_docs, seq_len)
     rows = packed.row_view(0, packed.rows)
     for r, d in enumerate(order.tolist()):
