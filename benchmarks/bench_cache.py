@@ -57,9 +57,8 @@ async def _host(spec: dict[str, Any]) -> None:
 
     from server.app import build_datasets
     from server.config import parse_config
-    from server.service import TokenFeedService
+    from server.service import TokenFeedService, add_to_server
     from server.store import build_store
-    from tokenfeed.v1 import tokenfeed_pb2_grpc as pb_grpc
 
     config = parse_config(spec["config"])
     datasets = build_datasets(config)
@@ -69,7 +68,7 @@ async def _host(spec: dict[str, Any]) -> None:
     executor = ThreadPoolExecutor(config.server.workers)
     store = build_store(config, executor)
     server = grpc.aio.server(options=[("grpc.max_send_message_length", 64 * MiB)])
-    pb_grpc.add_TokenFeedServicer_to_server(TokenFeedService(datasets, store, config.server), server)
+    add_to_server(TokenFeedService(datasets, store, config.server), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     loop, lines = asyncio.get_running_loop(), asyncio.Queue()

@@ -126,6 +126,7 @@ class StreamingDataset(IterableDataset):
         self._channel = Channel(self.address, max(max_message, 4 << 20), token=token,
                                 tls=Tls.load(tls_ca, tls_cert, tls_key))
         self._position = Position()
+        self._cursor: pb.Cursor | None = None  # the last yielded batch's cursor, not yet a Position
         self._steps = 0
         self._cycle = 0
         self._per_worker_state = False  # a state loaded inside a DataLoader worker (StatefulDataLoader)
@@ -134,7 +135,7 @@ class StreamingDataset(IterableDataset):
     # ---- state -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The position after the last batch this dataset yielded (a small JSON-able dict)."""
-        return make_state(self.identity, self._position, rank=self.rank, world_size=self.world_size,
+        return make_state(self.identity, self._current(), rank=self.rank, world_size=self.world_size,
                           batch_size=self.batch_size, steps=self._steps, cycle=self._cycle)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -142,9 +143,14 @@ class StreamingDataset(IterableDataset):
         of another dataset, seed, seq_len or packing, or a damaged one. A state of another rank or
         world size is an elastic resume: this rank continues from the job's position."""
         pos, meta = parse_state(state, self.identity)
-        self._position, self._steps = pos, meta["steps"]
+        self._position, self._cursor, self._steps = pos, None, meta["steps"]
         self._per_worker_state = get_worker_info() is not None
         self._cycle = meta["worker_cycle"] if self._per_worker_state else 0
+
+    def _current(self) -> Position:
+        if self._cursor is not None:
+            self._position, self._cursor = Position.from_cursor(self._cursor), None
+        return self._position
 
     # ---- iteration ---------------------------------------------------------------------
     def close(self) -> None:
@@ -173,22 +179,23 @@ class StreamingDataset(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         base_cycle = self._cycle if self._per_worker_state else 0
         first = (worker - base_cycle) % workers
-        start, steps0 = self._position, self._steps
+        start, steps0 = self._current(), self._steps
         self._stride = workers
         chunks = stream_batches(
             self._channel, lambda cursor, step: self._request(cursor, step, worker),
             start.to_cursor(self.identity), first, workers, self.backoff)
         tokens = provenance = piece_starts = None
+        raw = self._attach_state and info is not None  # a StreamingDataLoader worker: wire form
         for k, (chunk, i) in enumerate(chunks):
             if i == 0:
                 tokens = wire.decode_chunk(chunk)
                 provenance = wire.decode_provenance(chunk) if self.provenance else None
                 piece_starts = wire.decode_piece_starts(chunk)
             j = first + k * workers  # the rank's step, counted from where this iteration started
-            self._position = Position.from_cursor(chunk.cursors[i])
+            self._cursor = chunk.cursors[i]  # the position, made a Position when asked for (state_dict)
             self._steps, self._cycle = steps0 + j + 1, base_cycle + j + 1
             starts = piece_starts[i] if piece_starts else None
-            if self._attach_state and info is not None:
+            if raw:
                 batch = {RAW_KEY: {"tokens": torch.from_numpy(tokens[i].copy()), "eos_id": chunk.eos_id,
                                    "pad_id": chunk.pad_id, "piece_starts": starts}}
             else:
@@ -222,7 +229,9 @@ def to_batch(tokens: np.ndarray, eos_id: int, pad_id: int, piece_starts: list[in
     seq_len = width - 1
     ids, nxt = tokens[:, :-1], tokens[:, 1:]
     labels = nxt.astype(np.int64)
-    labels[nxt == pad_id] = -100
+    padded = np.flatnonzero(nxt[:, -1] == pad_id)  # every packing pads only the end of a row
+    if len(padded):
+        labels[padded] = np.where(nxt[padded] == pad_id, -100, labels[padded])
     starts = np.empty((rows, seq_len), dtype=bool)  # a segment starts at each row start and after EOS
     starts[:, 0] = True
     np.equal(ids[:, :-1], eos_id, out=starts[:, 1:])

@@ -19,13 +19,10 @@ from server.config import Config
 from server.dataset import Dataset
 from server.limits import server_options
 from server.mixture import Mixture, build_mixture
-from server.service import TokenFeedService
+from server.service import SERVICE_NAME, TokenFeedService, add_to_server
 from server.store import build_store
-from tokenfeed.v1 import tokenfeed_pb2 as pb
-from tokenfeed.v1 import tokenfeed_pb2_grpc as pb_grpc
 
 log = logging.getLogger("server")
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TokenFeed"].full_name
 
 
 def build_datasets(config: Config) -> dict[str, Dataset | Mixture]:
@@ -55,7 +52,7 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
         interceptors=[metrics.RpcMetricsInterceptor(), AccessInterceptor(SERVICE_NAME, tokens)],
         options=server_options(settings), maximum_concurrent_rpcs=2 * settings.max_streams + 64)
     service = TokenFeedService(datasets, store, settings)
-    pb_grpc.add_TokenFeedServicer_to_server(service, server)
+    add_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 
 import grpc
+from google.protobuf.message import Message
 
 from server import metrics
 from server.config import ServerSettings
@@ -23,6 +24,7 @@ from tokenfeed.v1 import tokenfeed_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 SERVER_VERSION = "0.1.0"
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TokenFeed"].full_name
 
 _STATUS = {
     NotFound: grpc.StatusCode.NOT_FOUND,
@@ -57,8 +59,8 @@ class TokenFeedService(pb_grpc.TokenFeedServicer):
                      request.rank, request.world_size, request.worker_id, context.peer(), params.start.row)
             with metrics.StreamMeter(params.dataset.name, params.packing, params.dataset.info.pad_id) as meter:
                 async for chunk in stream_chunks(params, self.store):
-                    message = to_message(chunk, params)
-                    meter.sent(chunk.tokens, len(message.tokens))
+                    message, payload_bytes = encode_chunk(chunk, params)
+                    meter.sent(chunk.tokens, payload_bytes)
                     yield message
                     meter.resumed()
                     if self.admission.draining:  # shutdown: this message was the stream's last
@@ -103,14 +105,13 @@ def cursor_message(loc: Locator, params: StreamParams) -> pb.Cursor:
     )
 
 
-def to_message(chunk: Chunk, params: StreamParams) -> pb.BatchChunk:
-    payload = chunk.tokens.tobytes()
-    compression = pb.COMPRESSION_NONE
-    if params.compression == pb.COMPRESSION_ZSTD:
-        payload, compression = wire.compress(payload), pb.COMPRESSION_ZSTD
+def encode_chunk(chunk: Chunk, params: StreamParams) -> tuple[bytes, int]:
+    """A chunk as the bytes of a ``BatchChunk`` (and the size of its token payload), with as few copies of its tokens as can be: a
+    chunk assembled in a message buffer (``Chunk.buffer``) is joined to the other fields as it is.
+    Protobuf would copy the tokens twice (into the message, then out when serialising)."""
     info = params.dataset.info
-    return pb.BatchChunk(
-        tokens=payload, dtype=params.dataset.wire_dtype, compression=compression,
+    header = pb.BatchChunk(
+        dtype=params.dataset.wire_dtype, compression=params.compression,
         num_batches=len(chunk.steps), rows=chunk.tokens.shape[1], seq_len=chunk.tokens.shape[2] - 1,
         eos_id=info.eos_id, pad_id=info.pad_id,
         cursors=[cursor_message(c, params) for c in chunk.cursors], steps=chunk.steps, epochs=chunk.epochs,
@@ -118,4 +119,28 @@ def to_message(chunk: Chunk, params: StreamParams) -> pb.BatchChunk:
         provenance_counts=[len(p) for p in chunk.provenance] if chunk.provenance else [],
         piece_starts=[c for s in chunk.starts for c in s] if chunk.starts else [],
         piece_start_counts=[len(s) for s in chunk.starts] if chunk.starts else [],
-    )
+    ).SerializeToString()
+    if params.compression == pb.COMPRESSION_ZSTD:
+        payload = wire.compress(chunk.tokens.data)
+        return b"".join((wire.tokens_field(len(payload)), payload, header)), len(payload)
+    if chunk.buffer is not None:
+        return b"".join((chunk.buffer, header)), chunk.tokens.nbytes
+    return b"".join((wire.tokens_field(chunk.tokens.nbytes), chunk.tokens.data, header)), chunk.tokens.nbytes
+
+
+def _serialize(message: bytes | Message) -> bytes:
+    """Responses that are already bytes (``encode_chunk``) pass through."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+def add_to_server(service: TokenFeedService, server: grpc.aio.Server) -> None:
+    """Register the service, as the generated ``add_TokenFeedServicer_to_server`` does, but with
+    a serializer that passes pre-encoded ``BatchChunk`` bytes through."""
+    handlers = {
+        "StreamBatches": grpc.unary_stream_rpc_method_handler(
+            service.StreamBatches, request_deserializer=pb.StreamRequest.FromString, response_serializer=_serialize),
+        "Describe": grpc.unary_unary_rpc_method_handler(
+            service.Describe, request_deserializer=pb.DescribeRequest.FromString, response_serializer=_serialize),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)

@@ -46,7 +46,7 @@ class ShardStore:
         self._inflight: dict[Hashable, asyncio.Task] = {}
         self._packed: OrderedDict[Hashable, PackedShard] = OrderedDict()
         self._packed_slots = packed_slots
-        self._ahead: set[asyncio.Task] = set()
+        self._ahead: dict[Hashable, asyncio.Task] = {}  # pack-aheads in flight, by packed key
         prefetch = prefetch or PrefetchSettings(depth=0)
         # Prefetched shards live in the cache: with no cache there is nowhere to put them.
         self.prefetcher = (
@@ -112,12 +112,9 @@ class ShardStore:
     async def num_rows(self, ds: Dataset, seed: int, epoch: int, ordinal: int, seq_len: int,
                        packing: str = "concat") -> int:
         """Rows of a shard in an epoch; needs only its counts once they are known (except bfd)."""
-        index = self.shard_index(ds, seed, epoch, ordinal)
-        tokens, docs = ds.shard_tokens.get(index), ds.shard_docs.get(index)
-        if tokens is not None and docs is not None:
-            rows = known_rows(packing, tokens, docs, seq_len)
-            if rows is not None:
-                return rows
+        rows = self.rows_now(ds, seed, epoch, ordinal, seq_len, packing)
+        if rows is not None:
+            return rows
         return (await self.packed(ds, seed, epoch, ordinal, seq_len, packing)).rows
 
     async def packed(self, ds: Dataset, seed: int, epoch: int, ordinal: int, seq_len: int,
@@ -164,26 +161,44 @@ class ShardStore:
             self._packed.move_to_end(key)
         return hit
 
+    @property
+    def hot_slots(self) -> int:
+        """How many packed shards the hot tier holds."""
+        return self._packed_slots
+
+    def rows_now(self, ds: Dataset, seed: int, epoch: int, ordinal: int, seq_len: int, packing: str) -> int | None:
+        """A shard's rows in an epoch if they are known without waiting (from its counts, or from
+        its packed rows in the hot tier), else None."""
+        index = self.shard_index(ds, seed, epoch, ordinal)
+        tokens, docs = ds.shard_tokens.get(index), ds.shard_docs.get(index)
+        if tokens is not None and docs is not None:
+            rows = known_rows(packing, tokens, docs, seq_len)
+            if rows is not None:
+                return rows
+        hit = self._packed.get(("packed", ds.fingerprint, index, seed, epoch, seq_len, packing))
+        return None if hit is None else hit.rows
+
     def pack_ahead(self, ds: Dataset, seed: int, epoch: int, ordinal: int, seq_len: int, packing: str) -> None:
         """Start packing a shard a stream will read next, so that crossing into it does not wait
-        for decompression and packing. Fire and forget: a failure surfaces when it is read."""
+        for decompression and packing. Fire and forget: a failure surfaces when it is read. One
+        pack-ahead per shard however many streams (the ranks of a job) ask for it."""
         if ordinal == ds.num_shards:
             epoch, ordinal = epoch + 1, 0
         key = ("packed", ds.fingerprint, self.shard_index(ds, seed, epoch, ordinal), seed, epoch, seq_len, packing)
-        if key in self._packed or key in self._inflight:
+        if key in self._packed or key in self._inflight or key in self._ahead:
             return
         task = asyncio.get_running_loop().create_task(self.packed(ds, seed, epoch, ordinal, seq_len, packing))
-        self._ahead.add(task)
-        task.add_done_callback(self._ahead_done)
+        self._ahead[key] = task
+        task.add_done_callback(functools.partial(self._ahead_done, key))
 
-    def _ahead_done(self, task: asyncio.Task) -> None:
-        self._ahead.discard(task)
+    def _ahead_done(self, key: Hashable, task: asyncio.Task) -> None:
+        self._ahead.pop(key, None)
         if not task.cancelled():
             task.exception()  # retrieved: a failed pack-ahead is not an error until it is read
 
     async def close(self) -> None:
         """Cancel every prefetch and pack-ahead (shutdown; streams are closed first)."""
-        for task in list(self._ahead):
+        for task in list(self._ahead.values()):
             task.cancel()
         if self.prefetcher is not None:
             await self.prefetcher.close()

@@ -128,6 +128,7 @@ class Chunk:
     epochs: list[int]
     provenance: list[np.ndarray] | None = None  # per batch: records sorted by (row, column)
     starts: list[list[int]] | None = None  # token-budget batches: columns where pieces start
+    buffer: bytearray | None = None  # a message's start: its tokens field, ``tokens`` filling its tail
 
 
 async def stream_chunks(params: StreamParams, store: ShardStore) -> AsyncIterator[Chunk]:
@@ -140,12 +141,15 @@ async def stream_chunks(params: StreamParams, store: ShardStore) -> AsyncIterato
         async for chunk in budget_chunks(p, store):
             yield chunk
         return
-    walker = make_walker(store, p.dataset, p.seed, p.seq_len, p.packing, p.start)
     origin, rows_per_step, step = p.start.row, p.world_size * p.batch_size, p.first_step
+    # keep packed ahead the rows of the next two messages (all ranks' rows: the walker passes them)
+    ahead = 4 * p.batches_per_message * p.step_stride * rows_per_step
+    walker = make_walker(store, p.dataset, p.seed, p.seq_len, p.packing, p.start, ahead_rows=ahead)
     try:  # however the stream ends (client gone, error, shutdown), its prefetches stop
         while True:
-            tokens = np.empty((p.batches_per_message, p.batch_size, p.seq_len + 1), dtype=p.dataset.dtype)
-            chunk = Chunk(tokens=tokens, cursors=[], steps=[], epochs=[], provenance=[] if p.provenance else None)
+            buffer, tokens = wire.chunk_buffer((p.batches_per_message, p.batch_size, p.seq_len + 1), p.dataset.dtype)
+            chunk = Chunk(tokens=tokens, cursors=[], steps=[], epochs=[], provenance=[] if p.provenance else None,
+                          buffer=buffer)
             steps = [step + i * p.step_stride for i in range(p.batches_per_message)]
             if not p.provenance and isinstance(walker, Walker):  # whole chunk from one packed shard?
                 cursors = walker.take_now(tokens, [origin + t * rows_per_step + p.rank * p.batch_size for t in steps],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
+from typing import Any
 
 import numpy as np
 
@@ -23,8 +24,9 @@ class Walker:
     """Position in one dataset's sequence: epoch, shard ordinal, row inside that shard."""
 
     def __init__(self, store: ShardStore, ds: Dataset, seed: int, seq_len: int, packing: str,
-                 start: Locator, source: int = 0) -> None:
+                 start: Locator, source: int = 0, ahead_rows: int = 0) -> None:
         self.store, self.ds, self.seed, self.seq_len, self.packing = store, ds, seed, seq_len, packing
+        self.ahead_rows = ahead_rows  # rows past the current shard to keep packed ahead
         self.row, self.epoch, self.shard, self.shard_row = start.row, start.epoch, start.shard, start.shard_row
         self.source = source
         self._rows: int | None = None
@@ -78,20 +80,68 @@ class Walker:
 
     def take_now(self, out: np.ndarray, firsts: list[int], ends: list[int]) -> list[Locator] | None:
         """The fast path, without awaiting: batch ``i`` is rows ``firsts[i] ...`` (``out[i]``) and
-        is followed by the position ``ends[i]``. Works only when all of them lie in the current
-        shard and its rows are packed in memory; returns the locators at ``ends``, else None and
-        nothing moved."""
-        rows = self._rows
-        if rows is None or self.shard_row + (ends[-1] - self.row) > rows or firsts[0] < self.row:
+        is followed by the position ``ends[i]``. Works when every row it crosses lies in a shard
+        whose row count is known and every row it takes lies in a shard packed in memory (the
+        batches may span shards); returns the locators at ``ends``, else None and nothing moved."""
+        if self._rows is None or firsts[0] < self.row:
             return None
-        packed = self.store.packed_now(self.ds, self.seed, self.epoch, self.shard, self.seq_len, self.packing)
-        if packed is None:
-            return None
-        base = self.shard_row - self.row  # shard row = global row + base, inside this shard
-        index = np.asarray(firsts, dtype=np.int64)[:, None] + np.arange(out.shape[1]) + base
-        out[...] = packed.row_view(0, packed.rows)[index]
-        self.row, self.shard_row = ends[-1], ends[-1] + base
-        return [Locator(end, self.epoch, self.shard, end + base) for end in ends]
+        store, ds = self.store, self.ds
+        epoch, shard, shard_row, rows, row = self.epoch, self.shard, self.shard_row, self._rows, self.row
+        entered: list[tuple[int, int]] = []  # shards moved into, for the follower and pack-ahead
+        empty = 0  # empty shards in a row
+        copies: list[tuple[int, int, Any, int, int]] = []  # (batch, row in batch, packed, shard row, n)
+        locators: list[Locator] = []
+        width = out.shape[1]
+        for i, (first, end) in enumerate(zip(firsts, ends)):
+            filled = 0
+            for target, taking in ((first, False), (first + width, True), (end, False)):
+                while row < target:
+                    if shard_row == rows:  # move into the next shard, if its row count is known
+                        shard += 1
+                        if shard == ds.num_shards:
+                            epoch, shard = epoch + 1, 0
+                        known = store.rows_now(ds, self.seed, epoch, shard, self.seq_len, self.packing)
+                        empty = empty + 1 if known == 0 else 0
+                        if known is None or empty > ds.num_shards:  # (nothing but empty shards: the
+                            return None                             # slow path says so)
+                        shard_row, rows = 0, known
+                        entered.append((epoch, shard))
+                        continue
+                    step = min(target - row, rows - shard_row)
+                    if taking:
+                        packed = store.packed_now(ds, self.seed, epoch, shard, self.seq_len, self.packing)
+                        if packed is None:
+                            return None
+                        copies.append((i, filled, packed, shard_row, step))
+                        filled += step
+                    shard_row, row = shard_row + step, row + step
+            locators.append(Locator(end, epoch, shard, shard_row))
+        for i, at, packed, first_row, n in copies:
+            out[i, at : at + n] = packed.row_view(first_row, first_row + n)
+        self.epoch, self.shard, self.shard_row, self._rows, self.row = epoch, shard, shard_row, rows, row
+        for e, s in entered:
+            self._follow.at(e, s)
+        self._pack_ahead()
+        return locators
+
+    def _pack_ahead(self) -> None:
+        """On entering a shard, start packing the shards after it that hold the next
+        ``ahead_rows`` rows (at least one, at most a quarter of the hot tier), so that crossing into
+        them neither waits for decompression and packing nor leaves the fast path."""
+        if self._ahead_from == (self.epoch, self.shard):
+            return
+        self._ahead_from = (self.epoch, self.shard)
+        store, ds = self.store, self.ds
+        epoch, shard, covered = self.epoch, self.shard, (self._rows or 0) - self.shard_row
+        for _ in range(max(1, store.hot_slots // 4)):
+            shard += 1
+            if shard == ds.num_shards:
+                epoch, shard = epoch + 1, 0
+            store.pack_ahead(ds, self.seed, epoch, shard, self.seq_len, self.packing)
+            rows = store.rows_now(ds, self.seed, epoch, shard, self.seq_len, self.packing)
+            covered += rows or 0
+            if rows is None or covered >= self.ahead_rows:
+                break
 
     async def take(self, out: np.ndarray, provenance: list[np.ndarray] | None = None) -> int:
         """Fill ``out`` ([rows, seq_len + 1]) with the next rows; return the epoch of the first.
@@ -101,9 +151,7 @@ class Walker:
             step = min(len(out) - filled, await self._ready())
             first_epoch = self.epoch if first_epoch is None else first_epoch
             packed = await self.store.packed(self.ds, self.seed, self.epoch, self.shard, self.seq_len, self.packing)
-            if self._ahead_from != (self.epoch, self.shard):  # taking from a new shard: pack the next
-                self._ahead_from = (self.epoch, self.shard)
-                self.store.pack_ahead(self.ds, self.seed, self.epoch, self.shard + 1, self.seq_len, self.packing)
+            self._pack_ahead()
             out[filled : filled + step] = packed.row_view(self.shard_row, self.shard_row + step)
             if provenance is not None:
                 seg = packed.row_segments(self.shard_row, self.shard_row + step)
@@ -149,6 +197,25 @@ class MixtureWalker:
             await part.skip(assigned.count(c))
         self.row += n
 
+    def _pack_ahead(self) -> None:
+        """On entering a shard, start packing the shards after it that hold the next
+        ``ahead_rows`` rows (at least one, at most a quarter of the hot tier), so that crossing into
+        them neither waits for decompression and packing nor leaves the fast path."""
+        if self._ahead_from == (self.epoch, self.shard):
+            return
+        self._ahead_from = (self.epoch, self.shard)
+        store, ds = self.store, self.ds
+        epoch, shard, covered = self.epoch, self.shard, (self._rows or 0) - self.shard_row
+        for _ in range(max(1, store.hot_slots // 4)):
+            shard += 1
+            if shard == ds.num_shards:
+                epoch, shard = epoch + 1, 0
+            store.pack_ahead(ds, self.seed, epoch, shard, self.seq_len, self.packing)
+            rows = store.rows_now(ds, self.seed, epoch, shard, self.seq_len, self.packing)
+            covered += rows or 0
+            if rows is None or covered >= self.ahead_rows:
+                break
+
     async def take(self, out: np.ndarray, provenance: list[np.ndarray] | None = None) -> int:
         assigned = np.asarray(self._assign(len(out)))
         epoch = None
@@ -171,7 +238,8 @@ class MixtureWalker:
 
 
 def make_walker(store: ShardStore, ds: Dataset | Mixture, seed: int, seq_len: int, packing: str,
-                start: Locator) -> Walker | MixtureWalker:
+                start: Locator, ahead_rows: int = 0) -> Walker | MixtureWalker:
+    """A walker over ``ds`` from ``start``; ``ahead_rows``: how far ahead to keep shards packed."""
     if isinstance(ds, Mixture):
         return MixtureWalker(store, ds, seed, seq_len, packing, start)
-    return Walker(store, ds, seed, seq_len, packing, start)
+    return Walker(store, ds, seed, seq_len, packing, start, ahead_rows=ahead_rows)

@@ -137,3 +137,30 @@ def test_whole_document_packings_deliver_every_document_once_per_epoch(start_ser
     assert Counter(decoded[: len(docs)]) == Counter(docs)
     assert Counter(decoded[len(docs) : 2 * len(docs)]) == Counter(docs)
     assert decoded[: len(docs)] != decoded[len(docs) : 2 * len(docs)]
+
+
+def test_messages_spanning_many_shards_hold_the_same_batches_and_positions(start_server, corpus):
+    """A message of 16 batches spans several small shards (and epoch ends): the server's fast
+    path assembles it across shards once their rows are known; it must give exactly the
+    batches and the positions after each batch that one batch per message gives."""
+    path, docs = corpus
+    server = start_server(jsonl_config(path, shard_bytes=4 << 10))
+    shards = StreamingDataset(server.address, "docs", seq_len=SEQ, batch_size=BATCH).describe().num_shards
+    tokens = sum(len(d.encode()) + 1 for d in docs)
+    n = 3 * -(-(tokens // SEQ + shards) // (3 * BATCH))  # about three epochs of rank 1 of 3
+
+    def run(per_message: int) -> tuple[list[np.ndarray], list[dict]]:
+        ds = StreamingDataset(server.address, "docs", seq_len=SEQ, batch_size=BATCH, seed=3, rank=1, world_size=3,
+                              batches_per_message=per_message)
+        ids, positions = [], []
+        for batch in itertools.islice(ds, n):
+            ids.append(batch["input_ids"].numpy())
+            positions.append(ds.state_dict()["position"])
+        return ids, positions
+
+    one_ids, one_pos = run(1)
+    many_ids, many_pos = run(16)
+    assert shards >= 8 and one_pos[-1]["epoch"] >= 2
+    assert many_pos == one_pos
+    for a, b in zip(many_ids, one_ids):
+        np.testing.assert_array_equal(a, b)

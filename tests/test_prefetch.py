@@ -20,7 +20,7 @@ from server.config import DatasetConfig, PrefetchSettings, ServerSettings
 from server.dataset import Dataset
 from server.packing import TokenizedShard, concat_rows
 from server.schedule import shard_order
-from server.service import TokenFeedService
+from server.service import TokenFeedService, add_to_server
 from server.store import ShardStore
 from server.stream import parse_request, stream_chunks
 from tokenfeed.v1 import tokenfeed_pb2 as pb
@@ -205,7 +205,7 @@ async def test_a_client_that_goes_away_leaves_nothing_behind(dataset: Dataset, p
     Gate(dataset, closed=False)
     store = make_store(pool, depth=4, concurrency=2, max_bytes=16 << 10)  # small: evictions too
     server = grpc.aio.server()
-    pb_grpc.add_TokenFeedServicer_to_server(TokenFeedService({"d": dataset}, store, ServerSettings()), server)
+    add_to_server(TokenFeedService({"d": dataset}, store, ServerSettings()), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:

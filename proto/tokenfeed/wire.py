@@ -32,6 +32,33 @@ def numpy_dtype(dtype: int) -> np.dtype:
         raise ValueError(f"unknown token dtype {dtype}") from None
 
 
+#: ``BatchChunk.tokens`` is field 1, length-delimited: its tag byte on the wire.
+_TOKENS_TAG = b"\x0a"
+
+
+def tokens_field(nbytes: int) -> bytes:
+    """The bytes that precede ``nbytes`` of tokens when ``BatchChunk.tokens`` is written by hand:
+    the field's tag and its length as a varint. Protobuf reads fields in any order and merges
+    concatenated messages, so ``tokens_field(n) + tokens + BatchChunk(...rest).SerializeToString()``
+    is a valid ``BatchChunk``; the server writes messages so, filling the tokens in place."""
+    out = bytearray(_TOKENS_TAG)
+    while True:
+        byte, nbytes = nbytes & 0x7F, nbytes >> 7
+        out.append(byte | (0x80 if nbytes else 0))
+        if not nbytes:
+            return bytes(out)
+
+
+def chunk_buffer(shape: tuple[int, ...], dtype: np.dtype) -> tuple[bytearray, np.ndarray]:
+    """A message buffer that starts with the tokens field, and the array (of ``shape``) inside it
+    where the tokens go: filling the array fills the message without another copy."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    prefix = tokens_field(nbytes)
+    buf = bytearray(len(prefix) + nbytes)
+    buf[: len(prefix)] = prefix
+    return buf, np.frombuffer(buf, dtype=dtype, offset=len(prefix)).reshape(shape)
+
+
 def compress(payload: bytes, level: int = 1) -> bytes:
     """zstd-compress a token payload for the wire."""
     return zstandard.ZstdCompressor(level=level).compress(payload)
