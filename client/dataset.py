@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -11,6 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from client.ahead import Ahead
 from client.state import Identity, Position, make_state, parse_state
 from client.transport import Backoff, Channel, Tls, stream_batches
 from tokenfeed import wire
@@ -64,6 +66,9 @@ class StreamingDataset(IterableDataset):
             as fit in about 256 KiB (at most 16): fewer messages cost less per token, and the
             state stays exact per batch.
         compression: ``"zstd"`` to compress tokens on the wire (pays off only on slow links).
+        decode_ahead: messages turned into tensors ahead of the trainer, in a background thread,
+            so that ``next`` finds the batch ready while the training step runs (default 2);
+            0 decodes in the consumer's thread when each batch is asked for.
         max_tokens: token-budget batches: each batch is one row of ``max_tokens`` tokens holding
             whole document pieces (documents split at ``seq_len``); each step takes the next
             pieces of the global order and balances them across ranks by longest-processing-time,
@@ -81,8 +86,8 @@ class StreamingDataset(IterableDataset):
                  seed: int = 0, rank: int | None = None, world_size: int | None = None, *,
                  packing: str = wire.DEFAULT_PACKING, max_tokens: int | None = None, provenance: bool = False,
                  reconnect_deadline_s: float = 60.0, batches_per_message: int | None = None,
-                 compression: str | None = None, token: str | None = None, tls_ca: str | None = None,
-                 tls_cert: str | None = None, tls_key: str | None = None) -> None:
+                 compression: str | None = None, decode_ahead: int = 2, token: str | None = None,
+                 tls_ca: str | None = None, tls_cert: str | None = None, tls_key: str | None = None) -> None:
         super().__init__()
         default_rank, default_world = _default_rank_world()
         self.rank = default_rank if rank is None else rank
@@ -116,6 +121,9 @@ class StreamingDataset(IterableDataset):
             batches_per_message = max(1, min(16, (256 << 10) // batch_bytes))
         self.batches_per_message = batches_per_message
         self.compression = pb.COMPRESSION_ZSTD if compression == "zstd" else pb.COMPRESSION_NONE
+        if decode_ahead < 0:
+            raise ValueError(f"decode_ahead must be 0 or more, got {decode_ahead}")
+        self.decode_ahead = decode_ahead
         row_tokens = max_tokens + 1 if max_tokens else batch_size * (seq_len + 1)
         max_message = batches_per_message * row_tokens * 4 + (1 << 20)
         if provenance:  # worst case as the server bounds it: 2-token documents, a 56-byte record each
@@ -184,27 +192,49 @@ class StreamingDataset(IterableDataset):
         chunks = stream_batches(
             self._channel, lambda cursor, step: self._request(cursor, step, worker),
             start.to_cursor(self.identity), first, workers, self.backoff)
-        tokens = provenance = piece_starts = None
         raw = self._attach_state and info is not None  # a StreamingDataLoader worker: wire form
-        for k, (chunk, i) in enumerate(chunks):
-            if i == 0:
-                tokens = wire.decode_chunk(chunk)
-                provenance = wire.decode_provenance(chunk) if self.provenance else None
-                piece_starts = wire.decode_piece_starts(chunk)
-            j = first + k * workers  # the rank's step, counted from where this iteration started
-            self._cursor = chunk.cursors[i]  # the position, made a Position when asked for (state_dict)
-            self._steps, self._cycle = steps0 + j + 1, base_cycle + j + 1
-            starts = piece_starts[i] if piece_starts else None
-            if raw:
-                batch = {RAW_KEY: {"tokens": torch.from_numpy(tokens[i].copy()), "eos_id": chunk.eos_id,
-                                   "pad_id": chunk.pad_id, "piece_starts": starts}}
-            else:
-                batch = to_batch(tokens[i], chunk.eos_id, chunk.pad_id, starts)
-            if provenance is not None:
-                batch["provenance"] = torch.from_numpy(provenance[i].copy())
-            if self._attach_state:
-                batch[STATE_KEY] = self.state_dict()
-            yield batch
+        messages = _decoded(chunks, raw, self.provenance)
+        if self.decode_ahead:  # decode in a thread, overlapping the training step
+            messages = iter(Ahead(messages, self.decode_ahead, interrupt=chunks.close,
+                                  name=f"{threading.current_thread().name}/tokenfeed-decode"))
+        k = 0
+        try:
+            for message in messages:
+                for batch, cursor in message:
+                    j = first + k * workers  # the rank's step, counted from where this iteration started
+                    k += 1
+                    self._cursor = cursor  # the position, made a Position when asked for (state_dict)
+                    self._steps, self._cycle = steps0 + j + 1, base_cycle + j + 1
+                    if self._attach_state:
+                        batch[STATE_KEY] = self.state_dict()
+                    yield batch
+        finally:
+            messages.close()  # type: ignore[attr-defined]
+            chunks.close()
+
+
+def _decoded(chunks: Iterator[tuple[pb.BatchChunk, int]], raw: bool,
+             provenance: bool) -> Iterator[list[tuple[dict[str, Any], pb.Cursor]]]:
+    """Per message, its batches (as tensors, or in wire form for ``raw``) and the cursor after each."""
+    message: list[tuple[dict[str, Any], pb.Cursor]] = []
+    tokens = records = piece_starts = None
+    for chunk, i in chunks:
+        if i == 0:
+            tokens = wire.decode_chunk(chunk)
+            records = wire.decode_provenance(chunk) if provenance else None
+            piece_starts = wire.decode_piece_starts(chunk)
+        starts = piece_starts[i] if piece_starts else None
+        if raw:
+            batch = {RAW_KEY: {"tokens": torch.from_numpy(tokens[i].copy()), "eos_id": chunk.eos_id,
+                               "pad_id": chunk.pad_id, "piece_starts": starts}}
+        else:
+            batch = to_batch(tokens[i], chunk.eos_id, chunk.pad_id, starts)
+        if records is not None:
+            batch["provenance"] = torch.from_numpy(records[i].copy())
+        message.append((batch, chunk.cursors[i]))
+        if i == chunk.num_batches - 1:
+            yield message
+            message = []
 
 
 def expand_raw(batch: dict) -> dict:

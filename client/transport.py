@@ -173,21 +173,50 @@ def _close_live_streams() -> None:
         stream.close()
 
 
-def stream_batches(*args: Any, **kwargs: Any) -> Iterator[tuple[pb.BatchChunk, int]]:
-    """See ``_stream_batches``; the stream is closed at exit if it is still open."""
-    stream = _stream_batches(*args, **kwargs)
+def stream_batches(channel: Channel, request_from: Callable[[pb.Cursor | None, int], pb.StreamRequest],
+                   cursor: pb.Cursor | None, first_step: int, stride: int, backoff: Backoff) -> BatchStream:
+    """See ``BatchStream``; the stream is closed at exit if it is still open."""
+    stream = BatchStream(channel, request_from, cursor, first_step, stride, backoff)
     _LIVE.add(stream)
     return stream
 
 
-def _stream_batches(channel: Channel, request_from: Callable[[pb.Cursor | None, int], pb.StreamRequest],
-                   cursor: pb.Cursor | None, first_step: int, stride: int,
-                   backoff: Backoff) -> Iterator[tuple[pb.BatchChunk, int]]:
-    """Yield ``(chunk, i)`` for every batch ``i`` of every chunk, reopening after a failure at
-    the position after the last yielded batch (its cursor, then the rank's next step)."""
+class BatchStream:
+    """Yields ``(chunk, i)`` for every batch ``i`` of every chunk, reopening after a failure at
+    the position after the last yielded batch (its cursor, then the rank's next step).
+    ``close()`` may be called from any thread: it cancels the open call, and the stream ends."""
+
+    def __init__(self, channel: Channel, request_from: Callable[[pb.Cursor | None, int], pb.StreamRequest],
+                 cursor: pb.Cursor | None, first_step: int, stride: int, backoff: Backoff) -> None:
+        # The generator gets the control, not the stream: no reference cycle, so a stream dropped
+        # by its consumer is finalised (its call cancelled) at once, not at the next GC.
+        self._control = _Control()
+        self._batches = _batches(self._control, channel, request_from, cursor, first_step, stride, backoff)
+
+    def __iter__(self) -> BatchStream:
+        return self
+
+    def __next__(self) -> tuple[pb.BatchChunk, int]:
+        return next(self._batches)
+
+    def close(self) -> None:
+        self._control.closed = True
+        call = self._control.call
+        if call is not None:
+            call.cancel()
+
+
+class _Control:
+    closed = False
+    call: Any = None
+
+
+def _batches(control: _Control, channel: Channel, request_from: Callable[[pb.Cursor | None, int], pb.StreamRequest],
+             cursor: pb.Cursor | None, first_step: int, stride: int,
+             backoff: Backoff) -> Iterator[tuple[pb.BatchChunk, int]]:
     delays: Iterator[float] | None = None
-    while True:
-        call = channel.stub.StreamBatches(request_from(cursor, first_step), metadata=channel.metadata)
+    while not control.closed:
+        call = control.call = channel.stub.StreamBatches(request_from(cursor, first_step), metadata=channel.metadata)
         try:
             for chunk in call:
                 delays = None
@@ -195,6 +224,8 @@ def _stream_batches(channel: Channel, request_from: Callable[[pb.Cursor | None, 
                     yield chunk, i
                     cursor, first_step = chunk.cursors[i], stride - 1
         except grpc.RpcError as err:
+            if control.closed:
+                return
             if not retryable(err):
                 raise from_rpc_error(err, channel.address) from None
             delays = delays or backoff.delays()
