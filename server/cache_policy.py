@@ -76,6 +76,7 @@ def _positions(seed: int, epoch: int, num_shards: int) -> np.ndarray:
     return pos
 
 
+@functools.lru_cache(maxsize=256)
 def next_use(seed: int, num_shards: int, epoch: int, ordinal: int) -> np.ndarray:
     """For a stream at shard ``ordinal`` of ``epoch``: how many shards it reads before it next
     reads each shard, counting only reads after the current one (the current shard is being
@@ -83,7 +84,9 @@ def next_use(seed: int, num_shards: int, epoch: int, ordinal: int) -> np.ndarray
     next use is always within this epoch or the next."""
     here = _positions(seed, epoch, num_shards)
     then = _positions(seed, epoch + 1, num_shards)
-    return np.where(here > ordinal, here - ordinal, num_shards - ordinal + then)
+    dist = np.where(here > ordinal, here - ordinal, num_shards - ordinal + then)
+    dist.flags.writeable = False  # cached and shared: the ranks of a job are at the same few places
+    return dist
 
 
 class FutureIndex:
@@ -92,14 +95,14 @@ class FutureIndex:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._streams: dict[Hashable, tuple[str, np.ndarray]] = {}
+        self._streams: dict[Hashable, tuple[str, int, int, int, int]] = {}
         self._combined: dict[str, np.ndarray] | None = {}
 
     def update(self, stream: Hashable, dataset: str, seed: int, num_shards: int, epoch: int, ordinal: int) -> None:
-        """Record that ``stream`` (of ``dataset``, ordered by ``seed``) is at ``(epoch, ordinal)``."""
-        dist = next_use(seed, num_shards, epoch, ordinal)
+        """Record that ``stream`` (of ``dataset``, ordered by ``seed``) is at ``(epoch, ordinal)``.
+        Cheap: on the event loop, once per shard per stream; distances are computed when read."""
         with self._lock:
-            self._streams[stream] = (dataset, dist)
+            self._streams[stream] = (dataset, seed, num_shards, epoch, ordinal)
             self._combined = None
 
     def remove(self, stream: Hashable) -> None:
@@ -116,8 +119,8 @@ class FutureIndex:
         with self._lock:
             if self._combined is None:
                 combined: dict[str, np.ndarray] = {}
-                for dataset, dist in self._streams.values():
-                    old = combined.get(dataset)
+                for dataset, *where in set(self._streams.values()):
+                    dist, old = next_use(*where), combined.get(dataset)
                     combined[dataset] = dist if old is None or len(old) != len(dist) else np.minimum(old, dist)
                 self._combined = combined
             combined = self._combined

@@ -269,7 +269,12 @@ class CacheSettings(_Strict):
     zstd_level: int = Field(default=3, ge=1, le=22, description="zstd level of cached shards.")
     policy: Literal["smart", "lru"] = Field(
         default="smart", description="Eviction: `smart` uses the streams' known future order, `lru` does not.")
-    hot_slots: int = Field(default=16, ge=1, description="Uncompressed packed shards kept in front of the cache.")
+    hot_slots: int = Field(default=256, ge=1, description="Uncompressed packed shards kept in front of the cache, "
+                                                          "at most (and at most hot_max_bytes of them).")
+    hot_max_bytes: ByteSize = Field(default=ByteSize(512 << 20), gt=0,
+                                    description="Byte budget of the packed shards in front of the cache; wide enough "
+                                                "for the ranks of a job to spread over several shards without "
+                                                "re-packing (tokenfeed_hot_packs_total counts packings).")
     disk: DiskCacheSettings | None = Field(default=None, description="Second tier on local disk; none by default.")
 
 

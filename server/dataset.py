@@ -47,6 +47,7 @@ class Dataset:
         self.bad = BadRecords()
         self.shard_docs: dict[int, int] = {}
         self.shard_tokens: dict[int, int] = {}
+        self.counts_version = 0  # bumped whenever a shard's counts are learned or change
         if isinstance(self.source, TokensSource):  # row counts known up front: seeks read nothing
             for i, (docs, tokens) in enumerate(self.source.counts()):
                 self.shard_docs[i], self.shard_tokens[i] = docs, tokens
@@ -102,8 +103,10 @@ class Dataset:
                         bad.sample_snapshot().get(reason, "?"))
         metrics.observe_shard(self.name, self.config.source.type, self.info.name if self.tokenizer else None,
                               shard.bytes, result.num_docs, result.num_tokens, time.perf_counter() - t0)
-        self.shard_docs[index] = result.num_docs
-        self.shard_tokens[index] = result.num_tokens
+        if (self.shard_docs.get(index), self.shard_tokens.get(index)) != (result.num_docs, result.num_tokens):
+            self.shard_docs[index] = result.num_docs
+            self.shard_tokens[index] = result.num_tokens
+            self.counts_version += 1
         log.debug("tokenized %s: %d docs, %d tokens in %.3fs", shard.name, result.num_docs,
                   result.num_tokens, time.perf_counter() - t0)
         return result

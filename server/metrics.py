@@ -365,6 +365,11 @@ class ServerCollector(Collector):
                           ("compression_ratio", "Raw bytes / stored bytes of cached shards.")):
             if (v := _number(stats.get(name))) is not None:
                 yield GaugeMetricFamily(f"tokenfeed_cache_{name}", doc, value=v)
+        for name, doc in (("hot_packs", "Shards packed for a (seed, epoch, seq_len, packing); more than once per "
+                                        "shard and epoch means the streams spread wider than the hot tier."),
+                          ("hot_evictions", "Packed shards dropped from the hot tier.")):
+            if (v := _number(stats.get(name))) is not None:
+                yield CounterMetricFamily(f"tokenfeed_{name}", doc, value=v)
         for key, v in prefetch_stats(self.store, stats).items():
             kind, name, doc = _PREFETCH[key]
             yield kind(name, doc, value=v)

@@ -34,18 +34,21 @@ class _Loaded(NamedTuple):
 class ShardStore:
     """Loads each shard once however many streams want it, and keeps recent ones warm.
 
-    Tiers, fastest first: a few packed shards (uncompressed, per seed/epoch/seq_len), the
+    Tiers, fastest first: packed shards (uncompressed, per seed/epoch/seq_len; the ranks of a job
+    spread over several, and a rank that falls behind the tier re-packs what it reads), the
     compressed ``ShardCache`` (memory, then disk), then the source. Every blocking step (stat,
     decompress, read, tokenize, compress) runs in ``executor``.
     """
 
-    def __init__(self, cache: ShardCache, executor: Executor, packed_slots: int = 16, *,
-                 prefetch: PrefetchSettings | None = None) -> None:
+    def __init__(self, cache: ShardCache, executor: Executor, packed_slots: int = 256, *,
+                 packed_bytes: int = 512 << 20, prefetch: PrefetchSettings | None = None) -> None:
         self.cache = cache
         self.executor = executor
         self._inflight: dict[Hashable, asyncio.Task] = {}
         self._packed: OrderedDict[Hashable, PackedShard] = OrderedDict()
-        self._packed_slots = packed_slots
+        self._packed_slots, self._packed_max_bytes, self._packed_bytes = packed_slots, packed_bytes, 0
+        self._epoch_rows: OrderedDict[Hashable, tuple[int, np.ndarray | None]] = OrderedDict()
+        self.packs = self.hot_evictions = 0  # shards packed (hot-tier misses), and packed shards dropped
         self._ahead: dict[Hashable, asyncio.Task] = {}  # pack-aheads in flight, by packed key
         prefetch = prefetch or PrefetchSettings(depth=0)
         # Prefetched shards live in the cache: with no cache there is nowhere to put them.
@@ -133,9 +136,14 @@ class ShardStore:
             return pack(packing, tok, order, seq_len, ds.info.pad_id)
 
         packed = await self._once(key, build)
-        self._packed[key] = packed
-        while len(self._packed) > self._packed_slots:
-            self._packed.popitem(last=False)
+        if key not in self._packed:
+            self.packs += 1
+            self._packed[key] = packed
+            self._packed_bytes += packed.nbytes
+            while len(self._packed) > 1 and (len(self._packed) > self._packed_slots
+                                             or self._packed_bytes > self._packed_max_bytes):
+                self._packed_bytes -= self._packed.popitem(last=False)[1].nbytes
+                self.hot_evictions += 1
         return packed
 
     def prefetch_stats(self) -> dict[str, int]:
@@ -148,8 +156,9 @@ class ShardStore:
         """The cache's numbers, the prefetcher's, and the hot tier's, as one plain dict."""
         out = self.cache.stats()
         out.update(self.prefetcher.stats() if self.prefetcher is not None else {})
-        out.update(inflight_loads=len(self._inflight), hot_entries=len(self._packed),
-                   hot_bytes=sum(p.nbytes for p in list(self._packed.values())))
+        out.update(inflight_loads=len(self._inflight), hot_entries=len(self._packed), hot_packs=self.packs,
+                   hot_evictions=self.hot_evictions,
+                   hot_bytes=self._packed_bytes)
         return out
 
     def packed_now(self, ds: Dataset, seed: int, epoch: int, ordinal: int, seq_len: int,
@@ -160,11 +169,6 @@ class ShardStore:
         if hit is not None:
             self._packed.move_to_end(key)
         return hit
-
-    @property
-    def hot_slots(self) -> int:
-        """How many packed shards the hot tier holds."""
-        return self._packed_slots
 
     def rows_now(self, ds: Dataset, seed: int, epoch: int, ordinal: int, seq_len: int, packing: str) -> int | None:
         """A shard's rows in an epoch if they are known without waiting (from its counts, or from
@@ -177,6 +181,25 @@ class ShardStore:
                 return rows
         hit = self._packed.get(("packed", ds.fingerprint, index, seed, epoch, seq_len, packing))
         return None if hit is None else hit.rows
+
+    def epoch_rows(self, ds: Dataset, seed: int, epoch: int, seq_len: int, packing: str) -> np.ndarray | None:
+        """Cumulative rows of an epoch's shards in their order (``[0, r0, r0 + r1, ...]``), when
+        every shard's count is known from its counts alone (concat and pad), else None."""
+        key = (ds.fingerprint, seed, epoch, seq_len, packing)
+        version = ds.counts_version  # the answer changes only as counts are learned (or change)
+        hit = self._epoch_rows.get(key)
+        if hit is not None and hit[0] == version:
+            return hit[1]
+        cum = None
+        if len(ds.shard_tokens) == ds.num_shards and known_rows(packing, 0, 0, seq_len) is not None:
+            order = _shard_order(seed, epoch, ds.num_shards)
+            rows = [known_rows(packing, ds.shard_tokens[i], ds.shard_docs[i], seq_len) for i in order.tolist()]
+            cum = np.zeros(len(rows) + 1, dtype=np.int64)
+            np.cumsum(rows, out=cum[1:])
+        self._epoch_rows[key] = (version, cum)
+        while len(self._epoch_rows) > 64:
+            self._epoch_rows.popitem(last=False)
+        return cum
 
     def pack_ahead(self, ds: Dataset, seed: int, epoch: int, ordinal: int, seq_len: int, packing: str) -> None:
         """Start packing a shard a stream will read next, so that crossing into it does not wait
@@ -210,4 +233,5 @@ def build_store(config: Config, executor: Executor) -> ShardStore:
     fixed_mmap_threshold()  # keeps resident memory close to the cache budget (see there)
     disk = DiskTier(c.disk.path, int(c.disk.max_bytes)) if c.disk is not None else None
     cache = ShardCache(int(c.max_bytes), ttl_s=c.ttl_s, zstd_level=c.zstd_level, policy=c.policy, disk=disk)
-    return ShardStore(cache, executor, packed_slots=c.hot_slots, prefetch=config.prefetch)
+    return ShardStore(cache, executor, packed_slots=c.hot_slots, packed_bytes=int(c.hot_max_bytes),
+                      prefetch=config.prefetch)

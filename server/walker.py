@@ -18,6 +18,8 @@ from server.store import ShardStore
 #: Provenance record fields (one int64 each): row in batch, column, length, source, shard,
 #: document in shard, offset in document.
 PROVENANCE_FIELDS = 7
+#: Shards a stream keeps packing ahead of its position, at most.
+MAX_AHEAD = 8
 
 
 class Walker:
@@ -96,6 +98,13 @@ class Walker:
             filled = 0
             for target, taking in ((first, False), (first + width, True), (end, False)):
                 while row < target:
+                    if not taking and target - row > rows - shard_row:  # past this shard: jump there
+                        where = self._locate(epoch, shard, shard_row + target - row)
+                        if where is not None:
+                            epoch, shard, shard_row, rows = where
+                            row = target
+                            entered.append((epoch, shard))
+                            break
                     if shard_row == rows:  # move into the next shard, if its row count is known
                         shard += 1
                         if shard == ds.num_shards:
@@ -124,16 +133,37 @@ class Walker:
         self._pack_ahead()
         return locators
 
+    def _locate(self, epoch: int, shard: int, offset: int) -> tuple[int, int, int, int] | None:
+        """The position ``offset`` rows after the start of shard ``shard`` of ``epoch``, found by
+        bisecting the epochs' cumulative row counts (the ranks of a large job skip most rows):
+        ``(epoch, shard, shard_row, rows)``, left at the end of a shard as ``skip`` leaves it.
+        None when a count on the way is not known yet."""
+        store = self.store
+        cum = store.epoch_rows(self.ds, self.seed, epoch, self.seq_len, self.packing)
+        if cum is None:
+            return None
+        x = int(cum[shard]) + offset
+        while x > cum[-1]:
+            if cum[-1] == 0:
+                return None  # an epoch without rows: the slow path says so
+            x -= int(cum[-1])
+            epoch += 1
+            cum = store.epoch_rows(self.ds, self.seed, epoch, self.seq_len, self.packing)
+            if cum is None:
+                return None
+        s = int(np.searchsorted(cum, x, side="left")) - 1
+        return epoch, s, x - int(cum[s]), int(cum[s + 1] - cum[s])
+
     def _pack_ahead(self) -> None:
         """On entering a shard, start packing the shards after it that hold the next
-        ``ahead_rows`` rows (at least one, at most a quarter of the hot tier), so that crossing into
-        them neither waits for decompression and packing nor leaves the fast path."""
+        ``ahead_rows`` rows (at least one, at most ``MAX_AHEAD``), so that crossing into them
+        neither waits for decompression and packing nor leaves the fast path."""
         if self._ahead_from == (self.epoch, self.shard):
             return
         self._ahead_from = (self.epoch, self.shard)
         store, ds = self.store, self.ds
         epoch, shard, covered = self.epoch, self.shard, (self._rows or 0) - self.shard_row
-        for _ in range(max(1, store.hot_slots // 4)):
+        for _ in range(MAX_AHEAD):
             shard += 1
             if shard == ds.num_shards:
                 epoch, shard = epoch + 1, 0
@@ -196,25 +226,6 @@ class MixtureWalker:
         for c, part in enumerate(self.parts):
             await part.skip(assigned.count(c))
         self.row += n
-
-    def _pack_ahead(self) -> None:
-        """On entering a shard, start packing the shards after it that hold the next
-        ``ahead_rows`` rows (at least one, at most a quarter of the hot tier), so that crossing into
-        them neither waits for decompression and packing nor leaves the fast path."""
-        if self._ahead_from == (self.epoch, self.shard):
-            return
-        self._ahead_from = (self.epoch, self.shard)
-        store, ds = self.store, self.ds
-        epoch, shard, covered = self.epoch, self.shard, (self._rows or 0) - self.shard_row
-        for _ in range(max(1, store.hot_slots // 4)):
-            shard += 1
-            if shard == ds.num_shards:
-                epoch, shard = epoch + 1, 0
-            store.pack_ahead(ds, self.seed, epoch, shard, self.seq_len, self.packing)
-            rows = store.rows_now(ds, self.seed, epoch, shard, self.seq_len, self.packing)
-            covered += rows or 0
-            if rows is None or covered >= self.ahead_rows:
-                break
 
     async def take(self, out: np.ndarray, provenance: list[np.ndarray] | None = None) -> int:
         assigned = np.asarray(self._assign(len(out)))

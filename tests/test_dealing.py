@@ -139,19 +139,21 @@ def test_whole_document_packings_deliver_every_document_once_per_epoch(start_ser
     assert decoded[: len(docs)] != decoded[len(docs) : 2 * len(docs)]
 
 
-def test_messages_spanning_many_shards_hold_the_same_batches_and_positions(start_server, corpus):
-    """A message of 16 batches spans several small shards (and epoch ends): the server's fast
-    path assembles it across shards once their rows are known; it must give exactly the
-    batches and the positions after each batch that one batch per message gives."""
+@pytest.mark.parametrize("world, rank", [(3, 1), (16, 5)])
+def test_messages_spanning_many_shards_hold_the_same_batches_and_positions(start_server, corpus, world, rank):
+    """A message of 16 batches spans several small shards (and epoch ends), and with 16 ranks
+    each step skips whole shards: the server's fast path assembles and skips across shards once
+    their rows are known; it must give exactly the batches and the positions after each batch
+    that one batch per message gives."""
     path, docs = corpus
     server = start_server(jsonl_config(path, shard_bytes=4 << 10))
     shards = StreamingDataset(server.address, "docs", seq_len=SEQ, batch_size=BATCH).describe().num_shards
     tokens = sum(len(d.encode()) + 1 for d in docs)
-    n = 3 * -(-(tokens // SEQ + shards) // (3 * BATCH))  # about three epochs of rank 1 of 3
+    n = 3 * -(-(tokens // SEQ + shards) // (world * BATCH))  # about three epochs of one rank
 
     def run(per_message: int) -> tuple[list[np.ndarray], list[dict]]:
-        ds = StreamingDataset(server.address, "docs", seq_len=SEQ, batch_size=BATCH, seed=3, rank=1, world_size=3,
-                              batches_per_message=per_message)
+        ds = StreamingDataset(server.address, "docs", seq_len=SEQ, batch_size=BATCH, seed=3, rank=rank,
+                              world_size=world, batches_per_message=per_message)
         ids, positions = [], []
         for batch in itertools.islice(ds, n):
             ids.append(batch["input_ids"].numpy())
