@@ -46,7 +46,7 @@ class ShardStore:
         self.executor = executor
         self._inflight: dict[Hashable, asyncio.Task] = {}
         self._packed: OrderedDict[Hashable, PackedShard] = OrderedDict()
-        self._packed_slots, self._packed_max_bytes, self._packed_bytes = packed_slots, packed_bytes, 0
+        self.hot_slots, self.hot_max_bytes, self._packed_bytes = packed_slots, packed_bytes, 0
         self._epoch_rows: OrderedDict[Hashable, tuple[int, np.ndarray | None]] = OrderedDict()
         self.packs = self.hot_evictions = 0  # shards packed (hot-tier misses), and packed shards dropped
         self._ahead: dict[Hashable, asyncio.Task] = {}  # pack-aheads in flight, by packed key
@@ -140,8 +140,8 @@ class ShardStore:
             self.packs += 1
             self._packed[key] = packed
             self._packed_bytes += packed.nbytes
-            while len(self._packed) > 1 and (len(self._packed) > self._packed_slots
-                                             or self._packed_bytes > self._packed_max_bytes):
+            while len(self._packed) > 1 and (len(self._packed) > self.hot_slots
+                                             or self._packed_bytes > self.hot_max_bytes):
                 self._packed_bytes -= self._packed.popitem(last=False)[1].nbytes
                 self.hot_evictions += 1
         return packed

@@ -18,8 +18,6 @@ from server.store import ShardStore
 #: Provenance record fields (one int64 each): row in batch, column, length, source, shard,
 #: document in shard, offset in document.
 PROVENANCE_FIELDS = 7
-#: Shards a stream keeps packing ahead of its position, at most.
-MAX_AHEAD = 8
 
 
 class Walker:
@@ -32,7 +30,8 @@ class Walker:
         self.row, self.epoch, self.shard, self.shard_row = start.row, start.epoch, start.shard, start.shard_row
         self.source = source
         self._rows: int | None = None
-        self._ahead_from: tuple[int, int] | None = None
+        self._ahead_from: tuple[int, int] | None = None  # the shard the last pack-ahead started from
+        self._ahead_to: tuple[int, int, int] | None = None  # furthest shard asked for, global row at its end
         # Tells the cache (eviction by next use) and the prefetcher where this walker is; close()
         # ends it, and so does dropping the walker (a safety net for callers that do not close).
         self._follow = store.follow(ds, seed)
@@ -155,23 +154,34 @@ class Walker:
         return epoch, s, x - int(cum[s]), int(cum[s + 1] - cum[s])
 
     def _pack_ahead(self) -> None:
-        """On entering a shard, start packing the shards after it that hold the next
-        ``ahead_rows`` rows (at least one, at most ``MAX_AHEAD``), so that crossing into them
-        neither waits for decompression and packing nor leaves the fast path."""
-        if self._ahead_from == (self.epoch, self.shard):
+        """On entering a shard, keep packing the shards that hold the next ``ahead_rows`` rows
+        (at least the next shard; at most half the hot tier's shards and bytes), so that crossing
+        into them neither waits for decompression and packing nor leaves the fast path. Each
+        shard is asked for once per walker: the walk resumes where the last call stopped."""
+        here = (self.epoch, self.shard)
+        if self._ahead_from == here:
             return
-        self._ahead_from = (self.epoch, self.shard)
-        store, ds = self.store, self.ds
-        epoch, shard, covered = self.epoch, self.shard, (self._rows or 0) - self.shard_row
-        for _ in range(MAX_AHEAD):
+        self._ahead_from = here
+        store, ds, n = self.store, self.ds, self.ds.num_shards
+        if self._ahead_to is None or self._ahead_to[:2] <= here:  # restart from this shard
+            self._ahead_to = (*here, self.row - self.shard_row + (self._rows or 0))
+        epoch, shard, row_end = self._ahead_to
+        max_shards = max(1, store.hot_slots // 2)
+        max_rows = max(1, store.hot_max_bytes // 2 // (self.seq_len * ds.dtype.itemsize))
+        target = self.row + min(self.ahead_rows, max_rows)
+        while (epoch * n + shard) - (self.epoch * n + self.shard) < max_shards:
             shard += 1
-            if shard == ds.num_shards:
+            if shard == n:
                 epoch, shard = epoch + 1, 0
             store.pack_ahead(ds, self.seed, epoch, shard, self.seq_len, self.packing)
             rows = store.rows_now(ds, self.seed, epoch, shard, self.seq_len, self.packing)
-            covered += rows or 0
-            if rows is None or covered >= self.ahead_rows:
+            if rows is None:  # not known until packed: ask again from here next time
+                shard, epoch = (shard - 1, epoch) if shard else (n - 1, epoch - 1)
                 break
+            row_end += rows
+            if row_end >= target:
+                break
+        self._ahead_to = (epoch, shard, row_end)
 
     async def take(self, out: np.ndarray, provenance: list[np.ndarray] | None = None) -> int:
         """Fill ``out`` ([rows, seq_len + 1]) with the next rows; return the epoch of the first.
