@@ -20,8 +20,9 @@ from tokenfeed.v1 import tokenfeed_pb2 as pb
 
 #: Key under which each batch carries its state when iterated by a ``StreamingDataLoader``.
 STATE_KEY = "_tokenfeed_state"
-#: Key of a batch still in its wire form: a worker of a ``StreamingDataLoader`` sends the uint16
-#: rows (one small storage to share instead of four int64 ones) and the main process expands them.
+#: Key of a message still in its wire form: a worker of a ``StreamingDataLoader`` sends each
+#: message's uint16 rows as one item (one storage to share per message instead of four int64 ones
+#: per batch), with the state after each of its batches; the loader expands and interleaves them.
 RAW_KEY = "_tokenfeed_raw"
 
 
@@ -198,13 +199,26 @@ class StreamingDataset(IterableDataset):
             messages = iter(Ahead(messages, self.decode_ahead, interrupt=chunks.close,
                                   name=f"{threading.current_thread().name}/tokenfeed-decode"))
         k = 0
+
+        def consumed(cursor: pb.Cursor) -> None:  # the rank's next batch was taken
+            nonlocal k
+            j = first + k * workers  # the rank's step, counted from where this iteration started
+            k += 1
+            self._cursor = cursor  # the position, made a Position when asked for (state_dict)
+            self._steps, self._cycle = steps0 + j + 1, base_cycle + j + 1
+
         try:
             for message in messages:
+                if raw:  # one item per message; the loader yields its batches with these states
+                    bundle, cursors = message
+                    states = []
+                    for cursor in cursors:
+                        consumed(cursor)
+                        states.append(self.state_dict())
+                    yield {RAW_KEY: {**bundle, "states": states}}
+                    continue
                 for batch, cursor in message:
-                    j = first + k * workers  # the rank's step, counted from where this iteration started
-                    k += 1
-                    self._cursor = cursor  # the position, made a Position when asked for (state_dict)
-                    self._steps, self._cycle = steps0 + j + 1, base_cycle + j + 1
+                    consumed(cursor)
                     if self._attach_state:
                         batch[STATE_KEY] = self.state_dict()
                     yield batch
@@ -213,9 +227,9 @@ class StreamingDataset(IterableDataset):
             chunks.close()
 
 
-def _decoded(chunks: Iterator[tuple[pb.BatchChunk, int]], raw: bool,
-             provenance: bool) -> Iterator[list[tuple[dict[str, Any], pb.Cursor]]]:
-    """Per message, its batches (as tensors, or in wire form for ``raw``) and the cursor after each."""
+def _decoded(chunks: Iterator[tuple[pb.BatchChunk, int]], raw: bool, provenance: bool) -> Iterator[Any]:
+    """Per message: its batches as tensors and the cursor after each; for ``raw``, the message
+    in wire form (one uint16 tensor of all its batches) and the cursors."""
     message: list[tuple[dict[str, Any], pb.Cursor]] = []
     tokens = records = piece_starts = None
     for chunk, i in chunks:
@@ -223,12 +237,14 @@ def _decoded(chunks: Iterator[tuple[pb.BatchChunk, int]], raw: bool,
             tokens = wire.decode_chunk(chunk)
             records = wire.decode_provenance(chunk) if provenance else None
             piece_starts = wire.decode_piece_starts(chunk)
-        starts = piece_starts[i] if piece_starts else None
         if raw:
-            batch = {RAW_KEY: {"tokens": torch.from_numpy(tokens[i].copy()), "eos_id": chunk.eos_id,
-                               "pad_id": chunk.pad_id, "piece_starts": starts}}
-        else:
-            batch = to_batch(tokens[i], chunk.eos_id, chunk.pad_id, starts)
+            if i == chunk.num_batches - 1:
+                yield ({"tokens": torch.from_numpy(tokens.copy()), "eos_id": chunk.eos_id, "pad_id": chunk.pad_id,
+                        "piece_starts": piece_starts,
+                        "provenance": [torch.from_numpy(r.copy()) for r in records] if records is not None else None},
+                       list(chunk.cursors))
+            continue
+        batch = to_batch(tokens[i], chunk.eos_id, chunk.pad_id, piece_starts[i] if piece_starts else None)
         if records is not None:
             batch["provenance"] = torch.from_numpy(records[i].copy())
         message.append((batch, chunk.cursors[i]))
@@ -237,12 +253,13 @@ def _decoded(chunks: Iterator[tuple[pb.BatchChunk, int]], raw: bool,
             message = []
 
 
-def expand_raw(batch: dict) -> dict:
-    """A batch in wire form (``RAW_KEY``) as the tensors ``to_batch`` makes; others unchanged."""
-    raw = batch.pop(RAW_KEY, None)
-    if raw is None:
-        return batch
-    return {**to_batch(raw["tokens"].numpy(), raw["eos_id"], raw["pad_id"], raw["piece_starts"]), **batch}
+def expand_raw(bundle: dict[str, Any], j: int) -> dict[str, torch.Tensor]:
+    """Batch ``j`` of a message in wire form (``RAW_KEY``) as the tensors ``to_batch`` makes."""
+    starts = bundle["piece_starts"]
+    batch = to_batch(bundle["tokens"][j].numpy(), bundle["eos_id"], bundle["pad_id"], starts[j] if starts else None)
+    if bundle["provenance"] is not None:
+        batch["provenance"] = bundle["provenance"][j]
+    return batch
 
 
 @functools.lru_cache(maxsize=8)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from client.dataset import STATE_KEY, StreamingDataset, expand_raw
+from client.dataset import RAW_KEY, STATE_KEY, StreamingDataset, expand_raw
 
 
 def fork_safe_context() -> multiprocessing.context.BaseContext:
@@ -44,12 +44,29 @@ class StreamingDataLoader(DataLoader):
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         self.dataset._attach_state = True  # pickled into the workers this iterator starts
-        for batch in super().__iter__():
-            self._state = batch.pop(STATE_KEY)
-            batch = expand_raw(batch)
-            if self.pin_memory and torch.cuda.is_available():  # the workers pinned the wire form
-                batch = {k: v.pin_memory() for k, v in batch.items()}
-            yield batch
+        workers = max(1, self.num_workers)
+        rounds: list[dict[str, Any]] = []  # a message from each worker, in the loader's worker order
+        for item in super().__iter__():
+            bundle = item.get(RAW_KEY)
+            if bundle is None:  # no workers: batches come whole, each with its state
+                self._state = item.pop(STATE_KEY)
+                yield item
+                continue
+            rounds.append(bundle)
+            if len(rounds) < workers:
+                continue
+            # Worker w's j-th batch is the rank's step w + workers * j: interleave the messages.
+            sizes = {len(b["states"]) for b in rounds}
+            if len(sizes) != 1:
+                raise RuntimeError(f"workers sent messages of different sizes {sorted(sizes)}")
+            for j in range(sizes.pop()):
+                for b in rounds:
+                    self._state = b["states"][j]
+                    batch = expand_raw(b, j)
+                    if self.pin_memory and torch.cuda.is_available():  # the workers pinned the wire form
+                        batch = {k: v.pin_memory() for k, v in batch.items()}
+                    yield batch
+            rounds = []
 
     def state_dict(self) -> dict[str, Any]:
         """The rank's position after the last batch this loader yielded."""
