@@ -98,7 +98,8 @@ def _segments(rows: list[int], cols: list[int], lens: list[int], docs: list[int]
 def pack_concat(shard: TokenizedShard, order: np.ndarray, seq_len: int, pad_id: int) -> PackedShard:
     """Documents in ``order``, concatenated with no gap, cut into rows; only the last row pads."""
     rows = concat_rows(shard.num_tokens, seq_len)
-    stream = np.full(rows * seq_len + 1, pad_id, dtype=shard.tokens.dtype)
+    stream = np.empty(rows * seq_len + 1, dtype=shard.tokens.dtype)
+    stream[shard.num_tokens :] = pad_id
     starts, ends = shard.offsets[order], shard.offsets[order + 1]
     if len(order):
         pieces = [shard.tokens[a:b] for a, b in zip(starts.tolist(), ends.tolist())]

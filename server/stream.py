@@ -128,7 +128,7 @@ class Chunk:
     epochs: list[int]
     provenance: list[np.ndarray] | None = None  # per batch: records sorted by (row, column)
     starts: list[list[int]] | None = None  # token-budget batches: columns where pieces start
-    buffer: bytearray | None = None  # a message's start: its tokens field, ``tokens`` filling its tail
+    buffer: np.ndarray | None = None  # a message's bytes up to its header: ``tokens`` is its tail
 
 
 async def stream_chunks(params: StreamParams, store: ShardStore) -> AsyncIterator[Chunk]:

@@ -137,8 +137,10 @@ class HfTokenizer:
         return None
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
-        """Token ids of each text (BOS first when configured, no EOS), as uint32 arrays."""
-        encodings = self._tok.encode_batch(texts, add_special_tokens=False)
+        """Token ids of each text (BOS first when configured, no EOS), as uint32 arrays.
+        ``encode_batch_fast`` (tokenizers >= 0.20) gives the same ids without computing offsets."""
+        encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+        encodings = encode(texts, add_special_tokens=False)
         if self.add_bos:
             return [np.concatenate([self._bos, np.asarray(e.ids, dtype=np.uint32)]) for e in encodings]
         return [np.asarray(e.ids, dtype=np.uint32) for e in encodings]

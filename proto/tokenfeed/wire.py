@@ -49,14 +49,15 @@ def tokens_field(nbytes: int) -> bytes:
             return bytes(out)
 
 
-def chunk_buffer(shape: tuple[int, ...], dtype: np.dtype) -> tuple[bytearray, np.ndarray]:
-    """A message buffer that starts with the tokens field, and the array (of ``shape``) inside it
-    where the tokens go: filling the array fills the message without another copy."""
+def chunk_buffer(shape: tuple[int, ...], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """A message buffer (uint8, not zeroed: every token is written) that starts with the tokens
+    field, and the array (of ``shape``) inside it where the tokens go: filling the array fills
+    the message without another copy."""
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
     prefix = tokens_field(nbytes)
-    buf = bytearray(len(prefix) + nbytes)
-    buf[: len(prefix)] = prefix
-    return buf, np.frombuffer(buf, dtype=dtype, offset=len(prefix)).reshape(shape)
+    buf = np.empty(len(prefix) + nbytes, dtype=np.uint8)
+    buf[: len(prefix)] = np.frombuffer(prefix, dtype=np.uint8)
+    return buf, buf[len(prefix) :].view(dtype).reshape(shape)
 
 
 def compress(payload: bytes, level: int = 1) -> bytes:
