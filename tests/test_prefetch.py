@@ -15,6 +15,7 @@ import grpc
 import numpy as np
 import pytest
 
+from server import metrics
 from server.cache import ShardCache
 from server.config import DatasetConfig, PrefetchSettings, ServerSettings
 from server.dataset import Dataset
@@ -293,3 +294,29 @@ async def test_a_walker_dropped_without_closing_still_lets_go(dataset: Dataset, 
     assert len(store.cache.future) == 0 and store.prefetcher.stats()["prefetch_streams"] == 0
     await store.prefetcher.idle()
     assert not prefetch_tasks()
+
+
+async def test_hot_tier_keeps_to_its_byte_budget_and_counts_packings(dataset: Dataset, pool: ThreadPoolExecutor) -> None:
+    """Packed shards are evicted by bytes (not only by count), and every packing is counted, so
+    operators can see from tokenfeed_hot_packs_total whether the ranks spread wider than the tier."""
+    seq_len = 32
+    budget = 24 << 10  # about three packed shards of ~4 KiB of text (uint16 tokens)
+    store = ShardStore(ShardCache(64 << 20), pool, packed_slots=256, packed_bytes=budget)
+    request = pb.StreamRequest(dataset="d", seed=1, seq_len=seq_len, batch_size=4, world_size=1, batches_per_message=4)
+    chunks = stream_chunks(parse_request(request, {"d": dataset}, ServerSettings()), store)
+    rows = 0
+    while rows < 1500:  # many shards
+        chunk = await chunks.__anext__()
+        rows += chunk.tokens.shape[0] * chunk.tokens.shape[1]
+        stats = store.stats()
+        assert stats["hot_bytes"] <= budget or stats["hot_entries"] == 1, stats
+    await chunks.aclose()
+    stats = store.stats()
+    shards_read = int(np.searchsorted(np.cumsum([concat_rows(dataset.shard_tokens[i], seq_len)
+                                                  for i in shard_order(1, 0, dataset.num_shards).tolist()]), rows))
+    assert stats["hot_evictions"] > 0
+    assert shards_read <= stats["hot_packs"] <= shards_read + 3  # each once, plus the pack-ahead past the end
+    exported = {s.name: s.value for f in metrics.ServerCollector({}, store).collect() for s in f.samples}
+    assert exported["tokenfeed_hot_packs_total"] == store.stats()["hot_packs"]
+    assert exported["tokenfeed_hot_evictions_total"] == store.stats()["hot_evictions"]
+    await store.close()
