@@ -3,14 +3,27 @@ its item ready (decoding the next message overlaps the training step instead of 
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
 _ITEM, _END, _ERROR = range(3)
+#: How long ``close`` waits for the thread: it ends within one queue timeout once interrupted.
+_JOIN_S = 5.0
+#: Threads still running, stopped at interpreter exit: a thread left inside gRPC while the
+#: interpreter tears gRPC down can abort the process.
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for ahead in list(_LIVE):
+        ahead.close()
 
 
 class Ahead(Generic[T]):
@@ -30,6 +43,7 @@ class Ahead(Generic[T]):
         self._interrupt = interrupt
         self._thread = threading.Thread(target=self._run, args=(source,), name=name, daemon=True)
         self._thread.start()
+        _LIVE.add(self)
 
     def _put(self, kind: int, value: object) -> bool:
         """Hand an item over; False when the consumer stopped first."""
@@ -69,9 +83,11 @@ class Ahead(Generic[T]):
             self.close()
 
     def close(self) -> None:
-        """Stop the thread (it exits once its current item is done or interrupted)."""
-        if self._stop.is_set():
-            return
-        self._stop.set()
-        if self._interrupt is not None:
-            self._interrupt()
+        """Stop the thread and wait for it (it ends once its current item is done or interrupted)."""
+        if not self._stop.is_set():
+            self._stop.set()
+            if self._interrupt is not None:
+                self._interrupt()
+        if self._thread is not threading.current_thread():
+            self._thread.join(_JOIN_S)
+        _LIVE.discard(self)

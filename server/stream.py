@@ -142,8 +142,8 @@ async def stream_chunks(params: StreamParams, store: ShardStore) -> AsyncIterato
             yield chunk
         return
     origin, rows_per_step, step = p.start.row, p.world_size * p.batch_size, p.first_step
-    # keep packed ahead the rows of the next four messages (all ranks' rows: the walker passes them)
-    ahead = 4 * p.batches_per_message * p.step_stride * rows_per_step
+    # keep packed ahead the rows of the next 16 messages (all ranks' rows: the walker passes them)
+    ahead = 16 * p.batches_per_message * p.step_stride * rows_per_step
     walker = make_walker(store, p.dataset, p.seed, p.seq_len, p.packing, p.start, ahead_rows=ahead)
     try:  # however the stream ends (client gone, error, shutdown), its prefetches stop
         while True:
