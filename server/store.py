@@ -83,15 +83,21 @@ class ShardStore:
         finally:
             self._inflight.pop(key, None)
 
-    def _load(self, ds: Dataset, index: int, prefetch: bool) -> _Loaded:
-        """Blocking: the shard from the cache, else read, tokenize and cache it. A prefetch only
-        makes sure it is cached (no decompression when it already is)."""
+    def _load(self, ds: Dataset, index: int, mode: str) -> _Loaded:
+        """Blocking: the shard from the cache, else read, tokenize and cache it (``"get"``). A
+        ``"prefetch"`` only makes sure it is cached (no decompression when it already is); a
+        ``"cached"`` lookup never reads the source (pack-ahead leaves that to the prefetcher)."""
         key, slot = shard_key(ds, index), (ds.fingerprint, index)
+        prefetch = mode == "prefetch"
         if prefetch:
             if self.cache.contains(key, slot):
                 return _Loaded(key, None, False)
+        elif mode == "cached" and not self.cache.contains(key, slot):
+            return _Loaded(key, None, False)
         elif (hit := self.cache.get(key, slot)) is not None:
             return _Loaded(key, hit, False)
+        if mode == "cached":
+            return _Loaded(key, None, False)
         shard = ds.tokenize_shard(index)
         if shard_key(ds, index) != key:  # a file changed while we read it: do not cache a mix
             return _Loaded(key, shard, False)
@@ -100,14 +106,18 @@ class ShardStore:
 
     async def _warm(self, ds: Dataset, index: int) -> None:
         """The prefetcher's load: shares the single flight of requests for the same shard."""
-        await self._once(("tok", ds.fingerprint, index), functools.partial(self._load, ds, index, True))
+        await self._once(("tok", ds.fingerprint, index), functools.partial(self._load, ds, index, "prefetch"))
 
-    async def tokenized(self, ds: Dataset, index: int) -> TokenizedShard:
+    async def tokenized(self, ds: Dataset, index: int, only_cached: bool = False) -> TokenizedShard | None:
+        """A shard's tokens; with ``only_cached``, None unless the cache holds it."""
         flight = ("tok", ds.fingerprint, index)
         while True:
-            loaded = await self._once(flight, functools.partial(self._load, ds, index, False))
+            loaded = await self._once(flight, functools.partial(self._load, ds, index,
+                                                                "cached" if only_cached else "get"))
             if loaded.shard is not None:  # else we joined a prefetch that found it cached: look it up
                 break
+            if only_cached:
+                return None
         if loaded.prefetched:
             self.cache.claim(loaded.key)
         return loaded.shard
@@ -123,13 +133,22 @@ class ShardStore:
     async def packed(self, ds: Dataset, seed: int, epoch: int, ordinal: int, seq_len: int,
                      packing: str = "concat") -> PackedShard:
         """A shard's rows for one epoch (documents shuffled by seed and epoch)."""
+        packed = await self._packed_shard(ds, seed, epoch, ordinal, seq_len, packing, only_cached=False)
+        assert packed is not None
+        return packed
+
+    async def _packed_shard(self, ds: Dataset, seed: int, epoch: int, ordinal: int, seq_len: int,
+                            packing: str, only_cached: bool) -> PackedShard | None:
+        """``packed``; with ``only_cached``, None unless the shard's tokens are cached."""
         index = self.shard_index(ds, seed, epoch, ordinal)
         key = ("packed", ds.fingerprint, index, seed, epoch, seq_len, packing)
         hit = self._packed.get(key)
         if hit is not None:
             self._packed.move_to_end(key)
             return hit
-        tok = await self.tokenized(ds, index)
+        tok = await self.tokenized(ds, index, only_cached)
+        if tok is None:
+            return None
 
         def build() -> PackedShard:
             order = doc_order(seed, epoch, index, tok.num_docs)
@@ -203,14 +222,16 @@ class ShardStore:
 
     def pack_ahead(self, ds: Dataset, seed: int, epoch: int, ordinal: int, seq_len: int, packing: str) -> None:
         """Start packing a shard a stream will read next, so that crossing into it does not wait
-        for decompression and packing. Fire and forget: a failure surfaces when it is read. One
-        pack-ahead per shard however many streams (the ranks of a job) ask for it."""
+        for decompression and packing. Only from the cache: reading the source ahead is the
+        prefetcher's (within its depth and budget). Fire and forget: a failure surfaces when it
+        is read. One pack-ahead per shard however many streams (the ranks of a job) ask for it."""
         if ordinal == ds.num_shards:
             epoch, ordinal = epoch + 1, 0
         key = ("packed", ds.fingerprint, self.shard_index(ds, seed, epoch, ordinal), seed, epoch, seq_len, packing)
         if key in self._packed or key in self._inflight or key in self._ahead:
             return
-        task = asyncio.get_running_loop().create_task(self.packed(ds, seed, epoch, ordinal, seq_len, packing))
+        task = asyncio.get_running_loop().create_task(
+            self._packed_shard(ds, seed, epoch, ordinal, seq_len, packing, only_cached=True))
         self._ahead[key] = task
         task.add_done_callback(functools.partial(self._ahead_done, key))
 
