@@ -331,7 +331,8 @@ _PREFETCH = {
     "hits": (CounterMetricFamily, "tokenfeed_prefetch_hits", "Lookups served by a prefetched shard."),
     "wasted": (CounterMetricFamily, "tokenfeed_prefetch_wasted", "Prefetched shards evicted before any use."),
     "queue_depth": (GaugeMetricFamily, "tokenfeed_prefetch_queue_depth", "Shards waiting to be prefetched."),
-    "inflight": (GaugeMetricFamily, "tokenfeed_inflight_loads", "Shard loads running now (demand or prefetch)."),
+    "inflight": (GaugeMetricFamily, "tokenfeed_inflight_loads",
+                 "Shards being read from their source now (demand or prefetch)."),
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from concurrent.futures import Executor
@@ -45,6 +46,7 @@ class ShardStore:
         self.cache = cache
         self.executor = executor
         self._inflight: dict[Hashable, asyncio.Task] = {}
+        self._reads, self._reads_lock = 0, threading.Lock()  # shards being read from their source now
         self._packed: OrderedDict[Hashable, PackedShard] = OrderedDict()
         self.hot_slots, self.hot_max_bytes, self._packed_bytes = packed_slots, packed_bytes, 0
         self._epoch_rows: OrderedDict[Hashable, tuple[int, np.ndarray | None]] = OrderedDict()
@@ -98,7 +100,13 @@ class ShardStore:
             return _Loaded(key, hit, False)
         if mode == "cached":
             return _Loaded(key, None, False)
-        shard = ds.tokenize_shard(index)
+        with self._reads_lock:
+            self._reads += 1
+        try:
+            shard = ds.tokenize_shard(index)
+        finally:
+            with self._reads_lock:
+                self._reads -= 1
         if shard_key(ds, index) != key:  # a file changed while we read it: do not cache a mix
             return _Loaded(key, shard, False)
         admitted = self.cache.put(key, shard, slot, prefetched=prefetch)
@@ -169,13 +177,13 @@ class ShardStore:
         """Prefetch hits, queue depth, loads in flight (requests and prefetches), and counters."""
         pre = self.prefetcher.stats() if self.prefetcher is not None else {}
         return {**pre, "hits": int(self.cache.stats()["prefetch_hits"]),
-                "queue_depth": pre.get("prefetch_queue_depth", 0), "inflight": len(self._inflight)}
+                "queue_depth": pre.get("prefetch_queue_depth", 0), "inflight": self._reads}
 
     def stats(self) -> dict[str, Any]:
         """The cache's numbers, the prefetcher's, and the hot tier's, as one plain dict."""
         out = self.cache.stats()
         out.update(self.prefetcher.stats() if self.prefetcher is not None else {})
-        out.update(inflight_loads=len(self._inflight), hot_entries=len(self._packed), hot_packs=self.packs,
+        out.update(inflight_loads=self._reads, hot_entries=len(self._packed), hot_packs=self.packs,
                    hot_evictions=self.hot_evictions,
                    hot_bytes=self._packed_bytes)
         return out
