@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 
 from client.errors import ServerUnavailable, from_rpc_error
+from tokenfeed import wire
 from tokenfeed.v1 import tokenfeed_pb2 as pb
 from tokenfeed.v1 import tokenfeed_pb2_grpc as pb_grpc
 
@@ -135,6 +136,7 @@ class Channel:
         self._pid: int | None = None
         self._channel: grpc.Channel | None = None
         self._stub: pb_grpc.TokenFeedStub | None = None
+        self._stream: Any = None
 
     @property
     def stub(self) -> pb_grpc.TokenFeedStub:
@@ -142,9 +144,19 @@ class Channel:
             self._channel = (grpc.secure_channel(self.address, self._tls.credentials(), options=self._options)
                              if self._tls is not None else grpc.insecure_channel(self.address, options=self._options))
             self._stub = pb_grpc.TokenFeedStub(self._channel)
+            # StreamBatches with a deserializer that leaves the tokens in the received bytes
+            self._stream = self._channel.unary_stream(
+                "/tokenfeed.v1.TokenFeed/StreamBatches", request_serializer=pb.StreamRequest.SerializeToString,
+                response_deserializer=wire.parse_chunk)
             self._pid = os.getpid()
         assert self._stub is not None
         return self._stub
+
+    @property
+    def stream_batches(self) -> Any:
+        """The ``StreamBatches`` callable; responses are ``wire.ReceivedChunk`` (or ``BatchChunk``)."""
+        self.stub  # noqa: B018 - creates the channel in this process
+        return self._stream
 
     def close(self) -> None:
         if self._channel is not None and self._pid == os.getpid():
@@ -216,7 +228,7 @@ def _batches(control: _Control, channel: Channel, request_from: Callable[[pb.Cur
              backoff: Backoff) -> Iterator[tuple[pb.BatchChunk, int]]:
     delays: Iterator[float] | None = None
     while not control.closed:
-        call = control.call = channel.stub.StreamBatches(request_from(cursor, first_step), metadata=channel.metadata)
+        call = control.call = channel.stream_batches(request_from(cursor, first_step), metadata=channel.metadata)
         try:
             for chunk in call:
                 delays = None

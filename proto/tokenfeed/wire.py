@@ -60,12 +60,45 @@ def chunk_buffer(shape: tuple[int, ...], dtype: np.dtype) -> tuple[np.ndarray, n
     return buf, buf[len(prefix) :].view(dtype).reshape(shape)
 
 
+class ReceivedChunk:
+    """A received ``BatchChunk`` whose tokens were not copied out of the message: ``tokens`` is
+    a view of the received bytes; every other field is the parsed header's."""
+
+    __slots__ = ("header", "tokens")
+
+    def __init__(self, header: pb.BatchChunk, tokens: memoryview) -> None:
+        self.header, self.tokens = header, tokens
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.header, name)
+
+
+def parse_chunk(data: bytes) -> pb.BatchChunk | ReceivedChunk:
+    """Deserialize a ``BatchChunk``. When its tokens field comes first (as tokenfeed's server
+    writes it, see ``tokens_field``), the tokens stay a view of ``data`` and only the small rest
+    is parsed: the payload is not copied again on its way to numpy."""
+    if data[:1] == _TOKENS_TAG:
+        size, pos, shift = 0, 1, 0
+        while pos < min(len(data), 11):
+            byte = data[pos]
+            size |= (byte & 0x7F) << shift
+            pos, shift = pos + 1, shift + 7
+            if not byte & 0x80:
+                end = pos + size
+                if end <= len(data):
+                    header = pb.BatchChunk.FromString(data[end:])
+                    if not header.tokens:  # (a later tokens field would win, as protobuf merges)
+                        return ReceivedChunk(header, memoryview(data)[pos:end])
+                break
+    return pb.BatchChunk.FromString(data)
+
+
 def compress(payload: bytes, level: int = 1) -> bytes:
     """zstd-compress a token payload for the wire."""
     return zstandard.ZstdCompressor(level=level).compress(payload)
 
 
-def decode_chunk(chunk: pb.BatchChunk) -> np.ndarray:
+def decode_chunk(chunk: pb.BatchChunk | ReceivedChunk) -> np.ndarray:
     """The tokens of a chunk as a read-only array ``[num_batches, rows, seq_len + 1]``."""
     payload = chunk.tokens
     if chunk.compression == pb.COMPRESSION_ZSTD:
