@@ -26,6 +26,10 @@ def _shard_order(seed: int, epoch: int, num_shards: int) -> np.ndarray:
     return shard_order(seed, epoch, num_shards)
 
 
+#: Pack-aheads running at once, at most (each is a cache lookup and a packing in the executor).
+MAX_PACK_AHEAD = 16
+
+
 class _Loaded(NamedTuple):
     key: str                       # the shard's content key
     shard: TokenizedShard | None   # None: a prefetch found it already cached
@@ -228,20 +232,25 @@ class ShardStore:
             self._epoch_rows.popitem(last=False)
         return cum
 
-    def pack_ahead(self, ds: Dataset, seed: int, epoch: int, ordinal: int, seq_len: int, packing: str) -> None:
+    def pack_ahead(self, ds: Dataset, seed: int, epoch: int, ordinal: int, seq_len: int, packing: str) -> bool:
         """Start packing a shard a stream will read next, so that crossing into it does not wait
         for decompression and packing. Only from the cache: reading the source ahead is the
         prefetcher's (within its depth and budget). Fire and forget: a failure surfaces when it
-        is read. One pack-ahead per shard however many streams (the ranks of a job) ask for it."""
+        is read. One pack-ahead per shard however many streams (the ranks of a job) ask for it,
+        and at most ``MAX_PACK_AHEAD`` at once, so that demand loads never queue behind a flood
+        of them. Returns False when refused for that reason (ask again later)."""
         if ordinal == ds.num_shards:
             epoch, ordinal = epoch + 1, 0
         key = ("packed", ds.fingerprint, self.shard_index(ds, seed, epoch, ordinal), seed, epoch, seq_len, packing)
         if key in self._packed or key in self._inflight or key in self._ahead:
-            return
+            return True
+        if len(self._ahead) >= MAX_PACK_AHEAD:
+            return False
         task = asyncio.get_running_loop().create_task(
             self._packed_shard(ds, seed, epoch, ordinal, seq_len, packing, only_cached=True))
         self._ahead[key] = task
         task.add_done_callback(functools.partial(self._ahead_done, key))
+        return True
 
     def _ahead_done(self, key: Hashable, task: asyncio.Task) -> None:
         self._ahead.pop(key, None)

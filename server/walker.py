@@ -155,7 +155,8 @@ class Walker:
 
     def _pack_ahead(self) -> None:
         """On entering a shard, keep packing the shards that hold the next ``ahead_rows`` rows
-        (at least the next shard; at most half the hot tier's shards and bytes), so that crossing
+        (at least the next shard; at most a quarter of the hot tier's shards and bytes, so that the
+        shards other ranks of a job still read are not evicted to make room), so that crossing
         into them neither waits for decompression and packing nor leaves the fast path. Each
         shard is asked for once per walker: the walk resumes where the last call stopped."""
         here = (self.epoch, self.shard)
@@ -166,16 +167,16 @@ class Walker:
         if self._ahead_to is None or self._ahead_to[:2] <= here:  # restart from this shard
             self._ahead_to = (*here, self.row - self.shard_row + (self._rows or 0))
         epoch, shard, row_end = self._ahead_to
-        max_shards = max(1, store.hot_slots // 2)
-        max_rows = max(1, store.hot_max_bytes // 2 // (self.seq_len * ds.dtype.itemsize))
+        max_shards = max(1, store.hot_slots // 4)
+        max_rows = max(1, store.hot_max_bytes // 4 // (self.seq_len * ds.dtype.itemsize))
         target = self.row + min(self.ahead_rows, max_rows)
         while (epoch * n + shard) - (self.epoch * n + self.shard) < max_shards:
             shard += 1
             if shard == n:
                 epoch, shard = epoch + 1, 0
-            store.pack_ahead(ds, self.seed, epoch, shard, self.seq_len, self.packing)
+            asked = store.pack_ahead(ds, self.seed, epoch, shard, self.seq_len, self.packing)
             rows = store.rows_now(ds, self.seed, epoch, shard, self.seq_len, self.packing)
-            if rows is None:  # not known until packed: ask again from here next time
+            if rows is None or not asked:  # not known until packed, or refused: ask again from here
                 shard, epoch = (shard - 1, epoch) if shard else (n - 1, epoch - 1)
                 break
             row_end += rows
