@@ -106,9 +106,10 @@ def cursor_message(loc: Locator, params: StreamParams) -> pb.Cursor:
 
 
 def encode_chunk(chunk: Chunk, params: StreamParams) -> tuple[bytes, int]:
-    """A chunk as the bytes of a ``BatchChunk`` (and the size of its token payload), with as few copies of its tokens as can be: a
-    chunk assembled in a message buffer (``Chunk.buffer``) is joined to the other fields as it is.
-    Protobuf would copy the tokens twice (into the message, then out when serialising)."""
+    """A chunk as the bytes of a ``BatchChunk``, and the size of its token payload. The tokens
+    field comes first and the other fields, serialised by protobuf, after it; a chunk assembled
+    in a message buffer (``Chunk.buffer``) is joined as it is. Protobuf would copy the tokens
+    twice more (into the message, then out of it when serialising)."""
     info = params.dataset.info
     header = pb.BatchChunk(
         dtype=params.dataset.wire_dtype, compression=params.compression,
