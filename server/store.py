@@ -152,8 +152,8 @@ class ShardStore:
     async def _packed_shard(self, ds: Dataset, seed: int, epoch: int, ordinal: int, seq_len: int,
                             packing: str, only_cached: bool) -> PackedShard | None:
         """``packed``; with ``only_cached``, None unless the shard's tokens are cached."""
-        index = self.shard_index(ds, seed, epoch, ordinal)
-        key = ("packed", ds.fingerprint, index, seed, epoch, seq_len, packing)
+        key = self._packed_key(ds, seed, epoch, ordinal, seq_len, packing)
+        index = key[2]
         hit = self._packed.get(key)
         if hit is not None:
             self._packed.move_to_end(key)
@@ -195,22 +195,27 @@ class ShardStore:
     def packed_now(self, ds: Dataset, seed: int, epoch: int, ordinal: int, seq_len: int,
                    packing: str) -> PackedShard | None:
         """The packed shard if it is in the hot tier, without waiting for anything."""
-        key = ("packed", ds.fingerprint, self.shard_index(ds, seed, epoch, ordinal), seed, epoch, seq_len, packing)
+        key = self._packed_key(ds, seed, epoch, ordinal, seq_len, packing)
         hit = self._packed.get(key)
         if hit is not None:
             self._packed.move_to_end(key)
         return hit
 
+    def _packed_key(self, ds: Dataset, seed: int, epoch: int, ordinal: int, seq_len: int, packing: str) -> tuple:
+        """The hot tier's key of shard ``ordinal`` of ``epoch``'s order; ``key[2]`` is its index."""
+        return ("packed", ds.fingerprint, self.shard_index(ds, seed, epoch, ordinal), seed, epoch, seq_len, packing)
+
     def rows_now(self, ds: Dataset, seed: int, epoch: int, ordinal: int, seq_len: int, packing: str) -> int | None:
         """A shard's rows in an epoch if they are known without waiting (from its counts, or from
         its packed rows in the hot tier), else None."""
-        index = self.shard_index(ds, seed, epoch, ordinal)
+        key = self._packed_key(ds, seed, epoch, ordinal, seq_len, packing)
+        index = key[2]
         tokens, docs = ds.shard_tokens.get(index), ds.shard_docs.get(index)
         if tokens is not None and docs is not None:
             rows = known_rows(packing, tokens, docs, seq_len)
             if rows is not None:
                 return rows
-        hit = self._packed.get(("packed", ds.fingerprint, index, seed, epoch, seq_len, packing))
+        hit = self._packed.get(key)
         return None if hit is None else hit.rows
 
     def epoch_rows(self, ds: Dataset, seed: int, epoch: int, seq_len: int, packing: str) -> np.ndarray | None:
@@ -241,7 +246,7 @@ class ShardStore:
         of them. Returns False when refused for that reason (ask again later)."""
         if ordinal == ds.num_shards:
             epoch, ordinal = epoch + 1, 0
-        key = ("packed", ds.fingerprint, self.shard_index(ds, seed, epoch, ordinal), seed, epoch, seq_len, packing)
+        key = self._packed_key(ds, seed, epoch, ordinal, seq_len, packing)
         if key in self._packed or key in self._inflight or key in self._ahead:
             return True
         if len(self._ahead) >= MAX_PACK_AHEAD:
