@@ -14,8 +14,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from client.ahead import Ahead
 from client.state import Identity, Position, make_state, parse_state
-from client.transport import Backoff, Channel, Tls, stream_batches
-from tokenfeed import wire
+from client.transport import Backoff, Channel, Tls, is_loopback, make_ring, stream_batches
+from tokenfeed import malloc, wire
 from tokenfeed.v1 import tokenfeed_pb2 as pb
 
 #: Key under which each batch carries its state when iterated by a ``StreamingDataLoader``.
@@ -81,6 +81,11 @@ class StreamingDataset(IterableDataset):
         token: bearer token for a server that requires one; default: ``$TOKENFEED_TOKEN``.
         tls_ca: PEM CA bundle that signed the server's certificate: connect with TLS.
         tls_cert, tls_key: PEM client certificate and key, for a server that requires mutual TLS.
+        shared_memory: offer the server a ring in shared memory (``/dev/shm``, or
+            ``$TOKENFEED_SHM_DIR``) for the tokens, so that gRPC carries only the small rest of each
+            message: a server on this host writes the tokens there, one elsewhere ignores the offer.
+            Default (None): offered when ``address`` is a loopback address. Not with
+            ``compression`` or ``max_tokens``.
     """
 
     def __init__(self, address: str | Sequence[str], dataset: str, seq_len: int = 2048, batch_size: int = 8,
@@ -88,7 +93,8 @@ class StreamingDataset(IterableDataset):
                  packing: str = wire.DEFAULT_PACKING, max_tokens: int | None = None, provenance: bool = False,
                  reconnect_deadline_s: float = 60.0, batches_per_message: int | None = None,
                  compression: str | None = None, decode_ahead: int = 2, token: str | None = None,
-                 tls_ca: str | None = None, tls_cert: str | None = None, tls_key: str | None = None) -> None:
+                 tls_ca: str | None = None, tls_cert: str | None = None, tls_key: str | None = None,
+                 shared_memory: bool | None = None) -> None:
         super().__init__()
         default_rank, default_world = _default_rank_world()
         self.rank = default_rank if rank is None else rank
@@ -134,6 +140,12 @@ class StreamingDataset(IterableDataset):
         token = token if token is not None else os.environ.get("TOKENFEED_TOKEN") or None
         self._channel = Channel(self.address, max(max_message, 4 << 20), token=token,
                                 tls=Tls.load(tls_ca, tls_cert, tls_key))
+        if shared_memory is None:
+            shared_memory = is_loopback(self.address)
+        self.shared_memory = shared_memory and compression in (None, "none") and not max_tokens
+        # Slots sized for 4-byte tokens (the dtype is the server's to choose); about 4 MiB a stream.
+        self._slot_bytes = batches_per_message * row_tokens * 4
+        self._slots = max(4, min(64, (4 << 20) // self._slot_bytes))
         self._position = Position()
         self._cursor: pb.Cursor | None = None  # the last yielded batch's cursor, not yet a Position
         self._steps = 0
@@ -192,9 +204,13 @@ class StreamingDataset(IterableDataset):
         self._stride = workers
         chunks = stream_batches(
             self._channel, lambda cursor, step: self._request(cursor, step, worker),
-            start.to_cursor(self.identity), first, workers, self.backoff)
+            start.to_cursor(self.identity), first, workers, self.backoff,
+            ring_from=functools.partial(make_ring, self._slots, self._slot_bytes) if self.shared_memory else None)
         raw = self._attach_state and info is not None  # a StreamingDataLoader worker: wire form
-        messages = _decoded(chunks, raw, self.provenance)
+        malloc.tune_for_client()
+        # Ahead of the consumer, a message's batches are made together; in step with it, each
+        # batch when it is asked for (fewer live tensors: a smaller working set).
+        messages = _decoded(chunks, raw, self.provenance, eager=self.decode_ahead > 0)
         if self.decode_ahead:  # decode in a thread, overlapping the training step
             messages = iter(Ahead(messages, self.decode_ahead, interrupt=chunks.close,
                                   name=f"{threading.current_thread().name}/tokenfeed-decode"))
@@ -227,30 +243,36 @@ class StreamingDataset(IterableDataset):
             chunks.close()
 
 
-def _decoded(chunks: Iterator[tuple[pb.BatchChunk, int]], raw: bool, provenance: bool) -> Iterator[Any]:
-    """Per message: its batches as tensors and the cursor after each; for ``raw``, the message
-    in wire form (one uint16 tensor of all its batches) and the cursors."""
-    message: list[tuple[dict[str, Any], pb.Cursor]] = []
-    tokens = records = piece_starts = None
+def _decoded(chunks: Iterator[tuple[pb.BatchChunk, int]], raw: bool, provenance: bool,
+             eager: bool = True) -> Iterator[Any]:
+    """Per message: its batches as tensors and the cursor after each (a list when ``eager``, else
+    made one by one as they are iterated); for ``raw``, the message in wire form (one uint16
+    tensor of all its batches) and the cursors."""
     for chunk, i in chunks:
-        if i == 0:
-            tokens = wire.decode_chunk(chunk)
-            records = wire.decode_provenance(chunk) if provenance else None
-            piece_starts = wire.decode_piece_starts(chunk)
-        if raw:
-            if i == chunk.num_batches - 1:
-                yield ({"tokens": torch.from_numpy(tokens.copy()), "eos_id": chunk.eos_id, "pad_id": chunk.pad_id,
-                        "piece_starts": piece_starts,
-                        "provenance": [torch.from_numpy(r.copy()) for r in records] if records is not None else None},
-                       list(chunk.cursors))
+        if i != 0:
             continue
+        tokens = wire.decode_chunk(chunk)
+        records = wire.decode_provenance(chunk) if provenance else None
+        piece_starts = wire.decode_piece_starts(chunk)
+        if raw:
+            yield ({"tokens": torch.from_numpy(tokens.copy()), "eos_id": chunk.eos_id, "pad_id": chunk.pad_id,
+                    "piece_starts": piece_starts,
+                    "provenance": [torch.from_numpy(r.copy()) for r in records] if records is not None else None},
+                   list(chunk.cursors))
+        else:
+            batches = _batches_of(chunk, tokens, records, piece_starts)
+            yield list(batches) if eager else batches
+        for _ in range(chunk.num_batches - 1):  # the stream's (chunk, i) for the other batches
+            next(chunks)
+
+
+def _batches_of(chunk: pb.BatchChunk, tokens: np.ndarray, records: list[np.ndarray] | None,
+                piece_starts: list[list[int]] | None) -> Iterator[tuple[dict[str, torch.Tensor], pb.Cursor]]:
+    for i in range(chunk.num_batches):
         batch = to_batch(tokens[i], chunk.eos_id, chunk.pad_id, piece_starts[i] if piece_starts else None)
         if records is not None:
             batch["provenance"] = torch.from_numpy(records[i].copy())
-        message.append((batch, chunk.cursors[i]))
-        if i == chunk.num_batches - 1:
-            yield message
-            message = []
+        yield batch, chunk.cursors[i]
 
 
 def expand_raw(bundle: dict[str, Any], j: int) -> dict[str, torch.Tensor]:

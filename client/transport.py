@@ -17,6 +17,7 @@ import grpc
 
 from client.errors import ServerUnavailable, from_rpc_error
 from tokenfeed import wire
+from tokenfeed.shm import ClientRing
 from tokenfeed.v1 import tokenfeed_pb2 as pb
 from tokenfeed.v1 import tokenfeed_pb2_grpc as pb_grpc
 
@@ -186,24 +187,45 @@ def _close_live_streams() -> None:
 
 
 def stream_batches(channel: Channel, request_from: Callable[[pb.Cursor | None, int], pb.StreamRequest],
-                   cursor: pb.Cursor | None, first_step: int, stride: int, backoff: Backoff) -> BatchStream:
+                   cursor: pb.Cursor | None, first_step: int, stride: int, backoff: Backoff,
+                   ring_from: Callable[[], ClientRing | None] | None = None) -> BatchStream:
     """See ``BatchStream``; the stream is closed at exit if it is still open."""
-    stream = BatchStream(channel, request_from, cursor, first_step, stride, backoff)
+    stream = BatchStream(channel, request_from, cursor, first_step, stride, backoff, ring_from)
     _LIVE.add(stream)
     return stream
+
+
+def is_loopback(address: str) -> bool:
+    """Whether ``address`` names this host (the server can then share memory with us)."""
+    return address.startswith(_LOOPBACK)
+
+
+def make_ring(slots: int, slot_bytes: int) -> ClientRing | None:
+    """A new shared-memory ring, or None where none can be made here (no such directory, full)."""
+    try:
+        return ClientRing(slots, slot_bytes)
+    except OSError as err:
+        log.debug("no shared-memory ring (%s); tokens come inline", err)
+        return None
 
 
 class BatchStream:
     """Yields ``(chunk, i)`` for every batch ``i`` of every chunk, reopening after a failure at
     the position after the last yielded batch (its cursor, then the rank's next step).
-    ``close()`` may be called from any thread: it cancels the open call, and the stream ends."""
+    ``close()`` may be called from any thread: it cancels the open call, and the stream ends.
+
+    With ``ring_from``, each call offers a new shared-memory ring (see ``tokenfeed.shm``); a
+    chunk whose tokens are in it is yielded with ``tokens`` a view of its slot, valid until the
+    stream is asked for the batch after the chunk's last (the slot is then handed back)."""
 
     def __init__(self, channel: Channel, request_from: Callable[[pb.Cursor | None, int], pb.StreamRequest],
-                 cursor: pb.Cursor | None, first_step: int, stride: int, backoff: Backoff) -> None:
+                 cursor: pb.Cursor | None, first_step: int, stride: int, backoff: Backoff,
+                 ring_from: Callable[[], ClientRing | None] | None = None) -> None:
         # The generator gets the control, not the stream: no reference cycle, so a stream dropped
         # by its consumer is finalised (its call cancelled) at once, not at the next GC.
         self._control = _Control()
-        self._batches = _batches(self._control, channel, request_from, cursor, first_step, stride, backoff)
+        self._batches = _batches(self._control, channel, request_from, cursor, first_step, stride, backoff,
+                                 ring_from)
 
     def __iter__(self) -> BatchStream:
         return self
@@ -224,17 +246,29 @@ class _Control:
 
 
 def _batches(control: _Control, channel: Channel, request_from: Callable[[pb.Cursor | None, int], pb.StreamRequest],
-             cursor: pb.Cursor | None, first_step: int, stride: int,
-             backoff: Backoff) -> Iterator[tuple[pb.BatchChunk, int]]:
+             cursor: pb.Cursor | None, first_step: int, stride: int, backoff: Backoff,
+             ring_from: Callable[[], ClientRing | None] | None) -> Iterator[tuple[pb.BatchChunk, int]]:
     delays: Iterator[float] | None = None
     while not control.closed:
-        call = control.call = channel.stream_batches(request_from(cursor, first_step), metadata=channel.metadata)
+        request = request_from(cursor, first_step)
+        ring = ring_from() if ring_from is not None else None  # a new one per call (see tokenfeed.shm)
+        if ring is not None:
+            request.shared_memory.CopyFrom(ring.spec())
+        call = control.call = channel.stream_batches(request, metadata=channel.metadata)
         try:
-            for chunk in call:
+            for seq, chunk in enumerate(call):
                 delays = None
+                if ring is not None:
+                    ring.unlink()  # the server has it open (or never will): nothing to leave behind
+                    if chunk.HasField("shm_slot"):
+                        nbytes = (chunk.num_batches * chunk.rows * (chunk.seq_len + 1)
+                                  * wire.numpy_dtype(chunk.dtype).itemsize)
+                        chunk = wire.ReceivedChunk(chunk, ring.view(chunk.shm_slot, nbytes))
                 for i in range(chunk.num_batches):
                     yield chunk, i
                     cursor, first_step = chunk.cursors[i], stride - 1
+                if ring is not None:
+                    ring.release(seq + 1)
         except grpc.RpcError as err:
             if control.closed:
                 return
@@ -252,3 +286,5 @@ def _batches(control: _Control, channel: Channel, request_from: Callable[[pb.Cur
             time.sleep(delay)
         finally:
             call.cancel()
+            if ring is not None:
+                ring.close()

@@ -4,7 +4,6 @@ and an optional disk tier. Plain synchronous, thread-safe code: callers run it o
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import os
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from server.cache_disk import Blob, CorruptEntry, DiskTier, decode, encode
 from server.cache_policy import FutureIndex, Policy, Slot, make_policy
 from server.packing import TokenizedShard
+from tokenfeed import malloc
 
 if TYPE_CHECKING:
     from server.dataset import Dataset
@@ -52,20 +52,18 @@ def shard_key(ds: Dataset, index: int) -> str:
     return h.hexdigest()[:32]
 
 
-def fixed_mmap_threshold(threshold: int = 1 << 20) -> bool:
+def fixed_mmap_threshold(threshold: int = 1 << 20, trim_threshold: int = 32 << 20) -> bool:
     """Make glibc serve every allocation of ``threshold`` bytes or more with its own mmap, returned
     to the system when freed. By default glibc raises that threshold after the first large free,
     so shard-sized temporaries (raw text, token arrays, decompressed shards) land in the heap
     between long-lived cache entries, which then pin it: resident memory grew by several times
-    the cached bytes. Same as ``MALLOC_MMAP_THRESHOLD_``; a no-op off glibc. Returns whether set.
-    1 MiB, not lower: messages (about 256 KiB by default, at most a few MiB) are built and freed
-    hundreds of times a second, and a fresh mmap costs page faults each time; at 128 KiB the
-    server's warm throughput was a third lower (issue 9)."""
-    try:
-        libc = ctypes.CDLL(None)
-        return bool(libc.mallopt(-3, threshold))  # -3: M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
+    the cached bytes. 1 MiB, not lower: messages (about 256 KiB by default, at most a few MiB) are
+    built and freed hundreds of times a second, and a fresh mmap costs page faults each time; at
+    128 KiB the server's warm throughput was a third lower (issue 9). For the same reason up to
+    ``trim_threshold`` of free heap stays mapped (fixing one threshold fixes the other at its
+    128 KiB default, and every message freed at the top of the heap was handed back). See
+    ``tokenfeed.malloc`` (``TOKENFEED_MALLOC=0`` opts out). Returns whether set."""
+    return malloc.tune(threshold, trim_threshold)
 
 
 @dataclass(eq=False, slots=True)

@@ -209,6 +209,10 @@ class ServerSettings(_Strict):
         default=None, min_length=1, description="PEM CA bundle; when set, clients must present a certificate it signed (mTLS).")
     data_roots: list[str] | None = Field(
         default=None, min_length=1, description="When set, every file a dataset reads must resolve (symlinks too) under one of these.")
+    shared_memory: bool = Field(
+        default=True, description="Write tokens into the shared-memory ring a client on this host offers (gRPC carries the rest).")
+    shared_memory_dir: str | None = Field(
+        default=None, min_length=1, description="Where clients' rings must be; unset: $TOKENFEED_SHM_DIR, else /dev/shm.")
     # ---- limits ----
     max_streams: int = Field(default=256, gt=0, description="Concurrent batch streams; more get RESOURCE_EXHAUSTED.")
     stream_memory_bytes: ByteSize = Field(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator
 
 import grpc
@@ -18,7 +19,8 @@ from server.mixture import Mixture
 from server.schedule import Locator
 from server.store import ShardStore
 from server.stream import Chunk, StreamParams, parse_request, stream_chunks
-from tokenfeed import wire
+from tokenfeed import shm, wire
+from tokenfeed.shm import ServerRing
 from tokenfeed.v1 import tokenfeed_pb2 as pb
 from tokenfeed.v1 import tokenfeed_pb2_grpc as pb_grpc
 
@@ -51,14 +53,16 @@ class TokenFeedService(pb_grpc.TokenFeedServicer):
         self.admission = Admission(settings.max_streams, int(settings.stream_memory_bytes))
 
     async def StreamBatches(self, request: pb.StreamRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.BatchChunk]:
-        ticket = None  # the admission slot, released in `finally` however the stream ends
+        ticket = ring = None  # the admission slot and the ring, released however the stream ends
         try:
             params = parse_request(request, self.datasets, self.settings)
             ticket = self.admission.admit(check_request(params, self.settings))
-            log.info("stream opened: %s rank %d/%d worker %d from %s (row %d)", request.dataset,
-                     request.rank, request.world_size, request.worker_id, context.peer(), params.start.row)
+            ring = self._ring(request, params)
+            log.info("stream opened: %s rank %d/%d worker %d from %s (row %d%s)", request.dataset,
+                     request.rank, request.world_size, request.worker_id, context.peer(), params.start.row,
+                     ", tokens through shared memory" if ring is not None else "")
             with metrics.StreamMeter(params.dataset.name, params.packing, params.dataset.info.pad_id) as meter:
-                async for chunk in stream_chunks(params, self.store):
+                async for chunk in stream_chunks(params, self.store, ring):
                     message, payload_bytes = encode_chunk(chunk, params)
                     meter.sent(chunk.tokens, payload_bytes)
                     yield message
@@ -76,6 +80,26 @@ class TokenFeedService(pb_grpc.TokenFeedServicer):
         finally:
             if ticket is not None:
                 ticket.release()
+            if ring is not None:
+                ring.close()
+
+    def _ring(self, request: pb.StreamRequest, params: StreamParams) -> ServerRing | None:
+        """The shared-memory ring the client offers, if this server can write into it; a ring this
+        server cannot open (another host, another directory) means tokens go inline."""
+        if not request.HasField("shared_memory") or not self.settings.shared_memory or params.max_tokens:
+            return None
+        need = params.batches_per_message * params.batch_size * (params.seq_len + 1) * params.dataset.dtype.itemsize
+        if request.shared_memory.slot_bytes < need:
+            raise InvalidArgument("shared_memory", f"slots of {request.shared_memory.slot_bytes} bytes cannot hold "
+                                  f"a message of {need} bytes")
+        directory = os.path.abspath(self.settings.shared_memory_dir or shm.default_dir())
+        try:
+            return ServerRing.attach(request.shared_memory, directory)
+        except ValueError as err:
+            raise InvalidArgument("shared_memory", str(err)) from None
+        except OSError as err:
+            log.debug("shared memory offered by rank %d not usable here (%s); tokens go inline", request.rank, err)
+            return None
 
     async def Describe(self, request: pb.DescribeRequest, context: grpc.aio.ServicerContext) -> pb.DescribeResponse:
         if request.dataset and request.dataset not in self.datasets:
@@ -121,6 +145,8 @@ def encode_chunk(chunk: Chunk, params: StreamParams) -> tuple[bytes, int]:
         piece_starts=[c for s in chunk.starts for c in s] if chunk.starts else [],
         piece_start_counts=[len(s) for s in chunk.starts] if chunk.starts else [],
     ).SerializeToString()
+    if chunk.shm_slot is not None:  # the tokens are in the client's ring already
+        return pb.BatchChunk(shm_slot=chunk.shm_slot).SerializeToString() + header, chunk.tokens.nbytes
     if params.compression == pb.COMPRESSION_ZSTD:
         payload = wire.compress(chunk.tokens.data)
         return b"".join((wire.tokens_field(len(payload)), payload, header)), len(payload)

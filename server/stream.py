@@ -3,6 +3,8 @@ batches to the rank, and attach to each batch the job position after it."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -16,6 +18,7 @@ from server.schedule import Locator
 from server.store import ShardStore
 from server.walker import Walker, make_walker
 from tokenfeed import wire
+from tokenfeed.shm import ServerRing
 from tokenfeed.v1 import tokenfeed_pb2 as pb
 
 MAX_BATCHES_PER_MESSAGE = 64
@@ -129,11 +132,51 @@ class Chunk:
     provenance: list[np.ndarray] | None = None  # per batch: records sorted by (row, column)
     starts: list[list[int]] | None = None  # token-budget batches: columns where pieces start
     buffer: np.ndarray | None = None  # a message's bytes up to its header: ``tokens`` is its tail
+    shm_slot: int | None = None  # ``tokens`` is this slot of the stream's shared-memory ring
 
 
-async def stream_chunks(params: StreamParams, store: ShardStore) -> AsyncIterator[Chunk]:
+#: Waiting on a full ring: the first poll, and the bounds on the longest (see ``RingWriter``).
+RING_POLL_S = (0.0002, 0.25)
+
+
+class RingWriter:
+    """Hands out the slots of a client's shared-memory ring in message order.
+
+    A full ring means the client has ``slots`` messages to go through; it frees the next slot
+    about one message's time from now. So the server polls (doubling from 0.2 ms) up to half the
+    time the client has been taking per message: the wake-ups follow the client's pace, a few per
+    message, instead of a fixed rate per waiting stream (a slow trainer keeps its ring full).
+    """
+
+    def __init__(self, ring: ServerRing) -> None:
+        self.ring, self.message = ring, 0
+        self._seen = (0, time.monotonic())  # (released count, when it was seen)
+        self._per_message = 0.04  # seconds per message, until measured
+
+    async def tokens(self, shape: tuple[int, ...], dtype: np.dtype) -> tuple[np.ndarray, int]:
+        """The array where the next message's tokens go, and its slot."""
+        ring, message = self.ring, self.message
+        delay = RING_POLL_S[0]
+        while not ring.writable(message):
+            await asyncio.sleep(delay)
+            self._observe()
+            delay = min(delay * 2, max(RING_POLL_S[0], min(RING_POLL_S[1], self._per_message / 2)))
+        self.message += 1
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        return np.frombuffer(ring.slot(message, nbytes), dtype=dtype).reshape(shape), message % ring.slots
+
+    def _observe(self) -> None:
+        released, now = self.ring.released(), time.monotonic()
+        count, when = self._seen
+        if released > count:
+            self._per_message = 0.5 * self._per_message + 0.5 * (now - when) / (released - count)
+            self._seen = (released, now)
+
+
+async def stream_chunks(params: StreamParams, store: ShardStore, ring: ServerRing | None = None) -> AsyncIterator[Chunk]:
     """The rank's steps ``first_step, first_step + stride, ...`` counted from the start cursor.
-    Step t is global rows ``R + (t*W + rank)*B ...`` and leaves the job at ``R + (t+1)*W*B``."""
+    Step t is global rows ``R + (t*W + rank)*B ...`` and leaves the job at ``R + (t+1)*W*B``.
+    With ``ring``, the tokens are written into its slots (``Chunk.shm_slot``)."""
     p = params
     if p.max_tokens:
         from server.budget import budget_chunks  # it builds on this module
@@ -145,11 +188,15 @@ async def stream_chunks(params: StreamParams, store: ShardStore) -> AsyncIterato
     # keep packed ahead the rows of the next 16 messages (all ranks' rows: the walker passes them)
     ahead = 16 * p.batches_per_message * p.step_stride * rows_per_step
     walker = make_walker(store, p.dataset, p.seed, p.seq_len, p.packing, p.start, ahead_rows=ahead)
+    shape, writer = (p.batches_per_message, p.batch_size, p.seq_len + 1), RingWriter(ring) if ring else None
     try:  # however the stream ends (client gone, error, shutdown), its prefetches stop
         while True:
-            buffer, tokens = wire.chunk_buffer((p.batches_per_message, p.batch_size, p.seq_len + 1), p.dataset.dtype)
+            if writer is not None:
+                buffer, (tokens, slot) = None, await writer.tokens(shape, p.dataset.dtype)
+            else:
+                (buffer, tokens), slot = wire.chunk_buffer(shape, p.dataset.dtype), None
             chunk = Chunk(tokens=tokens, cursors=[], steps=[], epochs=[], provenance=[] if p.provenance else None,
-                          buffer=buffer)
+                          buffer=buffer, shm_slot=slot)
             steps = [step + i * p.step_stride for i in range(p.batches_per_message)]
             if not p.provenance and isinstance(walker, Walker):  # whole chunk from one packed shard?
                 cursors = walker.take_now(tokens, [origin + t * rows_per_step + p.rank * p.batch_size for t in steps],

@@ -32,6 +32,8 @@ SEQ, BATCH = 2048, 8
 def dataset(args: argparse.Namespace, **kw: Any) -> StreamingDataset:
     if args.decode_ahead is not None:
         kw.setdefault("decode_ahead", args.decode_ahead)
+    if args.shared_memory is not None:
+        kw.setdefault("shared_memory", args.shared_memory == "on")
     return StreamingDataset(args.address, args.dataset, seq_len=SEQ, batch_size=BATCH,
                             batches_per_message=args.bpm, compression=args.compression, **kw)
 
@@ -198,6 +200,8 @@ def main() -> None:
     parser.add_argument("--compression", default=None)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--decode-ahead", type=int, default=None, help="StreamingDataset(decode_ahead=...)")
+    parser.add_argument("--shared-memory", choices=["on", "off"], default=None,
+                        help="StreamingDataset(shared_memory=...); default: on for a loopback address")
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=20)

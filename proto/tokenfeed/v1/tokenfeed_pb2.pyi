@@ -64,7 +64,7 @@ class ComponentCursor(_message.Message):
     def __init__(self, dataset: _Optional[str] = ..., row: _Optional[int] = ..., epoch: _Optional[int] = ..., shard: _Optional[int] = ..., shard_row: _Optional[int] = ...) -> None: ...
 
 class StreamRequest(_message.Message):
-    __slots__ = ("dataset", "seed", "seq_len", "batch_size", "packing", "rank", "world_size", "cursor", "first_step", "step_stride", "batches_per_message", "compression", "worker_id", "provenance", "max_tokens")
+    __slots__ = ("dataset", "seed", "seq_len", "batch_size", "packing", "rank", "world_size", "cursor", "first_step", "step_stride", "batches_per_message", "compression", "worker_id", "provenance", "max_tokens", "shared_memory")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +80,7 @@ class StreamRequest(_message.Message):
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     PROVENANCE_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     seed: int
     seq_len: int
@@ -95,10 +96,23 @@ class StreamRequest(_message.Message):
     worker_id: int
     provenance: bool
     max_tokens: int
-    def __init__(self, dataset: _Optional[str] = ..., seed: _Optional[int] = ..., seq_len: _Optional[int] = ..., batch_size: _Optional[int] = ..., packing: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., cursor: _Optional[_Union[Cursor, _Mapping]] = ..., first_step: _Optional[int] = ..., step_stride: _Optional[int] = ..., batches_per_message: _Optional[int] = ..., compression: _Optional[_Union[Compression, str]] = ..., worker_id: _Optional[int] = ..., provenance: _Optional[bool] = ..., max_tokens: _Optional[int] = ...) -> None: ...
+    shared_memory: SharedMemory
+    def __init__(self, dataset: _Optional[str] = ..., seed: _Optional[int] = ..., seq_len: _Optional[int] = ..., batch_size: _Optional[int] = ..., packing: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., cursor: _Optional[_Union[Cursor, _Mapping]] = ..., first_step: _Optional[int] = ..., step_stride: _Optional[int] = ..., batches_per_message: _Optional[int] = ..., compression: _Optional[_Union[Compression, str]] = ..., worker_id: _Optional[int] = ..., provenance: _Optional[bool] = ..., max_tokens: _Optional[int] = ..., shared_memory: _Optional[_Union[SharedMemory, _Mapping]] = ...) -> None: ...
+
+class SharedMemory(_message.Message):
+    __slots__ = ("path", "nonce", "slots", "slot_bytes")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    SLOT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    nonce: bytes
+    slots: int
+    slot_bytes: int
+    def __init__(self, path: _Optional[str] = ..., nonce: _Optional[bytes] = ..., slots: _Optional[int] = ..., slot_bytes: _Optional[int] = ...) -> None: ...
 
 class BatchChunk(_message.Message):
-    __slots__ = ("tokens", "dtype", "compression", "num_batches", "rows", "seq_len", "eos_id", "pad_id", "cursors", "steps", "epochs", "provenance", "provenance_counts", "piece_starts", "piece_start_counts")
+    __slots__ = ("tokens", "dtype", "compression", "num_batches", "rows", "seq_len", "eos_id", "pad_id", "cursors", "steps", "epochs", "provenance", "provenance_counts", "piece_starts", "piece_start_counts", "shm_slot")
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
@@ -114,6 +128,7 @@ class BatchChunk(_message.Message):
     PROVENANCE_COUNTS_FIELD_NUMBER: _ClassVar[int]
     PIECE_STARTS_FIELD_NUMBER: _ClassVar[int]
     PIECE_START_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    SHM_SLOT_FIELD_NUMBER: _ClassVar[int]
     tokens: bytes
     dtype: TokenDtype
     compression: Compression
@@ -129,7 +144,8 @@ class BatchChunk(_message.Message):
     provenance_counts: _containers.RepeatedScalarFieldContainer[int]
     piece_starts: _containers.RepeatedScalarFieldContainer[int]
     piece_start_counts: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, tokens: _Optional[bytes] = ..., dtype: _Optional[_Union[TokenDtype, str]] = ..., compression: _Optional[_Union[Compression, str]] = ..., num_batches: _Optional[int] = ..., rows: _Optional[int] = ..., seq_len: _Optional[int] = ..., eos_id: _Optional[int] = ..., pad_id: _Optional[int] = ..., cursors: _Optional[_Iterable[_Union[Cursor, _Mapping]]] = ..., steps: _Optional[_Iterable[int]] = ..., epochs: _Optional[_Iterable[int]] = ..., provenance: _Optional[bytes] = ..., provenance_counts: _Optional[_Iterable[int]] = ..., piece_starts: _Optional[_Iterable[int]] = ..., piece_start_counts: _Optional[_Iterable[int]] = ...) -> None: ...
+    shm_slot: int
+    def __init__(self, tokens: _Optional[bytes] = ..., dtype: _Optional[_Union[TokenDtype, str]] = ..., compression: _Optional[_Union[Compression, str]] = ..., num_batches: _Optional[int] = ..., rows: _Optional[int] = ..., seq_len: _Optional[int] = ..., eos_id: _Optional[int] = ..., pad_id: _Optional[int] = ..., cursors: _Optional[_Iterable[_Union[Cursor, _Mapping]]] = ..., steps: _Optional[_Iterable[int]] = ..., epochs: _Optional[_Iterable[int]] = ..., provenance: _Optional[bytes] = ..., provenance_counts: _Optional[_Iterable[int]] = ..., piece_starts: _Optional[_Iterable[int]] = ..., piece_start_counts: _Optional[_Iterable[int]] = ..., shm_slot: _Optional[int] = ...) -> None: ...
 
 class DescribeRequest(_message.Message):
     __slots__ = ("dataset",)

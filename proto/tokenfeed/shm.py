@@ -1,0 +1,162 @@
+"""Shared-memory rings: how a client on the server's host receives tokens without gRPC carrying them.
+
+The client creates a file in a shared-memory directory (``/dev/shm``) and offers it in its
+``StreamRequest.shared_memory``; the server opens it if it can (same host, same directory, same
+user, not disabled) and then writes each message's tokens into a slot of the file, sending only
+the small rest of the message over gRPC (``BatchChunk.shm_slot``). Message ``m`` of a call uses
+slot ``m % slots``; the client publishes in the header how many messages it is done with, and the
+server writes message ``m`` only when that count is above ``m - slots``. One ring per call: a
+reconnect makes a new file, so a server still finishing a cancelled call can never write into the
+ring of the call that replaced it. The client unlinks the file as soon as the first message has
+arrived (both sides keep their mappings), so a crashed client leaves nothing behind.
+
+Layout (little-endian): a ``HEADER_BYTES`` header, then ``slots`` slots of ``slot_bytes``::
+
+    0   magic  b"TFSHM001"         24  slots       u32     40  released  u64 (client writes)
+    8   nonce  16 bytes            32  slot_bytes  u64
+"""
+
+from __future__ import annotations
+
+import errno
+import hmac
+import mmap
+import os
+import re
+import secrets
+import stat
+import struct
+import tempfile
+
+from tokenfeed.v1 import tokenfeed_pb2 as pb
+
+MAGIC = b"TFSHM001"
+HEADER_BYTES = 4096
+_FIXED = struct.Struct("<8s16sI4xQ")  # magic, nonce, slots, slot_bytes
+_RELEASED = struct.Struct("<Q")
+_RELEASED_AT = 40
+NAME = re.compile(r"tokenfeed-\d+-[0-9a-f]{16}")
+#: Bounds a server enforces on an offered ring.
+MAX_SLOTS = 4096
+MAX_RING_BYTES = 1 << 30
+
+
+def default_dir() -> str:
+    """``$TOKENFEED_SHM_DIR``, else ``/dev/shm`` where it exists (Linux), else the temp directory."""
+    env = os.environ.get("TOKENFEED_SHM_DIR")
+    if env:
+        return env
+    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+
+
+class ClientRing:
+    """The client's side of a ring: it owns the file (created, then unlinked) and the mapping."""
+
+    def __init__(self, slots: int, slot_bytes: int, directory: str | None = None) -> None:
+        self.slots, self.slot_bytes = slots, slot_bytes
+        self.directory = directory or default_dir()
+        self.path = os.path.join(self.directory, f"tokenfeed-{os.getpid()}-{secrets.token_hex(8)}")
+        self.nonce = secrets.token_bytes(16)
+        size = HEADER_BYTES + slots * slot_bytes
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            # Reserve the pages now: on a full tmpfs, touching an unreserved page kills the writer
+            # (SIGBUS); here it is an OSError and the caller streams inline instead.
+            os.posix_fallocate(fd, 0, size)
+            self._map = mmap.mmap(fd, size)
+        except BaseException:
+            os.close(fd)
+            self.unlink()
+            raise
+        os.close(fd)
+        _FIXED.pack_into(self._map, 0, MAGIC, self.nonce, slots, slot_bytes)
+        self._linked = True
+
+    def spec(self) -> pb.SharedMemory:
+        return pb.SharedMemory(path=self.path, nonce=self.nonce, slots=self.slots, slot_bytes=self.slot_bytes)
+
+    def view(self, slot: int, nbytes: int) -> memoryview:
+        """The first ``nbytes`` of ``slot`` (a ``ValueError`` for a slot or size the ring lacks)."""
+        if not 0 <= slot < self.slots or not 0 <= nbytes <= self.slot_bytes:
+            raise ValueError(f"message names slot {slot} of {nbytes} bytes; the ring has {self.slots} "
+                             f"slots of {self.slot_bytes} bytes")
+        start = HEADER_BYTES + slot * self.slot_bytes
+        return memoryview(self._map)[start:start + nbytes]
+
+    def release(self, messages: int) -> None:
+        """The client is done with the first ``messages`` messages of the call."""
+        _RELEASED.pack_into(self._map, _RELEASED_AT, messages)
+
+    def unlink(self) -> None:
+        if getattr(self, "_linked", True):
+            self._linked = False
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+    def close(self) -> None:
+        self.unlink()
+        try:
+            self._map.close()
+        except BufferError:  # a view still alive (a caller's array): the mapping goes with it
+            pass
+
+
+class ServerRing:
+    """The server's side: the client's file, checked and mapped."""
+
+    def __init__(self, mapping: mmap.mmap, slots: int, slot_bytes: int) -> None:
+        self._map, self.slots, self.slot_bytes = mapping, slots, slot_bytes
+
+    @classmethod
+    def attach(cls, spec: pb.SharedMemory, directory: str) -> ServerRing:
+        """Open the ring a request offers. Raises ``ValueError`` for an offer no client makes (the
+        request is refused) and ``OSError`` when this server cannot use it (the client is on
+        another host, or sees another directory: tokens go inline)."""
+        if not 1 <= spec.slots <= MAX_SLOTS:
+            raise ValueError(f"slots must be in [1, {MAX_SLOTS}], got {spec.slots}")
+        if not 1 <= spec.slot_bytes or HEADER_BYTES + spec.slots * spec.slot_bytes > MAX_RING_BYTES:
+            raise ValueError(f"{spec.slots} slots of {spec.slot_bytes} bytes exceed "
+                             f"{MAX_RING_BYTES} bytes or are empty")
+        if len(spec.nonce) != 16:
+            raise ValueError("nonce must be 16 bytes")
+        name = os.path.basename(spec.path)
+        if not NAME.fullmatch(name):
+            raise ValueError(f"path must name a tokenfeed ring (tokenfeed-PID-HEX), got {name!r}")
+        if os.path.dirname(spec.path) != directory:
+            raise OSError(errno.ENOENT, f"not in this server's shared-memory directory {directory}", spec.path)
+        size = HEADER_BYTES + spec.slots * spec.slot_bytes
+        fd = os.open(spec.path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+                raise OSError(errno.EINVAL, f"not a ring of {size} bytes", spec.path)
+            mapping = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        magic, nonce, slots, slot_bytes = _FIXED.unpack_from(mapping, 0)
+        if magic != MAGIC or not hmac.compare_digest(nonce, spec.nonce) or (slots, slot_bytes) != (spec.slots, spec.slot_bytes):
+            mapping.close()
+            raise OSError(errno.EINVAL, "header does not match the offer (another client's file?)", spec.path)
+        return cls(mapping, slots, slot_bytes)
+
+    def released(self) -> int:
+        """How many messages of the call the client is done with."""
+        return _RELEASED.unpack_from(self._map, _RELEASED_AT)[0]
+
+    def writable(self, message: int) -> bool:
+        return message < self.released() + self.slots
+
+    def slot(self, message: int, nbytes: int) -> memoryview:
+        """Where message ``message`` goes (``nbytes`` of its slot); check ``writable`` first."""
+        if nbytes > self.slot_bytes:
+            raise ValueError(f"a message of {nbytes} bytes does not fit a slot of {self.slot_bytes}")
+        start = HEADER_BYTES + (message % self.slots) * self.slot_bytes
+        return memoryview(self._map)[start:start + nbytes]
+
+    def close(self) -> None:
+        try:
+            self._map.close()
+        except BufferError:
+            pass

@@ -1,0 +1,186 @@
+"""Tokens through a shared-memory ring when the client is on the server's host: the same batches
+as inline, a slot never overwritten before the client is done with it, inline whenever the
+server cannot use the ring, and a clear refusal of a malformed offer."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from client import StreamingDataset
+from client.transport import Backoff, Channel, stream_batches
+from tests.conftest import jsonl_config
+from tokenfeed import shm, wire
+from tokenfeed.shm import ClientRing, ServerRing
+from tokenfeed.v1 import tokenfeed_pb2 as pb
+
+SEQ, BATCH = 64, 2
+
+
+@pytest.fixture
+def ring_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The directory both sides use for rings (the client reads ``TOKENFEED_SHM_DIR``)."""
+    d = tmp_path / "shm"
+    d.mkdir()
+    monkeypatch.setenv("TOKENFEED_SHM_DIR", str(d))
+    return d
+
+
+def request(bpm: int = 1) -> pb.StreamRequest:
+    return pb.StreamRequest(dataset="docs", seq_len=SEQ, batch_size=BATCH, world_size=1, batches_per_message=bpm)
+
+
+def batches(address: str, n: int, **kw) -> list[dict[str, torch.Tensor]]:
+    out = []
+    for batch in StreamingDataset(address, "docs", seq_len=SEQ, batch_size=BATCH, **kw):
+        out.append(batch)
+        if len(out) == n:
+            return out
+    raise AssertionError("stream ended")
+
+
+def chunks(address: str, n: int, slots: int, bpm: int = 1) -> list:
+    """The first ``n`` chunks of a stream that offers a ring of ``slots`` (tokens copied out)."""
+    channel = Channel(address, 16 << 20)
+    stream = stream_batches(channel, lambda cursor, step: request(bpm), None, 0, 1, Backoff(deadline_s=5),
+                            ring_from=lambda: ClientRing(slots, bpm * BATCH * (SEQ + 1) * 2))
+    out = []
+    try:
+        for chunk, i in stream:
+            if i == 0:
+                out.append((chunk.HasField("shm_slot"), wire.decode_chunk(chunk).copy()))
+                if len(out) == n:
+                    return out
+    finally:
+        stream.close()
+        channel.close()
+    raise AssertionError("stream ended")
+
+
+def test_tokens_come_through_the_ring_and_match_the_inline_stream(start_server, corpus, ring_dir):
+    path, _ = corpus
+    server = start_server(jsonl_config(path, shared_memory_dir=str(ring_dir)))
+    inline = chunks(server.address, 40, slots=2, bpm=1)  # 40 messages through 2 slots: 20 laps
+    assert all(used for used, _ in inline), "the server did not write into the ring"
+    assert list(ring_dir.iterdir()) == [], "the client left its ring file behind"
+    want = batches(server.address, 40, shared_memory=False)
+    got = batches(server.address, 40, shared_memory=True, batches_per_message=3, decode_ahead=0)
+    for a, b in zip(want, got):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+    assert all(np.array_equal(t[0, :, :-1], w["input_ids"].numpy()) for (_, t), w in zip(inline, want))
+    assert "tokens through shared memory" in server.log()
+
+
+def test_a_slot_is_not_rewritten_until_the_client_is_done_with_it(start_server, corpus, ring_dir):
+    path, _ = corpus
+    server = start_server(jsonl_config(path, shared_memory_dir=str(ring_dir)))
+    expected = [t for _, t in chunks(server.address, 3, slots=8)]
+    ring = ClientRing(2, BATCH * (SEQ + 1) * 2)
+    req = request()
+    req.shared_memory.CopyFrom(ring.spec())
+    channel = grpc.insecure_channel(server.address)
+    call = channel.unary_stream("/tokenfeed.v1.TokenFeed/StreamBatches", request_serializer=pb.StreamRequest.SerializeToString,
+                                response_deserializer=pb.BatchChunk.FromString)(req)
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        first, second = next(call), next(call)
+        assert (first.shm_slot, second.shm_slot) == (0, 1)
+        held = np.frombuffer(ring.view(0, expected[0].nbytes), dtype="<u2").copy()
+        third = pool.submit(next, call)
+        with pytest.raises(concurrent.futures.TimeoutError):  # both slots held: the server waits
+            third.result(timeout=0.5)
+        assert np.array_equal(np.frombuffer(ring.view(0, expected[0].nbytes), dtype="<u2"), held)
+        assert np.array_equal(held.reshape(expected[0].shape), expected[0])
+        ring.release(1)  # done with message 0: its slot may take message 2
+        msg = third.result(timeout=30)
+        assert msg.shm_slot == 0
+        got = np.frombuffer(ring.view(0, expected[2].nbytes), dtype="<u2").reshape(expected[2].shape)
+        assert np.array_equal(got, expected[2])
+    finally:
+        call.cancel()
+        pool.shutdown()
+        channel.close()
+        ring.close()
+    # the abandoned stream took nothing down: a new one is served
+    assert len(batches(server.address, 3, shared_memory=True)) == 3
+
+
+@pytest.mark.parametrize("server_side", ["other_dir", "disabled"])
+def test_a_ring_the_server_cannot_use_means_tokens_inline(start_server, corpus, ring_dir, tmp_path, server_side):
+    path, _ = corpus
+    settings = ({"shared_memory_dir": str(tmp_path)} if server_side == "other_dir" else {"shared_memory": False})
+    server = start_server(jsonl_config(path, **settings))
+    got = chunks(server.address, 5, slots=2)
+    assert not any(used for used, _ in got)
+    assert list(ring_dir.iterdir()) == [], "the client left its ring file behind"
+    want = [t for _, t in chunks(start_server(jsonl_config(path, shared_memory_dir=str(ring_dir))).address, 5, slots=2)]
+    assert all(np.array_equal(a, b) for (_, a), b in zip(got, want))
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"slots": 0}, "shared_memory: slots must be in"),
+    ({"slot_bytes": 10}, "cannot hold a message of"),
+    ({"path": "/tmp/../etc/passwd"}, "path must name a tokenfeed ring"),
+])
+def test_a_malformed_offer_is_refused_with_the_field_named(start_server, corpus, ring_dir, change, message):
+    path, _ = corpus
+    server = start_server(jsonl_config(path, shared_memory_dir=str(ring_dir)))
+    ring = ClientRing(2, BATCH * (SEQ + 1) * 2)
+    req = request()
+    req.shared_memory.CopyFrom(ring.spec())
+    for key, value in change.items():
+        setattr(req.shared_memory, key, value)
+    channel = grpc.insecure_channel(server.address)
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            next(channel.unary_stream("/tokenfeed.v1.TokenFeed/StreamBatches",
+                                      request_serializer=pb.StreamRequest.SerializeToString,
+                                      response_deserializer=pb.BatchChunk.FromString)(req))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert message in err.value.details()
+    finally:
+        channel.close()
+        ring.close()
+    assert len(batches(server.address, 2)) == 2  # the server is still up for everyone else
+
+
+def test_the_server_opens_only_the_clients_own_file(tmp_path):
+    ring = ClientRing(2, 4096, str(tmp_path))
+    directory = str(tmp_path)
+    attached = ServerRing.attach(ring.spec(), directory)
+    attached.slot(0, 4)[:] = b"abcd"
+    assert bytes(ring.view(0, 4)) == b"abcd"
+    attached.close()
+
+    forged = ring.spec()
+    forged.nonce = bytes(16)
+    with pytest.raises(OSError, match="does not match"):
+        ServerRing.attach(forged, directory)
+    with pytest.raises(OSError, match="shared-memory directory"):
+        ServerRing.attach(ring.spec(), str(tmp_path / "elsewhere"))
+    link = tmp_path / "tokenfeed-1-0123456789abcdef"
+    link.symlink_to(ring.path)
+    linked = ring.spec()
+    linked.path = str(link)
+    with pytest.raises(OSError):  # O_NOFOLLOW: never through a link
+        ServerRing.attach(linked, directory)
+    ring.close()
+    assert not os.path.exists(ring.path)
+    with pytest.raises(FileNotFoundError):
+        ServerRing.attach(ring.spec(), directory)
+
+
+def test_no_ring_where_none_can_be_made(tmp_path, monkeypatch):
+    from client.transport import make_ring
+
+    monkeypatch.setenv("TOKENFEED_SHM_DIR", str(tmp_path / "missing"))
+    assert make_ring(2, 4096) is None
+    assert shm.default_dir() == str(tmp_path / "missing")
