@@ -10,6 +10,7 @@ import os
 import stat
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,15 +33,22 @@ _KEY_VERSION = "tokenfeed-shard-v1"
 _GROUPING = {"paths", "exclude", "shard_bytes"}
 
 
+_KEY_BASES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def shard_key(ds: Dataset, index: int) -> str:
     """The content address of one tokenized shard: its files' identity and version (path, byte
     range, size, mtime), the source settings that shape documents, and the tokenizer's identity.
     Changing one file changes only its shard's key; two datasets (or jobs) on the same files and
     tokenizer share entries. Packing is not part of it: entries hold tokenized documents, which
     packing (seed, epoch, seq_len) only reorders and cuts. Costs a ``stat`` per file."""
-    h = hashlib.sha256(_KEY_VERSION.encode())
-    h.update(ds.config.source.model_dump_json(exclude=_GROUPING).encode())
-    h.update(f"|{ds.info.identity}|{ds.dtype.str}|".encode())
+    base = _KEY_BASES.get(ds)
+    if base is None:  # the part every shard of the dataset shares (a pydantic dump: worth keeping)
+        base = hashlib.sha256(_KEY_VERSION.encode())
+        base.update(ds.config.source.model_dump_json(exclude=_GROUPING).encode())
+        base.update(f"|{ds.info.identity}|{ds.dtype.str}|".encode())
+        _KEY_BASES[ds] = base
+    h = base.copy()
     for part in ds.shards[index].parts:
         try:
             st = os.stat(part.path)
@@ -82,18 +90,24 @@ class ShardCache:
         max_bytes: memory budget: compressed sizes plus ``ENTRY_OVERHEAD`` and the key per entry.
         ttl_s: an entry not used for this long is dropped.
         zstd_level: compression level of new entries.
+        compression: ``"zstd"``, or ``"none"`` to keep shards uncompressed in memory (about 2.3x
+            the bytes for tokens, no decompression when a shard is read again; the disk tier
+            stores zstd frames either way).
         policy: ``"smart"`` (uses ``future``), ``"lru"``, or any ``Policy``.
         disk: optional second tier; every admitted shard is also written there.
         future: the streams' positions; a fresh index when omitted.
         clock: monotonic seconds (tests pass a fake one).
     """
 
-    def __init__(self, max_bytes: int, *, ttl_s: float = 3600.0, zstd_level: int = 3,
+    def __init__(self, max_bytes: int, *, ttl_s: float = 3600.0, zstd_level: int = 3, compression: str = "zstd",
                  policy: str | Policy = "smart", disk: DiskTier | None = None, future: FutureIndex | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if max_bytes < 0 or ttl_s <= 0:
             raise ValueError(f"cache.max_bytes must be >= 0 and cache.ttl_s > 0, got {max_bytes} and {ttl_s}")
+        if compression not in ("zstd", "none"):
+            raise ValueError(f"cache.compression must be 'zstd' or 'none', got {compression!r}")
         self.max_bytes, self.ttl_s, self.zstd_level = max_bytes, ttl_s, zstd_level
+        self._memory_level = zstd_level if compression == "zstd" else 0
         self.future = future if future is not None else FutureIndex()
         self.policy = make_policy(policy, self.future) if isinstance(policy, str) else policy
         self.disk = disk
@@ -161,10 +175,10 @@ class ShardCache:
             if self.max_bytes > 0:
                 self._count(admissions_declined=1)
             return False
-        blob = encode(shard, self.zstd_level)
+        blob = encode(shard, self._memory_level)
         self._count(raw_bytes_compressed=blob.raw_bytes, compressed_bytes=len(blob.data))
         if self.disk is not None:
-            self.disk.put(key, blob)
+            self.disk.put(key, blob if blob.compressed else encode(shard, self.zstd_level))
         if not wanted:
             self._count(admissions_declined=int(self.max_bytes > 0))
             return False

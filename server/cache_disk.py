@@ -31,12 +31,14 @@ class CorruptEntry(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Blob:
-    """A tokenized shard as one zstd frame (content size + checksum): tokens, then document lengths."""
+    """A tokenized shard as one zstd frame (content size + checksum): tokens, then document lengths;
+    or, not ``compressed``, those bytes as they are (memory only: the disk tier stores frames)."""
 
     data: bytes
     dtype: str
     num_tokens: int
     num_docs: int
+    compressed: bool = True
 
     @property
     def raw_bytes(self) -> int:
@@ -52,9 +54,12 @@ def _compressor(level: int) -> zstandard.ZstdCompressor:
 
 
 def encode(shard: TokenizedShard, level: int) -> Blob:
-    """Compress a tokenized shard (blocking: run it off the event loop)."""
+    """Compress a tokenized shard (blocking: run it off the event loop); level 0 leaves it
+    uncompressed (decoding it then costs no copy)."""
     lengths = np.diff(shard.offsets).astype("<i8", copy=False)
     payload = shard.tokens.tobytes() + lengths.tobytes()
+    if level == 0:
+        return Blob(payload, shard.tokens.dtype.str, shard.num_tokens, shard.num_docs, compressed=False)
     # zstd writes into a buffer of the input's size and shrinks it in place; an exact-size copy
     # (a memcpy of the compressed bytes) leaves less slack behind each long-lived entry.
     data = bytes(memoryview(_compressor(level).compress(payload)))
@@ -67,10 +72,13 @@ def decode(blob: Blob) -> TokenizedShard:
         _local.decompressor = zstandard.ZstdDecompressor()
     dtype = np.dtype(blob.dtype)
     want = blob.num_tokens * dtype.itemsize + blob.num_docs * 8
-    try:
-        raw = _local.decompressor.decompress(blob.data, max_output_size=want)
-    except zstandard.ZstdError as err:
-        raise CorruptEntry(f"zstd: {err}") from None
+    if not blob.compressed:
+        raw = blob.data
+    else:
+        try:
+            raw = _local.decompressor.decompress(blob.data, max_output_size=want)
+        except zstandard.ZstdError as err:
+            raise CorruptEntry(f"zstd: {err}") from None
     if len(raw) != want:
         raise CorruptEntry(f"decoded {len(raw)} bytes, expected {want}")
     tokens = np.frombuffer(raw, dtype=dtype, count=blob.num_tokens)

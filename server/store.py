@@ -275,6 +275,7 @@ def build_store(config: Config, executor: Executor) -> ShardStore:
     c = config.cache
     fixed_mmap_threshold()  # keeps resident memory close to the cache budget (see there)
     disk = DiskTier(c.disk.path, int(c.disk.max_bytes)) if c.disk is not None else None
-    cache = ShardCache(int(c.max_bytes), ttl_s=c.ttl_s, zstd_level=c.zstd_level, policy=c.policy, disk=disk)
+    cache = ShardCache(int(c.max_bytes), ttl_s=c.ttl_s, zstd_level=c.zstd_level, compression=c.compression,
+                       policy=c.policy, disk=disk)
     return ShardStore(cache, executor, packed_slots=c.hot_slots, packed_bytes=int(c.hot_max_bytes),
                       prefetch=config.prefetch)

@@ -79,6 +79,25 @@ def test_roundtrip_and_byte_accounting_count_compressed_size() -> None:
     assert cache.get("absent") is None and cache.stats()["misses"] == 1
 
 
+def test_an_uncompressed_cache_charges_raw_bytes_and_writes_zstd_to_disk(tmp_path: Path) -> None:
+    values = {f"k{i}": shard(i) for i in range(3)}
+    cache = ShardCache(1 << 20, policy="lru", compression="none", disk=DiskTier(tmp_path, 1 << 20))
+    for key, value in values.items():
+        assert cache.put(key, value)
+    for key, value in values.items():
+        got = cache.get(key)
+        assert got is not None and same(got, value)
+    raw = {k: v.tokens.nbytes + (v.num_docs) * 8 for k, v in values.items()}  # tokens + document lengths
+    assert cache.bytes == sum(n + len(k) + ENTRY_OVERHEAD for k, n in raw.items())
+    assert cache.stats()["compression_ratio"] == pytest.approx(1.0, abs=0.01)
+    # the disk tier holds checksummed zstd frames, which a zstd cache reads as its own
+    assert sum(f.stat().st_size for f in tmp_path.iterdir()) < sum(raw.values()) / 2
+    again = ShardCache(1 << 20, disk=DiskTier(tmp_path, 1 << 20))
+    assert same(again.get("k1"), values["k1"]) and again.stats()["hits_disk"] == 1
+    with pytest.raises(ValueError, match="cache.compression"):
+        ShardCache(1 << 20, compression="lz4")
+
+
 def test_budget_is_never_exceeded_and_oversized_entries_are_refused() -> None:
     one = len(encode(shard(0), 3).data) + 2 + ENTRY_OVERHEAD
     cache = ShardCache(3 * one + 10, policy="lru")
