@@ -35,7 +35,7 @@ def settings(args: argparse.Namespace, corpus: Corpus, corpus_json: str, logs: P
 
 def best_bpm(results: list[dict]) -> int:
     """batches_per_message of the fastest tokenfeed setting with num_workers=0 (default 4)."""
-    ok = [r for r in results if r.get("workers") == 0 and "tokens_per_s" in r]
+    ok = [r for r in results if r.get("workers") == 0 and "tokens_per_s" in r and r.get("variant", "default") == "default"]
     return max(ok, key=lambda r: r["tokens_per_s"])["batches_per_message"] if ok else 4
 
 
@@ -64,7 +64,9 @@ def run(args: argparse.Namespace, previous: dict) -> dict:
             result["warm_epoch"] = warm
             log.info("tokenfeed cold epoch (fills the cache): %s", warm)
             if "q1" in only:
-                result["q1_peers"], result["q1_tokenfeed"] = suite.pretokenized(s, server)
+                with Server(suite.tokens_config(s, "none")) as raw_server:
+                    log.info("tokenfeed cold epoch, uncompressed cache: %s", suite.warm(s, raw_server))
+                    result["q1_peers"], result["q1_tokenfeed"] = suite.pretokenized(s, server, raw_server)
             bpm = best_bpm(result.get("q1_tokenfeed") or previous.get("q1_tokenfeed", []))
             result["chosen_bpm"] = bpm
             if "q4" in only:

@@ -74,12 +74,25 @@ def _tf(s: Settings, command: str, address: str, tag: str, *args: str) -> dict:
     return _run(sys.executable, "benchmarks.compare.tf_client", [command, "--address", address, *args], s.logs, tag)
 
 
-def tokens_config(s: Settings) -> Path:
-    """The server config that serves the corpus's token shards as dataset ``bench``."""
+def tokens_config(s: Settings, cache_compression: str = "zstd") -> Path:
+    """The server config that serves the corpus's token shards as dataset ``bench`` (its cache
+    zstd-compressed, the default, or uncompressed: ``cache.compression: none``)."""
     s.logs.mkdir(parents=True, exist_ok=True)
-    path = s.logs / "tokens.yaml"
-    path.write_text(json.dumps({"datasets": {"bench": {"source": {"type": "tokens", "path": s.corpus.tokenfeed_dir}}}}))
+    path = s.logs / ("tokens.yaml" if cache_compression == "zstd" else f"tokens-{cache_compression}.yaml")
+    path.write_text(json.dumps({"datasets": {"bench": {"source": {"type": "tokens", "path": s.corpus.tokenfeed_dir}}},
+                                "cache": {"compression": cache_compression}}))
     return path
+
+
+#: tokenfeed settings measured besides the defaults, at the largest batches_per_message:
+#: (variant, num_workers, tf_client arguments, whether on the server with an uncompressed cache).
+VARIANTS = (
+    ("decode_ahead=0", 0, ("--decode-ahead", "0"), False),
+    ("gRPC only (shared memory off)", 0, ("--shared-memory", "off"), False),
+    ("uncompressed cache", 0, (), True),
+    ("uncompressed cache, decode_ahead=0", 0, ("--decode-ahead", "0"), True),
+    ("uncompressed cache", 2, (), True),
+)
 
 
 def warm(s: Settings, server: Server) -> dict:
@@ -110,12 +123,18 @@ def _summary(base: dict, runs: list[dict], errors: list[str]) -> dict:
             "runs": runs, "errors": errors}
 
 
-def pretokenized(s: Settings, server: Server) -> tuple[list[dict], list[dict]]:
+def pretokenized(s: Settings, server: Server, raw_server: Server | None = None) -> tuple[list[dict], list[dict]]:
     """Question 1: tokens/s and trainer CPU per M tokens for every peer x num_workers and tokenfeed
-    x num_workers x batches_per_message (compression none). Repeats are interleaved (every setting
-    once, then again) so that the load of this shared machine falls on all of them alike."""
+    x num_workers x batches_per_message (defaults: zstd cache, shared memory on loopback, decode
+    ahead 2), plus the ``VARIANTS`` (``raw_server``: the same corpus with an uncompressed cache).
+    Repeats are interleaved (every setting once, then again) so that the load of this shared
+    machine falls on all of them alike."""
     settings: list[dict] = [{"loader": lo, "workers": w} for lo in PEER_LOADERS for w in s.workers]
-    settings += [{"loader": "tokenfeed", "workers": w, "batches_per_message": b} for w in s.workers for b in s.bpms]
+    settings += [{"loader": "tokenfeed", "workers": w, "batches_per_message": b, "variant": "default"}
+                 for w in s.workers for b in s.bpms]
+    settings += [{"loader": "tokenfeed", "workers": w, "batches_per_message": max(s.bpms), "variant": name,
+                  "args": list(args), "raw": raw} for name, w, args, raw in VARIANTS
+                 if w in s.workers and (raw_server is not None or not raw)]
     runs: list[list[dict]] = [[] for _ in settings]
     errors: list[list[str]] = [[] for _ in settings]
     for rep in range(s.repeats):
@@ -123,10 +142,12 @@ def pretokenized(s: Settings, server: Server) -> tuple[list[dict], list[dict]]:
             w = str(st["workers"])
             log.info("warm throughput %d/%d: %s", rep + 1, s.repeats, st)
             if st["loader"] == "tokenfeed":
-                bpm = str(st["batches_per_message"])
-                r = _tf(s, "throughput", server.address, f"q1-tokenfeed-w{w}-bpm{bpm}-{rep}", "--workers", w,
+                bpm, srv = str(st["batches_per_message"]), raw_server if st.get("raw") else server
+                assert srv is not None
+                tag = f"q1-tokenfeed-w{w}-bpm{bpm}-{st['variant'].replace(' ', '_').replace(',', '')}-{rep}"
+                r = _tf(s, "throughput", srv.address, tag, "--workers", w,
                         "--bpm", bpm, "--seconds", str(s.seconds), "--repeats", "1", "--warmup", str(s.warmup),
-                        "--server-pid", str(server.proc.pid))
+                        "--server-pid", str(srv.proc.pid), *st.get("args", []))
             else:
                 r = _run(s.bench_python, "benchmarks.compare.peers",
                          ["throughput", "--corpus", s.corpus_json, "--loader", st["loader"], "--workers", w,
@@ -136,7 +157,8 @@ def pretokenized(s: Settings, server: Server) -> tuple[list[dict], list[dict]]:
                 errors[i].append(r["error"])
             else:
                 runs[i].extend(r["runs"])
-    results = [_summary(st, runs[i], errors[i]) for i, st in enumerate(settings)]
+    results = [_summary({k: v for k, v in st.items() if k not in ("args", "raw")}, runs[i], errors[i])
+               for i, st in enumerate(settings)]
     return ([r for r in results if r["loader"] != "tokenfeed"], [r for r in results if r["loader"] == "tokenfeed"])
 
 
