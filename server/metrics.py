@@ -64,6 +64,9 @@ SENT_PAD_TOKENS = Counter("tokenfeed_sent_pad_tokens_total", "Input positions se
                           ["dataset", "packing"], registry=REGISTRY)
 SENT_BYTES = Counter("tokenfeed_sent_bytes_total", "Token payload bytes sent (after wire compression).",
                      ["dataset"], registry=REGISTRY)
+SHARED_MEMORY_BYTES = Counter("tokenfeed_shared_memory_bytes_total",
+                              "Token payload bytes written into clients' shared-memory rings (part of sent_bytes).",
+                              ["dataset"], registry=REGISTRY)
 PACKING_EFFICIENCY = Gauge("tokenfeed_packing_efficiency",
                            "Share of sent input positions that hold real tokens, since start.",
                            ["dataset", "packing"], registry=REGISTRY)

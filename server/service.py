@@ -61,10 +61,13 @@ class TokenFeedService(pb_grpc.TokenFeedServicer):
             log.info("stream opened: %s rank %d/%d worker %d from %s (row %d%s)", request.dataset,
                      request.rank, request.world_size, request.worker_id, context.peer(), params.start.row,
                      ", tokens through shared memory" if ring is not None else "")
+            shm_bytes = metrics.SHARED_MEMORY_BYTES.labels(params.dataset.name)
             with metrics.StreamMeter(params.dataset.name, params.packing, params.dataset.info.pad_id) as meter:
                 async for chunk in stream_chunks(params, self.store, ring):
                     message, payload_bytes = encode_chunk(chunk, params)
                     meter.sent(chunk.tokens, payload_bytes)
+                    if chunk.shm_slot is not None:
+                        shm_bytes.inc(payload_bytes)
                     yield message
                     meter.resumed()
                     if self.admission.draining:  # shutdown: this message was the stream's last

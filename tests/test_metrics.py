@@ -149,6 +149,28 @@ def test_sent_counters_equal_what_the_client_counts(start_server, tmp_path, pack
     assert (seen, seen_pad) == (tokens, pads)
 
 
+def test_shared_memory_bytes_count_what_went_through_rings(start_server, tmp_path):
+    """Bytes written into clients' rings are counted apart (and within sent bytes); a stream
+    that offers no ring adds none."""
+    from client import StreamingDataset
+
+    proc, url = served(start_server, tmp_path)
+    for shared in (False, True):
+        ds = StreamingDataset(proc.address, "docs", seq_len=128, batch_size=8, batches_per_message=4,
+                              shared_memory=shared, decode_ahead=0)
+        for i, _ in enumerate(ds):
+            if i == 11:
+                break
+        ds.close()
+        after = settled(url, 1 + shared)
+        if not shared:
+            inline = value(after, "tokenfeed_sent_bytes_total", dataset="docs")
+            assert inline > 0 and value(after, "tokenfeed_shared_memory_bytes_total", dataset="docs") == 0
+    ring = value(after, "tokenfeed_shared_memory_bytes_total", dataset="docs")
+    assert ring >= 3 * 4 * 8 * 129 * 2  # at least the three messages the client took
+    assert value(after, "tokenfeed_sent_bytes_total", dataset="docs") == inline + ring
+
+
 def test_active_streams_and_rpc_status_codes(start_server, tmp_path):
     proc, url = served(start_server, tmp_path)
     channel, stub = stub_for(proc)
