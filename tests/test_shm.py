@@ -184,3 +184,27 @@ def test_no_ring_where_none_can_be_made(tmp_path, monkeypatch):
     monkeypatch.setenv("TOKENFEED_SHM_DIR", str(tmp_path / "missing"))
     assert make_ring(2, 4096) is None
     assert shm.default_dir() == str(tmp_path / "missing")
+
+
+def test_rings_left_by_killed_clients_are_swept(tmp_path):
+    """A client killed before its first message leaves its file; the next client removes files
+    of processes that are gone, once they are old, and nothing else."""
+    import subprocess
+    import sys
+    import time
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    old = time.time() - 2 * shm.STALE_S
+    leftovers = {
+        "stale": tmp_path / f"tokenfeed-{pid}-{'a' * 16}",          # creator gone, old: removed
+        "young": tmp_path / f"tokenfeed-{pid}-{'b' * 16}",          # creator gone, recent: kept
+        "alive": tmp_path / f"tokenfeed-{os.getpid()}-{'c' * 16}",  # creator alive: kept
+        "other": tmp_path / "tokenfeed-notes.txt",                  # not a ring name: kept
+    }
+    for name, path in leftovers.items():
+        path.write_bytes(b"x")
+        if name != "young":
+            os.utime(path, (old, old))
+    assert shm.sweep(str(tmp_path)) == [str(leftovers["stale"])]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for k, p in leftovers.items() if k != "stale")

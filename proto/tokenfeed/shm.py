@@ -27,6 +27,7 @@ import secrets
 import stat
 import struct
 import tempfile
+import time
 
 from tokenfeed.v1 import tokenfeed_pb2 as pb
 
@@ -49,12 +50,55 @@ def default_dir() -> str:
     return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 
 
+#: A ring file older than this whose creator is gone is a leftover (see ``sweep``).
+STALE_S = 60.0
+_swept: set[tuple[int, str]] = set()  # (pid, directory) already swept by this process
+
+
+def sweep(directory: str, now: float | None = None) -> list[str]:
+    """Remove ring files left by clients killed before their first message arrived (a client
+    unlinks its ring then): older than ``STALE_S``, created by a process id that no longer
+    exists. Safe even if the id is alive in another PID namespace: a server opens a ring when the
+    stream starts, so unlinking the file later takes nothing from anyone. Returns what went."""
+    now = time.time() if now is None else now
+    gone = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return gone
+    for name in names:
+        if not NAME.fullmatch(name):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            if now - os.lstat(path).st_mtime < STALE_S or _alive(int(name.split("-")[1])):
+                continue
+            os.unlink(path)
+            gone.append(path)
+        except OSError:  # gone meanwhile, or not ours to remove
+            continue
+    return gone
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
 class ClientRing:
     """The client's side of a ring: it owns the file (created, then unlinked) and the mapping."""
 
     def __init__(self, slots: int, slot_bytes: int, directory: str | None = None) -> None:
         self.slots, self.slot_bytes = slots, slot_bytes
         self.directory = directory or default_dir()
+        if (os.getpid(), self.directory) not in _swept:  # once per process and directory
+            _swept.add((os.getpid(), self.directory))
+            sweep(self.directory)
         self.path = os.path.join(self.directory, f"tokenfeed-{os.getpid()}-{secrets.token_hex(8)}")
         self.nonce = secrets.token_bytes(16)
         size = HEADER_BYTES + slots * slot_bytes
