@@ -143,10 +143,11 @@ class StreamingDataset(IterableDataset):
         if shared_memory is None:
             shared_memory = is_loopback(self.address)
         self.shared_memory = shared_memory and compression in (None, "none") and not max_tokens
-        # Slots sized for 4-byte tokens (the dtype is the server's to choose), up to 8 MiB a stream:
-        # eight 16-batch messages ahead (four ran ~10% slower, the server waiting on a full ring).
+        # Slots sized for 4-byte tokens (the dtype is the server's to choose): eight messages ahead
+        # (four ran ~10% slower, the server waiting on a full ring), at most 8 MiB a stream. No
+        # deeper: small batches would put a thousand batches in flight, past any need.
         self._slot_bytes = batches_per_message * row_tokens * 4
-        self._slots = max(4, min(64, (8 << 20) // self._slot_bytes))
+        self._slots = max(2, min(8, (8 << 20) // self._slot_bytes))
         self._position = Position()
         self._cursor: pb.Cursor | None = None  # the last yielded batch's cursor, not yet a Position
         self._steps = 0
