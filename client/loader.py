@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from client.dataset import RAW_KEY, STATE_KEY, StreamingDataset, expand_raw
+from tokenfeed import malloc
 
 
 def fork_safe_context() -> multiprocessing.context.BaseContext:
@@ -44,6 +45,7 @@ class StreamingDataLoader(DataLoader):
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         self.dataset._attach_state = True  # pickled into the workers this iterator starts
+        malloc.tune_for_client()  # this process makes the tensors of the workers' messages
         workers = max(1, self.num_workers)
         rounds: list[dict[str, Any]] = []  # a message from each worker, in the loader's worker order
         for item in super().__iter__():
