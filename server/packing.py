@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,14 +62,18 @@ class PackedShard:
     def row_view(self, start: int, stop: int) -> np.ndarray:
         """Rows ``[start, stop)`` as a read-only array ``[stop - start, seq_len + 1]``."""
         assert 0 <= start <= stop <= self.rows, (start, stop, self.rows)
+        return self._row_table[start:stop]
+
+    @functools.cached_property
+    def _row_table(self) -> np.ndarray:
+        """Every row: ``table``, or for concat a read-only view of ``stream`` with overlapping
+        rows (built once: ``as_strided`` costs microseconds, a slice of it does not)."""
         if self.table is not None:
-            return self.table[start:stop]
+            return self.table
         assert self.stream is not None
         item = self.stream.itemsize
         return np.lib.stride_tricks.as_strided(
-            self.stream[start * self.seq_len :], shape=(stop - start, self.seq_len + 1),
-            strides=(self.seq_len * item, item), writeable=False,
-        )
+            self.stream, shape=(self.rows, self.seq_len + 1), strides=(self.seq_len * item, item), writeable=False)
 
     def row_segments(self, start: int, stop: int) -> np.ndarray:
         """The segments of rows ``[start, stop)`` (row numbers stay the shard's)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
@@ -53,7 +54,7 @@ class ShardStore:
         self._reads, self._reads_lock = 0, threading.Lock()  # shards being read from their source now
         self._packed: OrderedDict[Hashable, PackedShard] = OrderedDict()
         self.hot_slots, self.hot_max_bytes, self._packed_bytes = packed_slots, packed_bytes, 0
-        self._epoch_rows: OrderedDict[Hashable, tuple[int, np.ndarray | None]] = OrderedDict()
+        self._epoch_rows: OrderedDict[Hashable, tuple[int, list[int] | None]] = OrderedDict()
         self.packs = self.hot_evictions = 0  # shards packed (hot-tier misses), and packed shards dropped
         self._ahead: dict[Hashable, asyncio.Task] = {}  # pack-aheads in flight, by packed key
         prefetch = prefetch or PrefetchSettings(depth=0)
@@ -218,8 +219,9 @@ class ShardStore:
         hit = self._packed.get(key)
         return None if hit is None else hit.rows
 
-    def epoch_rows(self, ds: Dataset, seed: int, epoch: int, seq_len: int, packing: str) -> np.ndarray | None:
-        """Cumulative rows of an epoch's shards in their order (``[0, r0, r0 + r1, ...]``), when
+    def epoch_rows(self, ds: Dataset, seed: int, epoch: int, seq_len: int, packing: str) -> list[int] | None:
+        """Cumulative rows of an epoch's shards in their order (``[0, r0, r0 + r1, ...]``, a list:
+        it is bisected a few times per message, where numpy's call overhead would dominate), when
         every shard's count is known from its counts alone (concat and pad), else None."""
         key = (ds.fingerprint, seed, epoch, seq_len, packing)
         version = ds.counts_version  # the answer changes only as counts are learned (or change)
@@ -230,8 +232,7 @@ class ShardStore:
         if len(ds.shard_tokens) == ds.num_shards and known_rows(packing, 0, 0, seq_len) is not None:
             order = _shard_order(seed, epoch, ds.num_shards)
             rows = [known_rows(packing, ds.shard_tokens[i], ds.shard_docs[i], seq_len) for i in order.tolist()]
-            cum = np.zeros(len(rows) + 1, dtype=np.int64)
-            np.cumsum(rows, out=cum[1:])
+            cum = [0, *itertools.accumulate(rows)]
         self._epoch_rows[key] = (version, cum)
         while len(self._epoch_rows) > 64:
             self._epoch_rows.popitem(last=False)

@@ -4,6 +4,7 @@ loads shards lazily, skips rows by their counts alone, and copies out the rows i
 from __future__ import annotations
 
 import asyncio
+import bisect
 import weakref
 from typing import Any
 
@@ -127,8 +128,8 @@ class Walker:
         for i, at, packed, first_row, n in copies:
             out[i, at : at + n] = packed.row_view(first_row, first_row + n)
         self.epoch, self.shard, self.shard_row, self._rows, self.row = epoch, shard, shard_row, rows, row
-        for e, s in entered:
-            self._follow.at(e, s)
+        if entered:  # where the stream is now (a rank of a large job crosses dozens of shards per
+            self._follow.at(epoch, shard)  # chunk: telling each would churn the prefetcher's windows)
         self._pack_ahead()
         return locators
 
@@ -141,17 +142,17 @@ class Walker:
         cum = store.epoch_rows(self.ds, self.seed, epoch, self.seq_len, self.packing)
         if cum is None:
             return None
-        x = int(cum[shard]) + offset
+        x = cum[shard] + offset
         while x > cum[-1]:
             if cum[-1] == 0:
                 return None  # an epoch without rows: the slow path says so
-            x -= int(cum[-1])
+            x -= cum[-1]
             epoch += 1
             cum = store.epoch_rows(self.ds, self.seed, epoch, self.seq_len, self.packing)
             if cum is None:
                 return None
-        s = int(np.searchsorted(cum, x, side="left")) - 1
-        return epoch, s, x - int(cum[s]), int(cum[s + 1] - cum[s])
+        s = bisect.bisect_left(cum, x) - 1
+        return epoch, s, x - cum[s], cum[s + 1] - cum[s]
 
     def _pack_ahead(self) -> None:
         """On entering a shard, keep packing the shards that hold the next ``ahead_rows`` rows
