@@ -70,6 +70,13 @@ class Walker:
 
     async def skip(self, n: int) -> None:
         assert n >= 0, n
+        if (self._rows is not None and n > self._rows - self.shard_row  # past this shard (whose row
+                and (where := self._locate(self.epoch, self.shard, self.shard_row + n)) is not None):
+            # count is checked), every count known: jump (the ranks of a large job skip most rows)
+            self.epoch, self.shard, self.shard_row, self._rows = where
+            self.row += n
+            self._follow.at(self.epoch, self.shard)
+            return
         crossed = 0
         while n:
             step = min(n, await self._ready())
