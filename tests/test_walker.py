@@ -1,0 +1,80 @@
+"""Walkers: a rank of a large job skips the other ranks' rows by the shards' row counts, and lands
+exactly where reading every row would have taken it (contract 3 rests on this)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from server.cache import ShardCache
+from server.config import DatasetConfig
+from server.dataset import Dataset
+from server.packing import concat_rows
+from server.schedule import Locator
+from server.store import ShardStore
+from server.walker import Walker
+
+from conftest import make_documents, write_jsonl
+
+SEQ, SEED = 32, 5
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> Dataset:
+    """About 40 shards of a few KiB: about a hundred rows of 32 tokens each."""
+    write_jsonl(tmp_path / "data", make_documents(160, seed=3), files=4)
+    config = {"source": {"type": "jsonl", "paths": [str(tmp_path / "data" / "*.jsonl")], "shard_bytes": 4096}}
+    ds = Dataset("d", DatasetConfig.model_validate(config))
+    assert ds.num_shards >= 20
+    return ds
+
+
+@pytest.fixture
+def pool() -> Iterator[ThreadPoolExecutor]:
+    with ThreadPoolExecutor(2, thread_name_prefix="test-load") as executor:
+        yield executor
+
+
+async def test_skipping_many_shards_lands_where_reading_every_row_does(dataset: Dataset, pool: ThreadPoolExecutor) -> None:
+    store = ShardStore(ShardCache(64 << 20), pool)
+    # The reference: every row of an epoch and a half, read in order.
+    reader = Walker(store, dataset, SEED, SEQ, "concat", Locator())
+    chunks = []
+    epoch_rows = None
+    while epoch_rows is None or sum(len(c) for c in chunks) < epoch_rows * 3 // 2:
+        chunk = np.empty((64, SEQ + 1), dtype=dataset.dtype)
+        await reader.take(chunk)
+        chunks.append(chunk)
+        if len(dataset.shard_tokens) == dataset.num_shards:  # every count known: the epoch's rows
+            epoch_rows = sum(concat_rows(n, SEQ) for n in dataset.shard_tokens.values())
+    reader.close()
+    rows = np.concatenate(chunks)
+    assert epoch_rows is not None and epoch_rows > 20 * 64
+
+    crossings = 0
+    original = store.num_rows
+
+    async def counted(*args, **kwargs):  # a spy: how many shards a skip visits one by one
+        nonlocal crossings
+        crossings += 1
+        return await original(*args, **kwargs)
+
+    store.num_rows = counted  # type: ignore[method-assign]
+    for target in (1, 2, 63, 64 * 7 + 5, epoch_rows - 1, epoch_rows, epoch_rows + 1, epoch_rows + 300):
+        walker = Walker(store, dataset, SEED, SEQ, "concat", Locator())
+        await walker.skip(1)  # the first shard's count is checked as a cursor's would be
+        crossings = 0
+        await walker.skip(target - 1)
+        assert walker.row == target
+        if target - 1 > 2 * 64 * 2:  # several shards: one jump, not a visit per shard
+            assert crossings <= 1, (target, crossings)
+        out = np.empty((4, SEQ + 1), dtype=dataset.dtype)
+        epoch = await walker.take(out)
+        np.testing.assert_array_equal(out, rows[target : target + 4], err_msg=f"after skipping to row {target}")
+        assert epoch == (1 if target >= epoch_rows else 0)
+        walker.close()
+    await store.close()
