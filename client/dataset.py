@@ -139,7 +139,7 @@ class StreamingDataset(IterableDataset):
             max_message += batches_per_message * 5 * row_tokens
         token = token if token is not None else os.environ.get("TOKENFEED_TOKEN") or None
         self._channel = Channel(self.address, max(max_message, 4 << 20), token=token,
-                                tls=Tls.load(tls_ca, tls_cert, tls_key))
+                                tls=Tls.load(tls_ca, tls_cert, tls_key), read_on_caller=decode_ahead == 0)
         if shared_memory is None:
             shared_memory = is_loopback(self.address)
         self.shared_memory = shared_memory and compression in (None, "none") and not max_tokens

@@ -87,11 +87,14 @@ def test_changed_dataset_content_is_refused_after_restart(served):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("workers", [0, 2])
-def test_sigkill_and_cold_restart_lose_and_repeat_nothing(served, workers, caplog):
+@pytest.mark.parametrize("workers,ahead", [(0, 2), (2, 2), (0, 0)])  # ahead 0: read on the trainer's thread
+def test_sigkill_and_cold_restart_lose_and_repeat_nothing(served, workers, ahead, caplog):
     server, _, _ = served
-    reference = take(dataset(server.address, world_size=2, rank=1), 60)
-    loader = StreamingDataLoader(dataset(server.address, world_size=2, rank=1), num_workers=workers)
+    # One batch per message: at most a ring's 8 messages (plus 2 decoded ahead) are in flight
+    # when the server dies, so the 40 batches after the kill need the reconnect.
+    rank1 = {"world_size": 2, "rank": 1, "batches_per_message": 1, "decode_ahead": ahead}
+    reference = take(dataset(server.address, **rank1), 60)
+    loader = StreamingDataLoader(dataset(server.address, **rank1), num_workers=workers)
     it = iter(loader)
     got = [next(it) for _ in range(20)]
     server.kill()  # mid-stream: batches may sit in flight in the client's buffers
