@@ -153,6 +153,28 @@ def corpus(tmp_path: Path) -> tuple[Path, list[str]]:
     return tmp_path / "data", docs
 
 
+@pytest.fixture
+def dataset(tmp_path: Path) -> Any:
+    """A server-side ``Dataset`` of about 40 JSONL shards of a few KiB (for store and walker tests)."""
+    from server.config import DatasetConfig
+    from server.dataset import Dataset
+
+    write_jsonl(tmp_path / "data", make_documents(160, seed=3), files=4)
+    config = {"source": {"type": "jsonl", "paths": [str(tmp_path / "data" / "*.jsonl")], "shard_bytes": 4096}}
+    ds = Dataset("d", DatasetConfig.model_validate(config))
+    assert ds.num_shards >= 20
+    return ds
+
+
+@pytest.fixture
+def pool() -> Iterator[Any]:
+    """The thread pool a ``ShardStore`` loads and packs in."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4, thread_name_prefix="test-load") as executor:
+        yield executor
+
+
 def decode_rows(rows: Any, eos: int = 256, pad: int = 257) -> list[str]:
     """Documents in a sequence of byte-tokenizer rows ``[n, seq_len]`` (PAD dropped, split at EOS)."""
     import numpy as np

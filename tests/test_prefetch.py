@@ -18,7 +18,7 @@ import pytest
 
 from server import metrics
 from server.cache import ShardCache
-from server.config import DatasetConfig, PrefetchSettings, ServerSettings
+from server.config import PrefetchSettings, ServerSettings
 from server.dataset import Dataset
 from server.packing import TokenizedShard, concat_rows
 from server.schedule import shard_order
@@ -52,22 +52,6 @@ class Gate:
 
     def release(self) -> None:
         self._open.set()
-
-
-@pytest.fixture
-def dataset(tmp_path: Path) -> Dataset:
-    """About 40 shards of a few KiB."""
-    write_jsonl(tmp_path / "data", make_documents(160, seed=3), files=4)
-    config = {"source": {"type": "jsonl", "paths": [str(tmp_path / "data" / "*.jsonl")], "shard_bytes": 4096}}
-    ds = Dataset("d", DatasetConfig.model_validate(config))
-    assert ds.num_shards >= 20
-    return ds
-
-
-@pytest.fixture
-def pool() -> Iterator[ThreadPoolExecutor]:
-    with ThreadPoolExecutor(4, thread_name_prefix="test-load") as executor:
-        yield executor
 
 
 @pytest.fixture

@@ -3,40 +3,19 @@ exactly where reading every row would have taken it (contract 3 rests on this)."
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
-import pytest
 
 from server.cache import ShardCache
-from server.config import DatasetConfig
 from server.dataset import Dataset
 from server.packing import concat_rows
 from server.schedule import Locator
 from server.store import ShardStore
 from server.walker import Walker
 
-from conftest import make_documents, write_jsonl
 
 SEQ, SEED = 32, 5
-
-
-@pytest.fixture
-def dataset(tmp_path: Path) -> Dataset:
-    """About 40 shards of a few KiB: about a hundred rows of 32 tokens each."""
-    write_jsonl(tmp_path / "data", make_documents(160, seed=3), files=4)
-    config = {"source": {"type": "jsonl", "paths": [str(tmp_path / "data" / "*.jsonl")], "shard_bytes": 4096}}
-    ds = Dataset("d", DatasetConfig.model_validate(config))
-    assert ds.num_shards >= 20
-    return ds
-
-
-@pytest.fixture
-def pool() -> Iterator[ThreadPoolExecutor]:
-    with ThreadPoolExecutor(2, thread_name_prefix="test-load") as executor:
-        yield executor
 
 
 async def test_skipping_many_shards_lands_where_reading_every_row_does(dataset: Dataset, pool: ThreadPoolExecutor) -> None:
