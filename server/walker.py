@@ -96,7 +96,6 @@ class Walker:
             return None
         store, ds = self.store, self.ds
         epoch, shard, shard_row, rows, row = self.epoch, self.shard, self.shard_row, self._rows, self.row
-        entered: list[tuple[int, int]] = []  # shards moved into, for the follower and pack-ahead
         empty = 0  # empty shards in a row
         copies: list[tuple[int, int, Any, int, int]] = []  # (batch, row in batch, packed, shard row, n)
         locators: list[Locator] = []
@@ -110,7 +109,6 @@ class Walker:
                         if where is not None:
                             epoch, shard, shard_row, rows = where
                             row = target
-                            entered.append((epoch, shard))
                             break
                     if shard_row == rows:  # move into the next shard, if its row count is known
                         shard += 1
@@ -121,7 +119,6 @@ class Walker:
                         if known is None or empty > ds.num_shards:  # (nothing but empty shards: the
                             return None                             # slow path says so)
                         shard_row, rows = 0, known
-                        entered.append((epoch, shard))
                         continue
                     step = min(target - row, rows - shard_row)
                     if taking:
@@ -135,8 +132,9 @@ class Walker:
         for i, at, packed, first_row, n in copies:
             out[i, at : at + n] = packed.row_view(first_row, first_row + n)
         self.epoch, self.shard, self.shard_row, self._rows, self.row = epoch, shard, shard_row, rows, row
-        if entered:  # where the stream is now (a rank of a large job crosses dozens of shards per
-            self._follow.at(epoch, shard)  # chunk: telling each would churn the prefetcher's windows)
+        # Where the stream is now; not every shard it crossed (a rank of a large job crosses dozens
+        # per chunk: telling each would churn the prefetcher's windows). Cheap when unchanged.
+        self._follow.at(epoch, shard)
         self._pack_ahead()
         return locators
 
