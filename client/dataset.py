@@ -24,6 +24,9 @@ STATE_KEY = "_tokenfeed_state"
 #: message's uint16 rows as one item (one storage to share per message instead of four int64 ones
 #: per batch), with the state after each of its batches; the loader expands and interleaves them.
 RAW_KEY = "_tokenfeed_raw"
+#: The tensors a batch can hold (``StreamingDataset(fields=...)``), and those it holds by default.
+FIELDS = ("input_ids", "labels", "position_ids", "cu_seqlens", "tokens")
+DEFAULT_FIELDS = FIELDS[:4]
 
 
 def _default_rank_world() -> tuple[int, int]:
@@ -94,7 +97,7 @@ class StreamingDataset(IterableDataset):
                  reconnect_deadline_s: float = 60.0, batches_per_message: int | None = None,
                  compression: str | None = None, decode_ahead: int = 2, token: str | None = None,
                  tls_ca: str | None = None, tls_cert: str | None = None, tls_key: str | None = None,
-                 shared_memory: bool | None = None) -> None:
+                 shared_memory: bool | None = None, fields: Sequence[str] = DEFAULT_FIELDS) -> None:
         super().__init__()
         default_rank, default_world = _default_rank_world()
         self.rank = default_rank if rank is None else rank
@@ -112,6 +115,11 @@ class StreamingDataset(IterableDataset):
             if packing not in (wire.DEFAULT_PACKING, "split"):
                 raise ValueError(f"max_tokens batches are made of document pieces; packing={packing!r} does not apply")
             packing = "split"
+        if isinstance(fields, str) or not fields or not set(fields) <= set(FIELDS):
+            unknown = sorted(set([fields] if isinstance(fields, str) else fields) - set(FIELDS))
+            raise ValueError(f"fields must be a non-empty sequence of {FIELDS}, got {fields!r}"
+                             + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
+        self.fields = tuple(f for f in FIELDS if f in fields)  # one order, whatever was asked
         if compression not in (None, "none", "zstd"):
             raise ValueError(f"compression must be None or 'zstd', got {compression!r}")
         addresses = [address] if isinstance(address, str) else list(address)
@@ -212,7 +220,7 @@ class StreamingDataset(IterableDataset):
         malloc.tune_for_client()
         # Ahead of the consumer, a message's batches are made together; in step with it, each
         # batch when it is asked for (fewer live tensors: a smaller working set).
-        messages = _decoded(chunks, raw, self.provenance, eager=self.decode_ahead > 0)
+        messages = _decoded(chunks, raw, self.provenance, self.fields, eager=self.decode_ahead > 0)
         if self.decode_ahead:  # decode in a thread, overlapping the training step
             messages = iter(Ahead(messages, self.decode_ahead, interrupt=chunks.close,
                                   name=f"{threading.current_thread().name}/tokenfeed-decode"))
@@ -246,7 +254,7 @@ class StreamingDataset(IterableDataset):
 
 
 def _decoded(chunks: Iterator[tuple[pb.BatchChunk, int]], raw: bool, provenance: bool,
-             eager: bool = True) -> Iterator[Any]:
+             fields: tuple[str, ...] = DEFAULT_FIELDS, eager: bool = True) -> Iterator[Any]:
     """Per message: its batches as tensors and the cursor after each (a list when ``eager``, else
     made one by one as they are iterated); for ``raw``, the message in wire form (one uint16
     tensor of all its batches) and the cursors."""
@@ -258,20 +266,21 @@ def _decoded(chunks: Iterator[tuple[pb.BatchChunk, int]], raw: bool, provenance:
         piece_starts = wire.decode_piece_starts(chunk)
         if raw:
             yield ({"tokens": torch.from_numpy(tokens.copy()), "eos_id": chunk.eos_id, "pad_id": chunk.pad_id,
-                    "piece_starts": piece_starts,
+                    "piece_starts": piece_starts, "fields": fields,
                     "provenance": [torch.from_numpy(r.copy()) for r in records] if records is not None else None},
                    list(chunk.cursors))
         else:
-            batches = _batches_of(chunk, tokens, records, piece_starts)
+            batches = _batches_of(chunk, tokens, records, piece_starts, fields)
             yield list(batches) if eager else batches
         for _ in range(chunk.num_batches - 1):  # the stream's (chunk, i) for the other batches
             next(chunks)
 
 
 def _batches_of(chunk: pb.BatchChunk, tokens: np.ndarray, records: list[np.ndarray] | None,
-                piece_starts: list[list[int]] | None) -> Iterator[tuple[dict[str, torch.Tensor], pb.Cursor]]:
+                piece_starts: list[list[int]] | None,
+                fields: tuple[str, ...]) -> Iterator[tuple[dict[str, torch.Tensor], pb.Cursor]]:
     for i in range(chunk.num_batches):
-        batch = to_batch(tokens[i], chunk.eos_id, chunk.pad_id, piece_starts[i] if piece_starts else None)
+        batch = to_batch(tokens[i], chunk.eos_id, chunk.pad_id, piece_starts[i] if piece_starts else None, fields)
         if records is not None:
             batch["provenance"] = torch.from_numpy(records[i].copy())
         yield batch, chunk.cursors[i]
@@ -280,7 +289,8 @@ def _batches_of(chunk: pb.BatchChunk, tokens: np.ndarray, records: list[np.ndarr
 def expand_raw(bundle: dict[str, Any], j: int) -> dict[str, torch.Tensor]:
     """Batch ``j`` of a message in wire form (``RAW_KEY``) as the tensors ``to_batch`` makes."""
     starts = bundle["piece_starts"]
-    batch = to_batch(bundle["tokens"][j].numpy(), bundle["eos_id"], bundle["pad_id"], starts[j] if starts else None)
+    batch = to_batch(bundle["tokens"][j].numpy(), bundle["eos_id"], bundle["pad_id"], starts[j] if starts else None,
+                     bundle["fields"])
     if bundle["provenance"] is not None:
         batch["provenance"] = bundle["provenance"][j]
     return batch
@@ -293,31 +303,37 @@ def _arange(size: int) -> np.ndarray:
     return out
 
 
-def to_batch(tokens: np.ndarray, eos_id: int, pad_id: int, piece_starts: list[int] | None = None) -> dict[str, torch.Tensor]:
-    """Tensors of one batch from its rows of ``seq_len + 1`` tokens (contract 4 of DESIGN.md).
+def to_batch(tokens: np.ndarray, eos_id: int, pad_id: int, piece_starts: list[int] | None = None,
+             fields: Sequence[str] = DEFAULT_FIELDS) -> dict[str, torch.Tensor]:
+    """The ``fields`` of one batch from its rows of ``seq_len + 1`` tokens (contract 4 of DESIGN.md).
     ``piece_starts``: columns of row 0 where a segment starts without an EOS before it."""
     rows, width = tokens.shape
     seq_len = width - 1
     ids, nxt = tokens[:, :-1], tokens[:, 1:]
-    labels = nxt.astype(np.int64)
-    padded = np.flatnonzero(nxt[:, -1] == pad_id)  # every packing pads only the end of a row
-    if len(padded):
-        labels[padded] = np.where(nxt[padded] == pad_id, -100, labels[padded])
-    starts = np.empty((rows, seq_len), dtype=bool)  # a segment starts at each row start and after EOS
-    starts[:, 0] = True
-    np.equal(ids[:, :-1], eos_id, out=starts[:, 1:])
-    if piece_starts:
-        starts[0, piece_starts] = True
-    seg = np.flatnonzero(starts)
-    size = rows * seq_len
-    lengths = np.empty_like(seg)
-    np.subtract(seg[1:], seg[:-1], out=lengths[:-1])
-    lengths[-1] = size - seg[-1]
-    positions = _arange(size) - np.repeat(seg, lengths)
-    return {
-        "input_ids": torch.from_numpy(ids.astype(np.int64)),
-        "labels": torch.from_numpy(labels),
-        "position_ids": torch.from_numpy(positions.reshape(rows, seq_len)),
-        # flash-attention varlen layout: segment boundaries over the flattened batch
-        "cu_seqlens": torch.from_numpy(np.append(seg, size).astype(np.int32)),
-    }
+    out: dict[str, torch.Tensor] = {}
+    if "input_ids" in fields:
+        out["input_ids"] = torch.from_numpy(ids.astype(np.int64))
+    if "labels" in fields:
+        labels = nxt.astype(np.int64)
+        padded = np.flatnonzero(nxt[:, -1] == pad_id)  # every packing pads only the end of a row
+        if len(padded):
+            labels[padded] = np.where(nxt[padded] == pad_id, -100, labels[padded])
+        out["labels"] = torch.from_numpy(labels)
+    if "position_ids" in fields or "cu_seqlens" in fields:
+        starts = np.empty((rows, seq_len), dtype=bool)  # a segment starts at each row start and after EOS
+        starts[:, 0] = True
+        np.equal(ids[:, :-1], eos_id, out=starts[:, 1:])
+        if piece_starts:
+            starts[0, piece_starts] = True
+        seg = np.flatnonzero(starts)
+        size = rows * seq_len
+        if "position_ids" in fields:
+            lengths = np.empty_like(seg)
+            np.subtract(seg[1:], seg[:-1], out=lengths[:-1])
+            lengths[-1] = size - seg[-1]
+            out["position_ids"] = torch.from_numpy((_arange(size) - np.repeat(seg, lengths)).reshape(rows, seq_len))
+        if "cu_seqlens" in fields:  # flash-attention varlen layout: segment boundaries over the flattened batch
+            out["cu_seqlens"] = torch.from_numpy(np.append(seg, size).astype(np.int32))
+    if "tokens" in fields:
+        out["tokens"] = torch.from_numpy(tokens.astype(np.int64))
+    return out

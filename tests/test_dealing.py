@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from client import StreamingDataset
+from client import StreamingDataLoader, StreamingDataset
+from client.dataset import DEFAULT_FIELDS
 from client.loader import fork_safe_context
 from tests.conftest import decode_rows, jsonl_config
 
@@ -94,6 +95,45 @@ def test_rows_labels_and_positions(start_server, corpus):
     assert torch.all(pos[:, 1:][after_eos] == 0)
     assert torch.all(pos[:, 1:][~after_eos] == pos[:, :-1][~after_eos] + 1)
     assert ids.max() <= 257 and ids.min() >= 0
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_fields_choose_the_tensors_and_change_nothing_else(start_server, corpus, workers):
+    """``fields=("tokens",)`` is the rows as packed (the peers' int64 [B, seq_len + 1] tensor),
+    ``("input_ids", "labels")`` leaves the positions out: the same batches, cursors and states."""
+    path, _ = corpus
+    server = start_server(jsonl_config(path))
+
+    def run(fields):
+        ds = StreamingDataset(server.address, "docs", seq_len=SEQ, batch_size=BATCH, seed=5, fields=fields)
+        loader = StreamingDataLoader(ds, num_workers=workers)
+        out = []
+        for batch in itertools.islice(loader, 30):
+            out.append((batch, loader.state_dict()))
+        return out
+
+    full, tokens, pair = run(DEFAULT_FIELDS), run(["tokens"]), run(("labels", "input_ids"))
+    for (f, fs), (t, ts), (p, ps) in zip(full, tokens, pair, strict=True):
+        assert set(t) == {"tokens"} and set(p) == {"input_ids", "labels"}
+        assert t["tokens"].shape == (BATCH, SEQ + 1) and t["tokens"].dtype == torch.int64
+        assert torch.equal(t["tokens"][:, :-1], f["input_ids"])
+        real = f["labels"] != -100
+        assert torch.equal(t["tokens"][:, 1:][real], f["labels"][real])
+        assert torch.all(t["tokens"][:, 1:][~real] == 257)  # PAD left in place
+        assert torch.equal(p["input_ids"], f["input_ids"]) and torch.equal(p["labels"], f["labels"])
+        assert fs == ts == ps
+    # a state saved with one set of fields resumes a dataset with another
+    resumed = StreamingDataset(server.address, "docs", seq_len=SEQ, batch_size=BATCH, seed=5, fields=["tokens"])
+    resumed.load_state_dict(full[9][1])
+    assert torch.equal(next(iter(resumed))["tokens"][:, :-1], full[10][0]["input_ids"])
+
+
+@pytest.mark.parametrize("fields", [[], "tokens", ["input_ids", "attention_mask"]])
+def test_fields_refuse_what_they_cannot_make(fields):
+    with pytest.raises(ValueError, match="fields must be") as err:
+        StreamingDataset("127.0.0.1:1", "docs", fields=fields)
+    if fields and not isinstance(fields, str):
+        assert "unknown: attention_mask" in str(err.value)
 
 
 def test_packing_efficiency_on_stdlib_corpus(start_server):

@@ -22,7 +22,8 @@ def _dataset(cfg: TrainConfig, name: str, seed: int, rank: int, world_size: int)
     d = cfg.data
     return StreamingDataset(d.address, dataset=name, seq_len=d.seq_len, batch_size=d.batch_size, seed=seed,
                             rank=rank, world_size=world_size, packing=d.packing,
-                            reconnect_deadline_s=d.reconnect_deadline_s)
+                            reconnect_deadline_s=d.reconnect_deadline_s,
+                            fields=("input_ids", "labels", "position_ids"))  # what the loop uses
 
 
 def describe(cfg: TrainConfig, rank: int, world_size: int) -> pb.DatasetInfo:

@@ -92,6 +92,11 @@ VARIANTS = (
     ("uncompressed cache", 0, (), True),
     ("uncompressed cache, decode_ahead=0", 0, ("--decode-ahead", "0"), True),
     ("uncompressed cache", 2, (), True),
+    # the batch the peers deliver: the rows as one int64 [8, 2049] tensor, no labels or positions
+    ("fields=tokens", 0, ("--fields", "tokens"), False),
+    ("fields=tokens, decode_ahead=0", 0, ("--fields", "tokens", "--decode-ahead", "0"), False),
+    ("uncompressed cache, fields=tokens", 0, ("--fields", "tokens"), True),
+    ("uncompressed cache, fields=tokens, decode_ahead=0", 0, ("--fields", "tokens", "--decode-ahead", "0"), True),
 )
 
 

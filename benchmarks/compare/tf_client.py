@@ -34,6 +34,8 @@ def dataset(args: argparse.Namespace, **kw: Any) -> StreamingDataset:
         kw.setdefault("decode_ahead", args.decode_ahead)
     if args.shared_memory is not None:
         kw.setdefault("shared_memory", args.shared_memory == "on")
+    if args.fields:
+        kw.setdefault("fields", args.fields.split(","))
     return StreamingDataset(args.address, args.dataset, seq_len=SEQ, batch_size=BATCH,
                             batches_per_message=args.bpm, compression=args.compression, **kw)
 
@@ -43,12 +45,16 @@ def loader(ds: StreamingDataset, workers: int) -> Any:
 
 
 def tokens_of(batch: dict[str, torch.Tensor]) -> int:
-    ids = batch["input_ids"].to(torch.int64)  # already int64: a no-op, as for the peers
-    return ids.shape[0] * ids.shape[1]
+    if "input_ids" in batch:
+        ids = batch["input_ids"].to(torch.int64)  # already int64: a no-op, as for the peers
+        return ids.shape[0] * ids.shape[1]
+    rows = batch["tokens"].to(torch.int64)  # fields=tokens: the peers' [8, 2049] tensor
+    return rows.shape[0] * (rows.shape[1] - 1)
 
 
 def digest(batch: dict[str, torch.Tensor]) -> str:
-    return hashlib.blake2b(batch["input_ids"].numpy().tobytes(), digest_size=8).hexdigest()
+    ids = batch["input_ids"] if "input_ids" in batch else batch["tokens"][:, :-1].contiguous()
+    return hashlib.blake2b(ids.numpy().tobytes(), digest_size=8).hexdigest()
 
 
 def epoch_of(ds: StreamingDataset) -> int:
@@ -202,6 +208,7 @@ def main() -> None:
     parser.add_argument("--decode-ahead", type=int, default=None, help="StreamingDataset(decode_ahead=...)")
     parser.add_argument("--shared-memory", choices=["on", "off"], default=None,
                         help="StreamingDataset(shared_memory=...); default: on for a loopback address")
+    parser.add_argument("--fields", default=None, help="StreamingDataset(fields=...), comma-separated")
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=20)
