@@ -159,15 +159,24 @@ class ShardStore:
         if hit is not None:
             self._packed.move_to_end(key)
             return hit
-        tok = await self.tokenized(ds, index, only_cached)
-        if tok is None:
-            return None
 
-        def build() -> PackedShard:
+        def build(tok: TokenizedShard | None) -> PackedShard | None:
+            if tok is None:  # the cache lookup in the same run as the packing found nothing
+                tok = self._load(ds, index, "cached").shard
+                if tok is None:
+                    return None
             order = doc_order(seed, epoch, index, tok.num_docs)
             return pack(packing, tok, order, seq_len, ds.info.pad_id)
 
-        packed = await self._once(key, build)
+        # A cached shard is looked up and packed in one run in the executor: every hop between
+        # the loop and a thread waits for a turn of a loop that may be serving many streams, and
+        # the pack-aheads of a many-rank job must keep up with all of them.
+        packed = await self._once(key, functools.partial(build, None))
+        if packed is None:
+            tok = await self.tokenized(ds, index, only_cached)  # read (or join the prefetcher's read)
+            if tok is None:
+                return None
+            packed = await self._once(key, functools.partial(build, tok))
         if key not in self._packed:
             self.packs += 1
             self._packed[key] = packed

@@ -307,3 +307,45 @@ async def test_hot_tier_keeps_to_its_byte_budget_and_counts_packings(dataset: Da
     assert exported["tokenfeed_hot_packs_total"] == store.stats()["hot_packs"]
     assert exported["tokenfeed_hot_evictions_total"] == store.stats()["hot_evictions"]
     await store.close()
+
+
+class CountingPool(ThreadPoolExecutor):
+    """A real thread pool that counts the runs handed to it."""
+
+    runs = 0
+
+    def submit(self, fn, /, *args, **kwargs):  # type: ignore[override]
+        self.runs += 1
+        return super().submit(fn, *args, **kwargs)
+
+
+async def test_a_cached_shard_is_looked_up_and_packed_in_one_run(dataset: Dataset) -> None:
+    """Each hop between the event loop and a thread waits for a turn of a loop that may be serving
+    64 streams (tens of ms each): packing a cached shard, ahead or on demand, is one run, so the
+    pack-aheads of a large job keep ahead of its ranks."""
+    seq_len, seed = 32, 4
+    with CountingPool(2) as pool:
+        store = ShardStore(ShardCache(64 << 20), pool)
+        for index in range(dataset.num_shards):  # every shard's tokens in the cache
+            await store.tokenized(dataset, index)
+        reference = ShardStore(ShardCache(0), ThreadPoolExecutor(1))  # nothing cached: read, then pack
+        for ordinal in (0, 1):
+            pool.runs = 0
+            packed = await store.packed(dataset, seed, 0, ordinal, seq_len)
+            assert pool.runs == 1
+            expected = await reference.packed(dataset, seed, 0, ordinal, seq_len)
+            np.testing.assert_array_equal(packed.row_view(0, packed.rows), expected.row_view(0, expected.rows))
+        pool.runs = 0
+        assert store.pack_ahead(dataset, seed, 0, 2, seq_len, "concat")
+        await asyncio.gather(*store._ahead.values())
+        assert store.packed_now(dataset, seed, 0, 2, seq_len, "concat") is not None and pool.runs == 1
+        # a pack-ahead of a shard that is not cached reads nothing (that is the prefetcher's) and packs nothing
+        empty = ShardStore(ShardCache(64 << 20), pool)
+        pool.runs = 0
+        assert empty.pack_ahead(dataset, seed, 0, 3, seq_len, "concat")
+        await asyncio.gather(*empty._ahead.values())
+        assert empty.packed_now(dataset, seed, 0, 3, seq_len, "concat") is None and dataset.num_shards > 3
+        await store.close()
+        await empty.close()
+        await reference.close()
+        reference.executor.shutdown()
