@@ -47,6 +47,9 @@ def load_config(directory: Path, docs: int = 400, **server: Any) -> dict[str, An
     write_jsonl(directory / "data", make_documents(docs, seed=8, max_len=3000), files=4)
     config = jsonl_config(directory / "data", shard_bytes=16 << 10, metrics_port=0, **server)
     config["prefetch"] = {"depth": 2}
+    # The packed shards of every epoch the streams pass stay in the hot tier up to its budget
+    # (512 MiB by default): a small one here, so that the memory figures show per-stream state.
+    config["cache"] = {"hot_max_bytes": "16MiB"}
     return config
 
 

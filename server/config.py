@@ -276,8 +276,10 @@ class CacheSettings(_Strict):
                                     "decompression each epoch (a quarter of a warm server's CPU); disk stays zstd.")
     policy: Literal["smart", "lru"] = Field(
         default="smart", description="Eviction: `smart` uses the streams' known future order, `lru` does not.")
-    hot_slots: int = Field(default=256, ge=1, description="Uncompressed packed shards kept in front of the cache, "
-                                                          "at most (and at most hot_max_bytes of them).")
+    hot_slots: int = Field(default=4096, ge=1, description="Uncompressed packed shards kept in front of the cache, "
+                                                           "at most; hot_max_bytes is the bound that usually "
+                                                           "binds (a 64-rank job spreads over hundreds of "
+                                                           "small shards).")
     hot_max_bytes: ByteSize = Field(default=ByteSize(512 << 20), gt=0,
                                     description="Byte budget of the packed shards in front of the cache; wide enough "
                                                 "for the ranks of a job to spread over several shards without "

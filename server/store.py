@@ -9,7 +9,7 @@ import itertools
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -31,6 +31,17 @@ def _shard_order(seed: int, epoch: int, num_shards: int) -> np.ndarray:
 MAX_PACK_AHEAD = 16
 
 
+class _Flight:
+    """One run in the executor and whoever waits for it: each waiter has its own future, so one
+    that is cancelled leaves the run and the others alone."""
+
+    __slots__ = ("then", "waiters")
+
+    def __init__(self, then: Callable[[Any], None] | None) -> None:
+        self.then = then  # called on the loop with the result before any waiter wakes
+        self.waiters: list[asyncio.Future] = []
+
+
 class _Loaded(NamedTuple):
     key: str                       # the shard's content key
     shard: TokenizedShard | None   # None: a prefetch found it already cached
@@ -46,17 +57,17 @@ class ShardStore:
     decompress, read, tokenize, compress) runs in ``executor``.
     """
 
-    def __init__(self, cache: ShardCache, executor: Executor, packed_slots: int = 256, *,
+    def __init__(self, cache: ShardCache, executor: Executor, packed_slots: int = 4096, *,
                  packed_bytes: int = 512 << 20, prefetch: PrefetchSettings | None = None) -> None:
         self.cache = cache
         self.executor = executor
-        self._inflight: dict[Hashable, asyncio.Task] = {}
+        self._inflight: dict[Hashable, _Flight] = {}  # runs in the executor, by key
         self._reads, self._reads_lock = 0, threading.Lock()  # shards being read from their source now
         self._packed: OrderedDict[Hashable, PackedShard] = OrderedDict()
         self.hot_slots, self.hot_max_bytes, self._packed_bytes = packed_slots, packed_bytes, 0
         self._epoch_rows: OrderedDict[Hashable, tuple[int, list[int] | None]] = OrderedDict()
         self.packs = self.hot_evictions = 0  # shards packed (hot-tier misses), and packed shards dropped
-        self._ahead: dict[Hashable, asyncio.Task] = {}  # pack-aheads in flight, by packed key
+        self._ahead: set[Hashable] = set()  # packed keys of the pack-aheads in flight
         prefetch = prefetch or PrefetchSettings(depth=0)
         # Prefetched shards live in the cache: with no cache there is nowhere to put them.
         self.prefetcher = (
@@ -74,21 +85,51 @@ class ShardStore:
         the cache knows its future and the prefetcher loads ahead; ``close()`` it when done."""
         return Follower(ds, seed, self.cache.future, self.prefetcher, self.shard_index)
 
-    async def _once(self, key: Hashable, fn: Callable[[], Any]) -> Any:
+    def _start(self, key: Hashable, fn: Callable[[], Any], then: Callable[[Any], None] | None = None) -> _Flight:
+        """The run of ``fn`` in the executor for ``key``, started unless one is under way.
+
+        Landing costs one turn of the event loop: the thread hands the result straight to the loop,
+        which calls ``then`` and wakes the waiters. (An asyncio task per run, awaited through a
+        shield, took five turns; with 64 streams a turn of this loop is tens of milliseconds.)"""
+        flight = self._inflight.get(key)
+        if flight is None:
+            loop = asyncio.get_running_loop()
+            flight = self._inflight[key] = _Flight(then)
+
+            def landed(done: Future) -> None:  # in the executor's thread
+                try:
+                    loop.call_soon_threadsafe(self._land, key, flight, done)
+                except RuntimeError:  # the loop has closed: nobody is waiting any more
+                    pass
+
+            self.executor.submit(fn).add_done_callback(landed)
+        return flight
+
+    def _land(self, key: Hashable, flight: _Flight, done: Future) -> None:
+        if self._inflight.get(key) is flight:
+            del self._inflight[key]
+        try:
+            result = done.result()
+            if flight.then is not None:
+                flight.then(result)
+        except BaseException as err:  # noqa: BLE001 - handed to every waiter, raised where awaited
+            for waiter in flight.waiters:
+                if not waiter.done():
+                    if isinstance(err, asyncio.CancelledError):  # the executor was shut down
+                        waiter.cancel()
+                    else:
+                        waiter.set_exception(err)
+            return
+        for waiter in flight.waiters:
+            if not waiter.done():
+                waiter.set_result(result)
+
+    async def _once(self, key: Hashable, fn: Callable[[], Any], then: Callable[[Any], None] | None = None) -> Any:
         """Run ``fn`` in the executor, sharing one run among concurrent callers. A caller that is
         cancelled does not cancel the load that others wait for."""
-        task = self._inflight.get(key)
-        if task is None:
-            loop = asyncio.get_running_loop()
-            task = loop.create_task(self._run(key, loop.run_in_executor(self.executor, fn)))
-            self._inflight[key] = task
-        return await asyncio.shield(task)
-
-    async def _run(self, key: Hashable, fut: asyncio.Future) -> Any:
-        try:
-            return await fut
-        finally:
-            self._inflight.pop(key, None)
+        waiter = asyncio.get_running_loop().create_future()
+        self._start(key, fn, then).waiters.append(waiter)
+        return await waiter
 
     def _load(self, ds: Dataset, index: int, mode: str) -> _Loaded:
         """Blocking: the shard from the cache, else read, tokenize and cache it (``"get"``). A
@@ -160,32 +201,42 @@ class ShardStore:
             self._packed.move_to_end(key)
             return hit
 
-        def build(tok: TokenizedShard | None) -> PackedShard | None:
-            if tok is None:  # the cache lookup in the same run as the packing found nothing
-                tok = self._load(ds, index, "cached").shard
-                if tok is None:
-                    return None
-            order = doc_order(seed, epoch, index, tok.num_docs)
-            return pack(packing, tok, order, seq_len, ds.info.pad_id)
-
-        # A cached shard is looked up and packed in one run in the executor: every hop between
-        # the loop and a thread waits for a turn of a loop that may be serving many streams, and
-        # the pack-aheads of a many-rank job must keep up with all of them.
-        packed = await self._once(key, functools.partial(build, None))
-        if packed is None:
-            tok = await self.tokenized(ds, index, only_cached)  # read (or join the prefetcher's read)
+        # A cached shard is looked up and packed in one run: every hop between the loop and a
+        # thread waits for a turn of a loop that may be serving many streams, and the pack-aheads
+        # of a many-rank job must keep ahead of all its ranks.
+        keep = functools.partial(self._keep_packed, key)
+        packed = await self._once(key, self._packer(ds, seed, epoch, index, seq_len, packing, None), keep)
+        if packed is None:  # not cached: read the tokens (or join the prefetcher's read), then pack
+            tok = await self.tokenized(ds, index, only_cached)
             if tok is None:
                 return None
-            packed = await self._once(key, functools.partial(build, tok))
-        if key not in self._packed:
-            self.packs += 1
-            self._packed[key] = packed
-            self._packed_bytes += packed.nbytes
-            while len(self._packed) > 1 and (len(self._packed) > self.hot_slots
-                                             or self._packed_bytes > self.hot_max_bytes):
-                self._packed_bytes -= self._packed.popitem(last=False)[1].nbytes
-                self.hot_evictions += 1
+            packed = await self._once(key, self._packer(ds, seed, epoch, index, seq_len, packing, tok), keep)
         return packed
+
+    def _packer(self, ds: Dataset, seed: int, epoch: int, index: int, seq_len: int, packing: str,
+                tok: TokenizedShard | None) -> Callable[[], PackedShard | None]:
+        """Blocking: pack shard ``index`` for an epoch, from ``tok`` or else from the cache (None
+        when the cache does not hold it)."""
+
+        def build() -> PackedShard | None:
+            shard = tok if tok is not None else self._load(ds, index, "cached").shard
+            if shard is None:
+                return None
+            return pack(packing, shard, doc_order(seed, epoch, index, shard.num_docs), seq_len, ds.info.pad_id)
+
+        return build
+
+    def _keep_packed(self, key: Hashable, packed: PackedShard | None) -> None:
+        """Put a packed shard in the hot tier (on the loop, as its run lands), evicting the oldest."""
+        if packed is None or key in self._packed:
+            return
+        self.packs += 1
+        self._packed[key] = packed
+        self._packed_bytes += packed.nbytes
+        while len(self._packed) > 1 and (len(self._packed) > self.hot_slots
+                                         or self._packed_bytes > self.hot_max_bytes):
+            self._packed_bytes -= self._packed.popitem(last=False)[1].nbytes
+            self.hot_evictions += 1
 
     def prefetch_stats(self) -> dict[str, int]:
         """Prefetch hits, queue depth, loads in flight (requests and prefetches), and counters."""
@@ -257,25 +308,22 @@ class ShardStore:
         if ordinal == ds.num_shards:
             epoch, ordinal = epoch + 1, 0
         key = self._packed_key(ds, seed, epoch, ordinal, seq_len, packing)
-        if key in self._packed or key in self._inflight or key in self._ahead:
+        if key in self._packed or key in self._inflight:
             return True
         if len(self._ahead) >= MAX_PACK_AHEAD:
             return False
-        task = asyncio.get_running_loop().create_task(
-            self._packed_shard(ds, seed, epoch, ordinal, seq_len, packing, only_cached=True))
-        self._ahead[key] = task
-        task.add_done_callback(functools.partial(self._ahead_done, key))
+        self._ahead.add(key)
+
+        def keep(packed: PackedShard | None) -> None:
+            self._ahead.discard(key)
+            self._keep_packed(key, packed)
+
+        self._start(key, self._packer(ds, seed, epoch, key[2], seq_len, packing, None), keep)
         return True
 
-    def _ahead_done(self, key: Hashable, task: asyncio.Task) -> None:
-        self._ahead.pop(key, None)
-        if not task.cancelled():
-            task.exception()  # retrieved: a failed pack-ahead is not an error until it is read
-
     async def close(self) -> None:
-        """Cancel every prefetch and pack-ahead (shutdown; streams are closed first)."""
-        for task in list(self._ahead.values()):
-            task.cancel()
+        """Stop the prefetcher (shutdown; streams are closed first). Pack-aheads already in the
+        executor finish there."""
         if self.prefetcher is not None:
             await self.prefetcher.close()
 

@@ -337,13 +337,13 @@ async def test_a_cached_shard_is_looked_up_and_packed_in_one_run(dataset: Datase
             np.testing.assert_array_equal(packed.row_view(0, packed.rows), expected.row_view(0, expected.rows))
         pool.runs = 0
         assert store.pack_ahead(dataset, seed, 0, 2, seq_len, "concat")
-        await asyncio.gather(*store._ahead.values())
+        await store.packed(dataset, seed, 0, 2, seq_len)  # a stream that gets there first joins the run
         assert store.packed_now(dataset, seed, 0, 2, seq_len, "concat") is not None and pool.runs == 1
         # a pack-ahead of a shard that is not cached reads nothing (that is the prefetcher's) and packs nothing
         empty = ShardStore(ShardCache(64 << 20), pool)
         pool.runs = 0
         assert empty.pack_ahead(dataset, seed, 0, 3, seq_len, "concat")
-        await asyncio.gather(*empty._ahead.values())
+        await until(lambda: not empty._inflight)
         assert empty.packed_now(dataset, seed, 0, 3, seq_len, "concat") is None and dataset.num_shards > 3
         await store.close()
         await empty.close()
