@@ -63,6 +63,7 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
     exporter = metrics.start_exporter(settings.host, settings.metrics_port, datasets, store)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
+    lag_watch = loop.create_task(metrics.watch_loop_lag(), name="tokenfeed-loop-lag")
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await server.start()
@@ -88,6 +89,7 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
         await server.stop(min(1.0, settings.shutdown_grace_s))
         log.info("drained %d stream(s) in %.2fs%s", open_streams, time.monotonic() - t0,
                  "" if drained else f"; {service.admission.streams} cancelled after the grace period")
+        lag_watch.cancel()
         await store.close()
         executor.shutdown(wait=False, cancel_futures=True)
         if exporter is not None:

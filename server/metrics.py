@@ -71,6 +71,13 @@ PACKING_EFFICIENCY = Gauge("tokenfeed_packing_efficiency",
                            "Share of sent input positions that hold real tokens, since start.",
                            ["dataset", "packing"], registry=REGISTRY)
 
+# ---- the event loop: every stream is served by one thread's loop --------------------------------
+LOOP_LAG_SECONDS = Histogram(
+    "tokenfeed_event_loop_lag_seconds",
+    "How late the event loop ran a timer, sampled ten times a second: how long a stream that is ready "
+    "waits for its turn. Tens of ms means the loop is the server's limit (more streams than it can serve "
+    "at this rate; fewer batches per message, or another replica).", buckets=_FAST, registry=REGISTRY)
+
 # ---- sources and tokenizers (labels: dataset, source type, tokenizer name, fixed reasons) --------
 TOKENIZED_SHARDS = Counter("tokenfeed_tokenized_shards_total", "Shards read and tokenized.",
                            ["dataset", "source"], registry=REGISTRY)
@@ -122,6 +129,16 @@ def observe_shard(dataset: str, source: str, tokenizer: str | None, shard_bytes:
     SHARD_LOAD_SECONDS.labels(dataset).observe(seconds)
     TOKENIZER_TOKENS.labels(dataset, tokenizer or "none").inc(tokens)
     TOKENIZER_DOCUMENTS.labels(dataset, tokenizer or "none").inc(documents)
+
+
+async def watch_loop_lag(interval_s: float = 0.1, observe: Callable[[float], None] = LOOP_LAG_SECONDS.observe) -> None:
+    """Until cancelled: sleep ``interval_s`` on the running loop and observe how much later than
+    asked it woke (a timer runs only after the callbacks that were ready before it)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        t0 = loop.time()
+        await asyncio.sleep(interval_s)
+        observe(max(0.0, loop.time() - t0 - interval_s))
 
 
 def pad_positions(tokens: np.ndarray, pad_id: int) -> int:

@@ -336,3 +336,30 @@ def test_meter_costs_microseconds_per_message():
         meter.resumed()
     per_message = (time.perf_counter() - t0) / n
     assert per_message < 200e-6, f"{per_message * 1e6:.1f} µs per message"
+
+
+async def test_loop_lag_watch_sees_a_blocked_loop():
+    """The lag histogram tells an operator that the event loop (every stream's one thread) is the
+    limit: a loop kept from its timers for 0.2 s shows as a lag of about 0.2 s."""
+    import asyncio
+
+    lags: list[float] = []
+    enough = asyncio.Event()
+
+    def observe(lag: float) -> None:
+        lags.append(lag)
+        if len(lags) >= 6:
+            enough.set()
+
+    watch = asyncio.get_running_loop().create_task(metrics.watch_loop_lag(0.01, observe))
+    await asyncio.sleep(0.03)  # a few samples of a loop that is free
+    time.sleep(0.2)  # the loop is busy: no timer can run
+    await enough.wait()
+    watch.cancel()
+    assert max(lags) >= 0.15, lags
+    assert min(lags) < 0.1, lags
+
+
+def test_server_exports_its_loop_lag(start_server, tmp_path):
+    _, url = served(start_server, tmp_path)
+    poll(lambda: value(scrape(url), "tokenfeed_event_loop_lag_seconds_count") >= 3)
