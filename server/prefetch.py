@@ -140,10 +140,12 @@ class Follower:
     ends, however it ends (use it as a context manager or in ``finally``)."""
 
     def __init__(self, ds: Dataset, seed: int, future: FutureIndex, prefetcher: Prefetcher | None,
-                 shard_index: Callable[[Dataset, int, int, int], int]) -> None:
+                 shard_index: Callable[[Dataset, int, int, int], int],
+                 moved: Callable[[Dataset, int, int | None, int | None], None] | None = None) -> None:
         self.id = ("stream", next(_ids))
         self.ds, self.seed = ds, seed
         self._future, self._prefetcher, self._shard_index = future, prefetcher, shard_index
+        self._moved = moved  # (ds, seed, old epoch, new epoch) when the epoch changes; None: began / ended
         self._pos: tuple[int, int] | None = None
         self._closed = False
         try:
@@ -155,7 +157,10 @@ class Follower:
         """The stream is reading shard ``ordinal`` of epoch ``epoch``'s order."""
         if self._pos == (epoch, ordinal):
             return
+        old = self._pos[0] if self._pos is not None else None
         self._pos = (epoch, ordinal)
+        if self._moved is not None and old != epoch:
+            self._moved(self.ds, self.seed, old, epoch)
         n = self.ds.num_shards
         self._future.update(self.id, self.ds.fingerprint, self.seed, n, epoch, ordinal)
         if self._prefetcher is not None and self._prefetcher.depth:
@@ -175,6 +180,8 @@ class Follower:
                 pass
             return
         self._closed = True
+        if self._moved is not None and self._pos is not None:
+            self._moved(self.ds, self.seed, self._pos[0], None)
         self._future.remove(self.id)
         if self._prefetcher is not None:
             self._prefetcher.forget(self.id)

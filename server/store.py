@@ -7,7 +7,7 @@ import asyncio
 import functools
 import itertools
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable
 from concurrent.futures import Executor, Future
 from typing import Any, NamedTuple
@@ -68,6 +68,7 @@ class ShardStore:
         self._epoch_rows: OrderedDict[Hashable, tuple[int, list[int] | None]] = OrderedDict()
         self.packs = self.hot_evictions = 0  # shards packed (hot-tier misses), and packed shards dropped
         self._ahead: set[Hashable] = set()  # packed keys of the pack-aheads in flight
+        self._live_epochs: dict[tuple[str, int], Counter[int]] = {}  # streams per epoch, by (dataset, seed)
         prefetch = prefetch or PrefetchSettings(depth=0)
         # Prefetched shards live in the cache: with no cache there is nowhere to put them.
         self.prefetcher = (
@@ -83,7 +84,29 @@ class ShardStore:
     def follow(self, ds: Dataset, seed: int) -> Follower:
         """A handle through which a stream reports its position (``at(epoch, ordinal)``) so that
         the cache knows its future and the prefetcher loads ahead; ``close()`` it when done."""
-        return Follower(ds, seed, self.cache.future, self.prefetcher, self.shard_index)
+        return Follower(ds, seed, self.cache.future, self.prefetcher, self.shard_index, self._epoch_moved)
+
+    def _epoch_moved(self, ds: Dataset, seed: int, old: int | None, new: int | None) -> None:
+        """A stream of (dataset, seed) moved from epoch ``old`` to ``new`` (None: it began, or
+        ended). An epoch that every stream of the job has left behind is never read again (a
+        stream that resumes there re-packs): its packed shards leave the hot tier at once instead
+        of filling its budget."""
+        job = (ds.fingerprint, seed)
+        live = self._live_epochs.setdefault(job, Counter())
+        if new is not None:
+            live[new] += 1
+        if old is not None:
+            live[old] -= 1
+            if live[old] <= 0:
+                del live[old]
+        if not live:  # the job's last stream ended: its shards age out as usual
+            del self._live_epochs[job]
+        elif old is not None and old < min(live):
+            below = min(live)
+            dead = [k for k in self._packed if k[1] == ds.fingerprint and k[3] == seed and k[4] < below]
+            for key in dead:
+                self._packed_bytes -= self._packed.pop(key).nbytes
+            self.hot_evictions += len(dead)
 
     def _start(self, key: Hashable, fn: Callable[[], Any], then: Callable[[Any], None] | None = None) -> _Flight:
         """The run of ``fn`` in the executor for ``key``, started unless one is under way.

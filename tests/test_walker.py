@@ -57,3 +57,33 @@ async def test_skipping_many_shards_lands_where_reading_every_row_does(dataset: 
         assert epoch == (1 if target >= epoch_rows else 0)
         walker.close()
     await store.close()
+
+
+async def test_an_epoch_every_stream_has_left_leaves_the_hot_tier(dataset: Dataset, pool: ThreadPoolExecutor) -> None:
+    """Packed shards are per epoch: once no stream of the job is left in an epoch, its shards are
+    never read again and are dropped at once instead of filling the tier's byte budget."""
+    store = ShardStore(ShardCache(64 << 20), pool)
+    ahead, behind = (Walker(store, dataset, SEED, SEQ, "concat", Locator()) for _ in range(2))
+    out = np.empty((8, SEQ + 1), dtype=dataset.dtype)
+    await behind.take(out)  # in epoch 0, and stays there
+    while ahead.epoch == 0:
+        await ahead.take(out)
+    await ahead.take(out)
+
+    def epochs() -> set[int]:
+        return {k[4] for k in store._packed}
+
+    assert 0 in epochs() and 1 in epochs()  # the trailing stream still reads epoch 0
+    before = store.stats()
+    epoch_rows = store.epoch_rows(dataset, SEED, 0, SEQ, "concat")
+    assert epoch_rows is not None
+    await behind.skip(epoch_rows[-1] - behind.row + 3)  # into epoch 1: nobody is in epoch 0 any more
+    await behind.take(out)
+    assert behind.epoch == 1 and epochs() == {1}
+    after = store.stats()
+    dropped = before["hot_entries"] - after["hot_entries"]
+    assert dropped > 0 and after["hot_evictions"] - before["hot_evictions"] >= dropped
+    assert after["hot_bytes"] == sum(p.nbytes for p in store._packed.values())
+    ahead.close()
+    behind.close()
+    await store.close()
