@@ -84,9 +84,10 @@ def tokens_config(s: Settings, cache_compression: str = "zstd") -> Path:
     return path
 
 
-#: tokenfeed settings measured besides the defaults, at the largest batches_per_message:
-#: (variant, num_workers, tf_client arguments, whether on the server with an uncompressed cache).
-VARIANTS = (
+#: tokenfeed settings measured besides the defaults, at the largest batches_per_message unless
+#: they name theirs: (variant, num_workers, tf_client arguments, whether on the server with an
+#: uncompressed cache[, batches_per_message]).
+VARIANTS: tuple[tuple, ...] = (
     ("decode_ahead=0", 0, ("--decode-ahead", "0"), False),
     ("gRPC only (shared memory off)", 0, ("--shared-memory", "off"), False),
     ("uncompressed cache", 0, (), True),
@@ -97,6 +98,10 @@ VARIANTS = (
     ("fields=tokens, decode_ahead=0", 0, ("--fields", "tokens", "--decode-ahead", "0"), False),
     ("uncompressed cache, fields=tokens", 0, ("--fields", "tokens"), True),
     ("uncompressed cache, fields=tokens, decode_ahead=0", 0, ("--fields", "tokens", "--decode-ahead", "0"), True),
+    # through the shared-memory ring a message is a few hundred bytes of gRPC whatever its size:
+    # more batches per message spread the per-message cost wider (the ring holds 2 of these)
+    ("fields=tokens, decode_ahead=0", 0, ("--fields", "tokens", "--decode-ahead", "0"), False, 64),
+    ("uncompressed cache, fields=tokens, decode_ahead=0", 0, ("--fields", "tokens", "--decode-ahead", "0"), True, 64),
 )
 
 
@@ -137,8 +142,8 @@ def pretokenized(s: Settings, server: Server, raw_server: Server | None = None) 
     settings: list[dict] = [{"loader": lo, "workers": w} for lo in PEER_LOADERS for w in s.workers]
     settings += [{"loader": "tokenfeed", "workers": w, "batches_per_message": b, "variant": "default"}
                  for w in s.workers for b in s.bpms]
-    settings += [{"loader": "tokenfeed", "workers": w, "batches_per_message": max(s.bpms), "variant": name,
-                  "args": list(args), "raw": raw} for name, w, args, raw in VARIANTS
+    settings += [{"loader": "tokenfeed", "workers": w, "batches_per_message": (bpm or [max(s.bpms)])[0],
+                  "variant": name, "args": list(args), "raw": raw} for name, w, args, raw, *bpm in VARIANTS
                  if w in s.workers and (raw_server is not None or not raw)]
     runs: list[list[dict]] = [[] for _ in settings]
     errors: list[list[str]] = [[] for _ in settings]
