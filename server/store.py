@@ -9,7 +9,7 @@ import itertools
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable
-from concurrent.futures import Executor, Future
+from concurrent.futures import CancelledError, Executor, Future
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -138,7 +138,7 @@ class ShardStore:
         except BaseException as err:  # noqa: BLE001 - handed to every waiter, raised where awaited
             for waiter in flight.waiters:
                 if not waiter.done():
-                    if isinstance(err, asyncio.CancelledError):  # the executor was shut down
+                    if isinstance(err, (CancelledError, asyncio.CancelledError)):  # the executor shut down
                         waiter.cancel()
                     else:
                         waiter.set_exception(err)

@@ -349,3 +349,21 @@ async def test_a_cached_shard_is_looked_up_and_packed_in_one_run(dataset: Datase
         await empty.close()
         await reference.close()
         reference.executor.shutdown()
+
+
+async def test_a_load_cancelled_by_an_executor_shutdown_cancels_its_waiters(dataset: Dataset,
+                                                                             gates: Callable[..., Gate]) -> None:
+    """Shutdown cancels the loads still queued; whoever waits for one is cancelled, not handed an error."""
+    gate = gates(dataset)
+    pool = ThreadPoolExecutor(1)
+    store = ShardStore(ShardCache(64 << 20), pool)
+    first = asyncio.ensure_future(store.tokenized(dataset, 0))  # holds the only thread
+    await asyncio.to_thread(gate.entered.wait, 10)
+    queued = asyncio.ensure_future(store.tokenized(dataset, 1))
+    await until(lambda: len(store._inflight) == 2)
+    pool.shutdown(wait=False, cancel_futures=True)
+    with pytest.raises(asyncio.CancelledError):
+        await queued
+    gate.release()
+    assert (await first).num_docs > 0
+    await store.close()
