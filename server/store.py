@@ -131,6 +131,7 @@ class ShardStore:
     def _land(self, key: Hashable, flight: _Flight, done: Future) -> None:
         if self._inflight.get(key) is flight:
             del self._inflight[key]
+        self._ahead.discard(key)  # a pack-ahead's slot frees however its run ended
         try:
             result = done.result()
             if flight.then is not None:
@@ -336,12 +337,8 @@ class ShardStore:
         if len(self._ahead) >= MAX_PACK_AHEAD:
             return False
         self._ahead.add(key)
-
-        def keep(packed: PackedShard | None) -> None:
-            self._ahead.discard(key)
-            self._keep_packed(key, packed)
-
-        self._start(key, self._packer(ds, seed, epoch, key[2], seq_len, packing, None), keep)
+        self._start(key, self._packer(ds, seed, epoch, key[2], seq_len, packing, None),
+                    functools.partial(self._keep_packed, key))
         return True
 
     async def close(self) -> None:

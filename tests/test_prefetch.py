@@ -367,3 +367,28 @@ async def test_a_load_cancelled_by_an_executor_shutdown_cancels_its_waiters(data
     gate.release()
     assert (await first).num_docs > 0
     await store.close()
+
+
+async def test_failed_pack_aheads_free_their_slots(dataset: Dataset, pool: ThreadPoolExecutor,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pack-ahead that fails is not an error until its shard is read, and it gives its slot back:
+    more failures than there are slots do not stop the pack-aheads for good."""
+    import server.store as store_module
+
+    seq_len, seed = 32, 6
+    store = ShardStore(ShardCache(64 << 20), pool)
+    for index in range(dataset.num_shards):
+        await store.tokenized(dataset, index)
+    real_pack = store_module.pack
+    monkeypatch.setattr(store_module, "pack", lambda *a: (_ for _ in ()).throw(OSError("disk on fire")))
+    failing = min(dataset.num_shards - 1, store_module.MAX_PACK_AHEAD + 4)
+    for ordinal in range(failing):
+        while not store.pack_ahead(dataset, seed, 0, ordinal, seq_len, "concat"):
+            await until(lambda: len(store._ahead) < store_module.MAX_PACK_AHEAD)
+    await until(lambda: not store._inflight)
+    assert not store._ahead
+    monkeypatch.setattr(store_module, "pack", real_pack)
+    assert store.pack_ahead(dataset, seed, 0, failing, seq_len, "concat")
+    packed = await store.packed(dataset, seed, 0, failing, seq_len)
+    assert packed.rows > 0 and store.packed_now(dataset, seed, 0, failing, seq_len, "concat") is packed
+    await store.close()
