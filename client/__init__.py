@@ -1,7 +1,7 @@
 """tokenfeed client: a rank's stream of packed token batches as a PyTorch IterableDataset."""
 
 from client.dataset import StreamingDataset
-from client.errors import RequestError, ServerUnavailable, TokenfeedError
+from client.errors import DataLossError, RequestError, ServerUnavailable, TokenfeedError
 from client.loader import StreamingDataLoader
 
-__all__ = ["RequestError", "ServerUnavailable", "StreamingDataLoader", "StreamingDataset", "TokenfeedError"]
+__all__ = ["DataLossError", "RequestError", "ServerUnavailable", "StreamingDataLoader", "StreamingDataset", "TokenfeedError"]

@@ -12,7 +12,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from server.config import Config, default_config, format_validation_error, load_config
-from server.errors import ConfigError
+from server.errors import ConfigError, TokenfeedError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -141,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as err:
             print(f"data-server: {err}", file=sys.stderr)
             return 2
+        except TokenfeedError as err:  # e.g. a source that stayed unreadable through its retries
+            print(f"data-server: {err}; finished shards are kept: run the same command again to continue",
+                  file=sys.stderr)
+            return 1
     from server.app import serve  # grpc imports after logging is set up
 
     try:

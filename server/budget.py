@@ -8,6 +8,8 @@ every step (it needs the whole step to know its share) and keeps its own part.""
 
 from __future__ import annotations
 
+import asyncio
+import heapq
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -19,6 +21,10 @@ from server.stream import Chunk, StreamParams
 from server.walker import PROVENANCE_FIELDS, make_walker
 
 
+#: Pieces planned between two turns given to the event loop.
+YIELD_EVERY = 256
+
+
 @dataclass
 class Piece:
     tokens: np.ndarray       # the piece's tokens (no PAD)
@@ -27,11 +33,14 @@ class Piece:
 
 
 def lpt(lengths: list[int], ranks: int) -> list[int]:
-    """Longest-processing-time: longest piece first, each to the least-loaded rank."""
-    loads, owner = [0] * ranks, [0] * len(lengths)
+    """Longest-processing-time: longest piece first, each to the least-loaded rank (ties: the
+    lowest rank). A heap of (load, rank): O(pieces x log ranks), not O(pieces x ranks)."""
+    owner = [0] * len(lengths)
+    heap = [(0, k) for k in range(ranks)]  # already a heap: sorted
     for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        r = min(range(ranks), key=lambda k: (loads[k], k))
-        owner[i], loads[r] = r, loads[r] + lengths[i]
+        load, r = heap[0]
+        owner[i] = r
+        heapq.heapreplace(heap, (load + lengths[i], r))
     return owner
 
 
@@ -77,19 +86,26 @@ class StepPlanner:
         return Piece(row[:length].copy(), rec, epoch), before
 
     async def step(self) -> tuple[list[Piece], list[int], Locator]:
-        """The next step's pieces, each piece's rank, and the cursor after the step."""
+        """The next step's pieces, each piece's rank, and the cursor after the step.
+
+        A step of a large job holds many pieces (at least one per rank), and every rank plans
+        the whole step: the least-loaded rank comes from a heap, and the loop gets a turn every
+        ``YIELD_EVERY`` pieces, so one stream's planning never stalls the others."""
         ranks, budget = self.p.world_size, self.p.max_tokens
         pieces: list[Piece] = []
-        loads, online = [0] * ranks, []
+        heap = [(0, k) for k in range(ranks)]  # (load, rank): the online assignment that fits
+        online: list[int] = []
         while True:
             piece, before = await self._read()
-            r = min(range(ranks), key=lambda k: (loads[k], k))
-            if pieces and loads[r] + len(piece.tokens) > budget:
+            load, r = heap[0]
+            if pieces and load + len(piece.tokens) > budget:
                 self._next = (piece, before)  # does not fit: it opens the next step
                 break
             pieces.append(piece)
             online.append(r)
-            loads[r] += len(piece.tokens)
+            heapq.heapreplace(heap, (load + len(piece.tokens), r))
+            if len(pieces) % YIELD_EVERY == 0:
+                await asyncio.sleep(0)
         lengths = [len(p.tokens) for p in pieces]
         owner = lpt(lengths, ranks)
         if max(np.bincount(owner, weights=lengths, minlength=ranks)) > budget:

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import stat
 import threading
 import time
 import weakref
@@ -28,36 +26,31 @@ __all__ = ["ShardCache", "DiskTier", "FutureIndex", "shard_key", "ENTRY_OVERHEAD
 
 #: Bytes charged per entry on top of its compressed size (the entry object, its key, the index).
 ENTRY_OVERHEAD = 2048  # measured: ~0.5 KiB of Python objects, ~2 KiB of allocator slack
-_KEY_VERSION = "tokenfeed-shard-v1"
-#: Source settings that only choose or group files; a shard's own parts already pin its content.
-_GROUPING = {"paths", "exclude", "shard_bytes"}
+_KEY_VERSION = "tokenfeed-shard-v2"
 
-
-_KEY_BASES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: Every shard's key, per dataset (computed once: content identities are fixed at start-up).
+_KEYS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def shard_key(ds: Dataset, index: int) -> str:
-    """The content address of one tokenized shard: its files' identity and version (path, byte
-    range, size, mtime), the source settings that shape documents, and the tokenizer's identity.
-    Changing one file changes only its shard's key; two datasets (or jobs) on the same files and
-    tokenizer share entries. Packing is not part of it: entries hold tokenized documents, which
-    packing (seed, epoch, seq_len) only reorders and cuts. Costs a ``stat`` per file."""
-    base = _KEY_BASES.get(ds)
-    if base is None:  # the part every shard of the dataset shares (a pydantic dump: worth keeping)
+    """The content address of one tokenized shard: its content identity (files' relative paths,
+    ranges, sizes and digests; for prepared data the manifest's checksum), the source settings
+    that shape documents, and the tokenizer's identity. Changing one file changes only its
+    shard's key; two datasets (or jobs, or replicas with their own copies of a corpus sharing a
+    disk tier) on the same content and tokenizer share entries. Packing is not part of it:
+    entries hold tokenized documents, which packing (seed, epoch, seq_len) only reorders and cuts."""
+    keys = _KEYS.get(ds)
+    if keys is None:
         base = hashlib.sha256(_KEY_VERSION.encode())
-        base.update(ds.config.source.model_dump_json(exclude=_GROUPING).encode())
+        base.update(ds.document_settings().encode())
         base.update(f"|{ds.info.identity}|{ds.dtype.str}|".encode())
-        _KEY_BASES[ds] = base
-    h = base.copy()
-    for part in ds.shards[index].parts:
-        try:
-            st = os.stat(part.path)
-            version = [st.st_size, st.st_mtime_ns] if stat.S_ISREG(st.st_mode) else ["dir", ds.fingerprint]
-        except OSError:
-            # Not a local file (or gone): only the dataset's start-up fingerprint can vouch for it.
-            version = ["missing", ds.fingerprint]
-        h.update(json.dumps([part.path, part.start, part.end, *version]).encode())
-    return h.hexdigest()[:32]
+        keys = []
+        for i in range(ds.num_shards):
+            h = base.copy()
+            h.update(json.dumps(ds.shard_content(i)).encode())
+            keys.append(h.hexdigest()[:32])
+        _KEYS[ds] = keys
+    return keys[index]
 
 
 def fixed_mmap_threshold(threshold: int = 1 << 20, trim_threshold: int = 32 << 20) -> bool:

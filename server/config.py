@@ -150,6 +150,18 @@ class MixtureConfig(_Strict):
         return points if points and points[0][0] == 0 else [(0, self.weights)] + points
 
 
+class ReadRetrySettings(_Strict):
+    """How reading a shard rides out environment faults (an I/O error, a timeout, too many open
+    files, a file renamed away for a moment): retried with jittered exponential backoff, never
+    cached as a broken or empty shard. When ``attempts`` or ``deadline_s`` run out, the stream
+    fails with UNAVAILABLE and the client resumes from its cursor (here or on another replica)."""
+
+    attempts: int = Field(default=6, ge=1, le=100, description="Reads of a shard before giving up.")
+    backoff_s: float = Field(default=0.1, gt=0, le=60, description="Wait before the first retry; doubles each time.")
+    max_backoff_s: float = Field(default=2.0, gt=0, le=600, description="Longest wait between two reads.")
+    deadline_s: float = Field(default=10.0, gt=0, le=3600, description="Give up once retrying would pass this.")
+
+
 class DatasetConfig(_Strict):
     """One served dataset: a source and its tokenizer, or a mixture of other datasets.
 
@@ -159,6 +171,8 @@ class DatasetConfig(_Strict):
     source: SourceConfig | None = None
     tokenizer: TokenizerConfig = Field(default_factory=ByteTokenizerConfig)
     mixture: MixtureConfig | None = None
+    retry: ReadRetrySettings = Field(default_factory=ReadRetrySettings,
+                                     description="Retries of environment faults while reading shards.")
 
     @model_validator(mode="before")
     @classmethod
@@ -192,9 +206,9 @@ class ServerSettings(_Strict):
     port: int = Field(default=50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
     metrics_port: int | None = Field(default=None, ge=0, le=65535, description="Prometheus /metrics port.")
     max_seq_len: int = Field(default=65536, gt=0, description="Largest seq_len a stream may ask for.")
-    max_batch_size: int = Field(default=4096, gt=0, description="Largest batch_size a stream may ask for.")
+    max_batch_size: int = Field(default=1024, gt=0, description="Largest batch_size a stream may ask for.")
     max_message_bytes: ByteSize = Field(
-        default=ByteSize(largest_batch_bytes(65536, 4096) + MESSAGE_OVERHEAD_BYTES), gt=0, le=GRPC_MAX_MESSAGE_BYTES,
+        default=ByteSize(largest_batch_bytes(65536, 1024) + MESSAGE_OVERHEAD_BYTES), gt=0, le=GRPC_MAX_MESSAGE_BYTES,
         description="gRPC message limit; unset: what one batch of the largest allowed shape needs.")
     shutdown_grace_s: float = Field(default=5.0, ge=0, description="Time in-flight streams get on shutdown.")
     workers: int = Field(default=2, gt=0, description="Threads that read and tokenize shards.")
@@ -216,9 +230,13 @@ class ServerSettings(_Strict):
     # ---- limits ----
     max_streams: int = Field(default=256, gt=0, description="Concurrent batch streams; more get RESOURCE_EXHAUSTED.")
     stream_memory_bytes: ByteSize = Field(
-        default=ByteSize(4 << 30), gt=0, description="Budget of the messages all open streams may hold (each is charged its largest).")
+        default=ByteSize(1 << 30), gt=0, description="Budget of what all open streams may hold (each is charged its largest "
+        "message, token-budget step and padded packed shard); resident memory stays within about 3x.")
     max_rows_per_step: int = Field(
         default=1 << 20, gt=0, description="Largest world_size x batch_size x step_stride a stream may ask for (bounds skipping).")
+    max_budget_pieces_per_step: int = Field(
+        default=16384, gt=0, description="Largest world_size x (max_tokens / seq_len) a token-budget stream may ask for: "
+        "every rank plans every step's pieces (about 20 us each), so this bounds a message's planning work.")
     keepalive_time_s: float = Field(default=30.0, gt=0, description="Ping each client connection this often (finds dead clients).")
     keepalive_timeout_s: float = Field(default=10.0, gt=0, description="Close a connection whose ping is unanswered this long.")
     min_client_ping_interval_s: float = Field(

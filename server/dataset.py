@@ -1,4 +1,8 @@
-"""A served dataset: its source, tokenizer, shards and content fingerprint."""
+"""A served dataset: its source, tokenizer, shards and content identity, and the one rule for
+reading a shard: a content fault (a record or a file that does not decode, a checksum that fails)
+is decided from the bytes alone, the same on every replica and restart; an environment fault (an
+I/O error, a timeout) is retried and then surfaces as ``Unavailable``, never cached as a broken or
+empty shard; a file that changed since start-up is refused, never served as a mix of versions."""
 
 from __future__ import annotations
 
@@ -6,13 +10,15 @@ import hashlib
 import json
 import logging
 import os
+import random
 import time
 
 import numpy as np
 
 from server import metrics
 from server.config import DatasetConfig
-from server.errors import ConfigError
+from server.errors import ConfigError, DataLoss, FailedPrecondition, Unavailable
+from server.identity import FileChanged, FileIdentity, check_unchanged, common_root, identify_all
 from server.packing import TokenizedShard, tokenized_shard
 from server.sources import BadRecords, BrokenShard, ShardSpec, TokensSource, build_source
 from server.tokenizers import Tokenizer, build_tokenizer
@@ -20,14 +26,16 @@ from tokenfeed import wire
 
 log = logging.getLogger(__name__)
 
-# What reading a whole unreadable shard raises; the shard is then skipped (counted "broken_shard").
-BROKEN = (BrokenShard, OSError, EOFError, ValueError)
+#: Source settings that say where files are, not what they hold: copies of a corpus at other
+#: paths are the same dataset (their files' content identities pin what is read).
+LOCATION_FIELDS = {"paths", "exclude", "path", "data_files", "cache_dir"}
+_IDENTITY_VERSION = "tokenfeed-dataset-v2"
 
 
 class Dataset:
     """Everything the server knows about one dataset; ``tokenize_shard`` is pure, blocking work."""
 
-    def __init__(self, name: str, config: DatasetConfig) -> None:
+    def __init__(self, name: str, config: DatasetConfig, *, digest_cache_dir: str | None = None) -> None:
         field = f"datasets.{name}"
         self.name = name
         self.config = config
@@ -47,10 +55,17 @@ class Dataset:
         self.bad = BadRecords()
         self.shard_docs: dict[int, int] = {}
         self.shard_tokens: dict[int, int] = {}
-        self.counts_version = 0  # bumped whenever a shard's counts are learned or change
+        self.counts_version = 0  # bumped whenever a shard's counts are learned
         if isinstance(self.source, TokensSource):  # row counts known up front: seeks read nothing
             for i, (docs, tokens) in enumerate(self.source.counts()):
                 self.shard_docs[i], self.shard_tokens[i] = docs, tokens
+        # Prepared shards are identified by the manifest's checksums (verified as each is read);
+        # other files by their size and a digest of their bytes, taken now.
+        files = [] if isinstance(self.source, TokensSource) else self.source.files()
+        self.root = self.source.path if isinstance(self.source, TokensSource) else common_root(files)
+        self._files: dict[str, FileIdentity] = identify_all(files, digest_cache_dir)
+        self._all_files = hashlib.sha256(json.dumps(
+            sorted([self.relpath(p), *i.content()] for p, i in self._files.items())).encode()).hexdigest()
         self.fingerprint = self._fingerprint()
 
     @property
@@ -66,33 +81,75 @@ class Dataset:
                 f"{self.info.name} (identity {self.info.identity}), not {configured.name} (identity "
                 f"{configured.identity}); remove the tokenizer entry or prepare the data again")
 
+    def relpath(self, path: str) -> str:
+        """``path`` relative to the dataset's root (what identities and messages name)."""
+        return os.path.relpath(path, self.root) if self.root and os.path.isabs(path) else path
+
+    def shard_label(self, shard: ShardSpec) -> str:
+        """A shard's name for clients (Describe, error messages): relative to the dataset's root,
+        never an absolute server path (a prepared shard: its file in the prepared directory)."""
+        if isinstance(self.source, TokensSource):
+            return self.relpath(shard.parts[0].path)
+        inside = self.root and shard.name.startswith(self.root.rstrip(os.sep) + os.sep)
+        return self.relpath(shard.name) if inside else os.path.basename(shard.name.split(":", 1)[-1])
+
+    def shard_content(self, index: int) -> list:
+        """What shard ``index`` holds, as JSON-able values that depend on content only: its
+        files' relative paths, ranges, sizes and digests (or, prepared, the manifest's checksum)."""
+        if isinstance(self.source, TokensSource):
+            return self.source.content(index)
+        out: list = []
+        for part in self.shards[index].parts:
+            ident = self._files.get(part.path)
+            content = ident.content() if ident is not None else ["all files", self._all_files]
+            out.append([self.relpath(part.path), part.start, part.end, *content])
+        return out
+
+    def document_settings(self) -> str:
+        """The source settings that shape documents (not where the files are), as JSON."""
+        assert self.config.source is not None
+        return self.config.source.model_dump_json(exclude=LOCATION_FIELDS)
+
     def _fingerprint(self) -> str:
-        """Changes whenever the tokens this dataset serves could change: the config, the
-        tokenizer, the shard list, and the size and mtime of every input file."""
-        h = hashlib.sha256()
-        h.update(self.config.model_dump_json().encode())
+        """Changes whenever the tokens this dataset serves, or their order, could change: the
+        document settings, the tokenizer, and every shard's content. Not paths, mtimes or inodes:
+        replicas with their own copies agree (contract 7)."""
+        h = hashlib.sha256(_IDENTITY_VERSION.encode())
+        h.update(self.document_settings().encode())
         h.update(self.info.identity.encode())
         for shard in self.shards:
-            h.update(json.dumps([shard.name, [[p.path, p.start, p.end] for p in shard.parts]]).encode())
-        for path in self.source.files():
-            st = os.stat(path)
-            h.update(json.dumps([path, st.st_size, st.st_mtime_ns]).encode())
+            h.update(json.dumps(self.shard_content(shard.index)).encode())
         return h.hexdigest()[:16]
+
+    def _shard_files(self, shard: ShardSpec) -> list[str]:
+        """The files whose content a shard's tokens come from."""
+        paths = [p.path for p in shard.parts if p.path in self._files]
+        return paths if len(paths) == len(shard.parts) else list(self._files)
+
+    def _check_files(self, shard: ShardSpec) -> None:
+        """Raise ``FileChanged`` if a file of ``shard`` no longer holds what start-up saw."""
+        for path in self._shard_files(shard):
+            self._files[path] = check_unchanged(path, self._files[path])
 
     def tokenize_shard(self, index: int) -> TokenizedShard:
         """Read and tokenize one shard (blocking; call it off the event loop). Bad records are
-        skipped and counted; a whole unreadable shard yields no documents."""
+        skipped and counted; a raw shard whose content does not decode yields no documents, on
+        every replica alike. Raises ``DataLoss`` for a damaged prepared shard (its rows are
+        already counted in the global order), ``FailedPrecondition`` for a file changed since
+        start-up, ``Unavailable`` when an environment fault outlasts its retries."""
         t0 = time.perf_counter()
         shard = self.shards[index]
-        bad = BadRecords()
         try:
-            if self.tokenizer is None:
-                result = self.source.read_tokens(shard, bad, self.dtype)
-            else:
-                result = self._tokenize(shard, self.source.read_shard(shard, bad), bad)
-        except BROKEN as err:
-            # Deterministic: the shard yields no rows in every epoch, on every replica.
-            bad.add("broken_shard", sample=f"{shard.name}: {type(err).__name__}: {err}")
+            result, bad = self._read_retrying(shard)
+        except BrokenShard as err:
+            if isinstance(self.source, TokensSource):
+                raise DataLoss(f"dataset {self.name!r}: shard {index} ({self.shard_label(shard)}) is damaged: {err}; "
+                               "restore the file, or run `data-server prepare` into a new directory and serve "
+                               "that (cursors of this preparation stay valid only with its intact copy)") from None
+            # A content fault, decided from the bytes alone: the shard yields no rows in every
+            # epoch, on every replica.
+            bad = BadRecords()
+            bad.add("broken_shard", sample=f"{self.shard_label(shard)}: {err}")
             metrics.count_broken_shard(self.name, self.config.source.type, err)
             result = empty_tokenized(self.dtype)
         self.bad.merge(bad)
@@ -103,13 +160,53 @@ class Dataset:
                         bad.sample_snapshot().get(reason, "?"))
         metrics.observe_shard(self.name, self.config.source.type, self.info.name if self.tokenizer else None,
                               shard.bytes, result.num_docs, result.num_tokens, time.perf_counter() - t0)
-        if (self.shard_docs.get(index), self.shard_tokens.get(index)) != (result.num_docs, result.num_tokens):
+        known = (self.shard_docs.get(index), self.shard_tokens.get(index))
+        if known != (result.num_docs, result.num_tokens):
+            # Learned once (raw sources): content identity guarantees that a count never changes.
+            assert known == (None, None), (self.name, index, known, result.num_docs, result.num_tokens)
             self.shard_docs[index] = result.num_docs
             self.shard_tokens[index] = result.num_tokens
             self.counts_version += 1
         log.debug("tokenized %s: %d docs, %d tokens in %.3fs", shard.name, result.num_docs,
                   result.num_tokens, time.perf_counter() - t0)
         return result
+
+    def _read_retrying(self, shard: ShardSpec) -> tuple[TokenizedShard, BadRecords]:
+        """Read a shard, retrying environment faults (``OSError``: EMFILE, EIO, a timeout, a file
+        renamed away for a moment) with jittered exponential backoff within the dataset's
+        ``retry`` settings. The files are checked against start-up before and after reading."""
+        retry = self.config.retry
+        deadline = time.monotonic() + retry.deadline_s
+        for attempt in range(1, retry.attempts + 1):
+            bad = BadRecords()  # a failed attempt's records are not counted twice
+            try:
+                self._check_files(shard)
+                result = self._read(shard, bad)
+                self._check_files(shard)
+                return result, bad
+            except FileChanged as err:
+                raise FailedPrecondition(
+                    f"dataset {self.name!r}: {self.relpath(err.path)} {str(err)[len(err.path) + 1:]} since the "
+                    "server started; restore it, or restart the server to serve the new content (cursors of "
+                    "the old content are then refused)") from None
+            except OSError as err:
+                delay = min(retry.max_backoff_s, retry.backoff_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+                what = f"{self.shard_label(shard)}: {type(err).__name__}: {err}"
+                if attempt == retry.attempts or time.monotonic() + delay > deadline:
+                    metrics.count_source_unavailable(self.name, self.config.source.type)
+                    log.error("%s: reading %s failed %d time(s); giving up (UNAVAILABLE)", self.name, what, attempt)
+                    raise Unavailable(f"dataset {self.name!r}: cannot read {what} (after {attempt} attempt(s) in "
+                                      f"{retry.deadline_s:g} s); reconnect from the cursor") from None
+                metrics.count_source_retry(self.name, self.config.source.type, err)
+                log.warning("%s: reading %s failed; retry %d of %d in %.2f s", self.name, what, attempt,
+                            retry.attempts - 1, delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _read(self, shard: ShardSpec, bad: BadRecords) -> TokenizedShard:
+        if self.tokenizer is None:
+            return self.source.read_tokens(shard, bad, self.dtype)
+        return self._tokenize(shard, self.source.read_shard(shard, bad), bad)
 
     def _tokenize(self, shard: ShardSpec, docs: list[str], bad: BadRecords) -> TokenizedShard:
         assert self.tokenizer is not None
@@ -143,7 +240,7 @@ class Dataset:
             "documents": sum(self.shard_docs.values()) if known else -1,
             "tokens": sum(self.shard_tokens.values()) if known else -1,
             "shards": [
-                {"name": s.name, "bytes": s.bytes, "documents": self.shard_docs.get(s.index, -1),
+                {"name": self.shard_label(s), "bytes": s.bytes, "documents": self.shard_docs.get(s.index, -1),
                  "tokens": self.shard_tokens.get(s.index, -1)}
                 for s in self.shards
             ],

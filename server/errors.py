@@ -23,5 +23,15 @@ class FailedPrecondition(TokenfeedError):
     """The request is well-formed but does not fit the server's state (e.g. a stale cursor)."""
 
 
+class Unavailable(TokenfeedError):
+    """An environment fault (an I/O error, a timeout) outlasted its retries; nothing was cached,
+    and the client resumes from its cursor, here or on another replica."""
+
+
+class DataLoss(TokenfeedError):
+    """Data that the global order relies on is damaged (a prepared shard fails its checksum):
+    every reader of it is refused alike, never served something else in its place."""
+
+
 class ConfigError(ValueError):
     """The server configuration is invalid; the message names the field or path."""

@@ -60,11 +60,26 @@ def message_bound(params: StreamParams) -> int:
     return params.batches_per_message * per_batch + 4096
 
 
+def packing_charge(params: StreamParams) -> int:
+    """Bytes of one packed shard of a padded packing (``pad``, ``split``, ``bfd``, token budgets):
+    a table of ``rows x (seq_len + 1)`` tokens, at most ``docs + tokens // seq_len`` rows, so it
+    grows with the requested ``seq_len`` (a 1 MiB shard of 1,000 short documents packed ``pad`` at
+    seq_len 65,536 is 131 MB). From the counts known now (all of them for prepared data; a raw
+    shard's once it was read). ``concat`` rows are a view of the shard's own tokens: not charged."""
+    if params.packing == "concat":
+        return 0
+    parts = params.dataset.components if isinstance(params.dataset, Mixture) else [params.dataset]
+    rows = max((docs + ds.shard_tokens.get(i, 0) // params.seq_len for ds in parts for i, docs in ds.shard_docs.items()),
+               default=0)
+    return rows * (params.seq_len + 1) * params.dataset.dtype.itemsize
+
+
 def stream_charge(params: StreamParams) -> int:
-    """Bytes a stream may hold at once: one message, and for token-budget batches the whole
-    step it plans (every rank's pieces: ``world_size * max_tokens`` tokens, twice for overhead)."""
+    """Bytes a stream may hold at once: one message, for token-budget batches the whole step it
+    plans (every rank's pieces: ``world_size * max_tokens`` tokens, twice for overhead), and for
+    padded packings the packed shard it reads (``packing_charge``)."""
     held = 2 * params.world_size * params.max_tokens * params.dataset.dtype.itemsize if params.max_tokens else 0
-    return message_bound(params) + held
+    return message_bound(params) + held + packing_charge(params)
 
 
 def check_request(params: StreamParams, settings: ServerSettings) -> int:
@@ -83,6 +98,11 @@ def check_request(params: StreamParams, settings: ServerSettings) -> int:
         raise InvalidArgument("world_size", f"world_size x {'max_tokens / seq_len' if p.max_tokens else 'batch_size'} "
                               f"x step_stride = {rows} rows per step, above the server's max_rows_per_step of "
                               f"{settings.max_rows_per_step}")
+    if p.max_tokens and p.world_size * per_rank > settings.max_budget_pieces_per_step:
+        raise InvalidArgument("world_size", f"world_size x max_tokens / seq_len = {p.world_size * per_rank} pieces per "
+                              f"token-budget step, above the server's max_budget_pieces_per_step of "
+                              f"{settings.max_budget_pieces_per_step} (every rank plans every step); use fixed-size "
+                              "batches at this scale, or raise server.max_budget_pieces_per_step")
     start = p.start
     for field, value in [("row", start.row), ("epoch", start.epoch)] + [
             (f"components[{i}].{f}", getattr(loc, f)) for i, (_, loc) in enumerate(start.components)
@@ -96,8 +116,11 @@ def check_request(params: StreamParams, settings: ServerSettings) -> int:
                               f"{int(settings.max_message_bytes)} bytes; ask for fewer or smaller batches")
     charge = stream_charge(p)
     if charge > settings.stream_memory_bytes:
-        raise InvalidArgument("max_tokens", f"world_size x max_tokens needs {charge} bytes of server memory per "
-                              f"step, above server.stream_memory_bytes ({int(settings.stream_memory_bytes)})")
+        packed = packing_charge(p)
+        field, what = (("seq_len", f"packing={p.packing!r} at this seq_len makes packed shards of {packed} bytes")
+                       if packed * 2 > charge else ("max_tokens", "world_size x max_tokens"))
+        raise InvalidArgument(field, f"{what}: this stream needs {charge} bytes of server memory, above "
+                              f"server.stream_memory_bytes ({int(settings.stream_memory_bytes)})")
     return charge
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import functools
 import inspect
 import logging
 import math
@@ -24,6 +26,7 @@ from tokenfeed import wire
 
 if TYPE_CHECKING:
     from server.dataset import Dataset
+    from server.mixture import Mixture
     from server.store import ShardStore
 
 log = logging.getLogger(__name__)
@@ -89,11 +92,19 @@ TOKENIZER_TOKENS = Counter("tokenfeed_tokenizer_tokens_total", "Tokens produced 
                            ["dataset", "tokenizer"], registry=REGISTRY)
 TOKENIZER_DOCUMENTS = Counter("tokenfeed_tokenizer_documents_total", "Documents tokenized.",
                               ["dataset", "tokenizer"], registry=REGISTRY)
-BROKEN_REASONS = ("missing_file", "permission_denied", "io_error", "truncated", "corrupt")
-BROKEN_SHARDS = Counter("tokenfeed_broken_shards_total", "Shards skipped whole because they could not be read.",
+BROKEN_REASONS = ("truncated", "corrupt")
+BROKEN_SHARDS = Counter("tokenfeed_broken_shards_total",
+                        "Raw shards skipped whole because their content does not decode (the same on every replica).",
                         ["dataset", "source", "reason"], registry=REGISTRY)
+RETRY_REASONS = ("missing_file", "permission_denied", "too_many_open_files", "timeout", "io_error")
+SOURCE_RETRIES = Counter("tokenfeed_source_retries_total",
+                         "Shard reads retried after an environment fault (never cached as broken).",
+                         ["dataset", "source", "reason"], registry=REGISTRY)
+SOURCE_UNAVAILABLE = Counter("tokenfeed_source_unavailable_total",
+                             "Shard reads given up after their retries; the stream ended UNAVAILABLE.",
+                             ["dataset", "source"], registry=REGISTRY)
 
-# ---- mixtures (defined now; mixtures come later) -------------------------------------------------
+# ---- mixtures -------------------------------------------------------------------------------------
 MIXTURE_WEIGHT = Gauge("tokenfeed_mixture_weight", "Configured share of a mixture component.",
                        ["dataset", "source"], registry=REGISTRY)
 MIXTURE_TOKENS = Counter("tokenfeed_mixture_tokens_total",
@@ -102,21 +113,41 @@ MIXTURE_TOKENS = Counter("tokenfeed_mixture_tokens_total",
 
 
 def broken_reason(err: BaseException) -> str:
-    """Map an exception that broke a shard to one of ``BROKEN_REASONS`` (a bounded label)."""
-    if isinstance(err, FileNotFoundError):
-        return "missing_file"
-    if isinstance(err, PermissionError):
-        return "permission_denied"
-    if isinstance(err, OSError):
-        return "io_error"
-    if isinstance(err, EOFError):
-        return "truncated"
+    """Map the content fault that broke a shard to one of ``BROKEN_REASONS`` (a bounded label)."""
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, EOFError) or "truncated" in str(cause):
+            return "truncated"
+        cause = cause.__cause__
     return "corrupt"
 
 
 def count_broken_shard(dataset: str, source: str, err: BaseException) -> None:
-    """Count a shard skipped because reading it raised ``err``."""
+    """Count a raw shard skipped because its content does not decode (``err``)."""
     BROKEN_SHARDS.labels(dataset, source, broken_reason(err)).inc()
+
+
+def retry_reason(err: OSError) -> str:
+    """Map an environment fault to one of ``RETRY_REASONS``."""
+    if isinstance(err, FileNotFoundError):
+        return "missing_file"
+    if isinstance(err, PermissionError):
+        return "permission_denied"
+    if err.errno in (errno.EMFILE, errno.ENFILE):
+        return "too_many_open_files"
+    if isinstance(err, TimeoutError) or err.errno == errno.ETIMEDOUT:
+        return "timeout"
+    return "io_error"
+
+
+def count_source_retry(dataset: str, source: str, err: OSError) -> None:
+    """Count one retried shard read."""
+    SOURCE_RETRIES.labels(dataset, source, retry_reason(err)).inc()
+
+
+def count_source_unavailable(dataset: str, source: str) -> None:
+    """Count one shard read given up after its retries."""
+    SOURCE_UNAVAILABLE.labels(dataset, source).inc()
 
 
 def observe_shard(dataset: str, source: str, tokenizer: str | None, shard_bytes: int, documents: int,
@@ -297,24 +328,17 @@ def _call_stats(owner: Any, name: str = "stats") -> dict[str, Any]:
     return dict(stats) if isinstance(stats, Mapping) else {}
 
 
-def store_stats(store: Any) -> dict[str, Any]:
-    """``store.stats()`` over ``store.cache.stats()``, completed from the attributes of a simple
-    cache (``hits``, ``misses``, ``evictions``, ``bytes``, ``max_bytes``, ``len()``)."""
-    cache = getattr(store, "cache", None)
-    stats = {**_call_stats(cache), **_call_stats(store)}
-    for name in ("hits", "misses", "evictions", "max_bytes"):
-        if _number(stats.get(name)) is None:
-            stats[name] = getattr(cache, name, None)
-    if "tiers" not in stats and not any(k.endswith("_entries") for k in stats):
-        stats.setdefault("bytes", getattr(cache, "bytes", None))
-        stats.setdefault("entries", len(cache) if hasattr(cache, "__len__") else None)
-    return stats
+def store_stats(store: ShardStore) -> dict[str, Any]:
+    """``ShardStore.stats()``: the cache's numbers (``ShardCache.stats()``), the prefetcher's
+    (``prefetch_*``) and the hot tier's (``hot_*``), as one flat dict."""
+    return _call_stats(store)
 
 
 def cache_tiers(stats: Mapping[str, Any]) -> dict[str, dict[str, float]]:
-    """Bytes and entries per tier: ``stats["tiers"]`` (``{tier: {"bytes", "entries"}}``), flat
-    pairs ``<tier>_bytes`` + ``<tier>_entries``, or plain ``bytes``/``entries`` (tier ``memory``)."""
-    found: dict[str, Mapping[str, Any]] = {"memory": stats} if "entries" in stats else {}
+    """Bytes and entries per tier: flat pairs ``<tier>_bytes`` + ``<tier>_entries`` (``memory``,
+    ``disk``, and the store's ``hot`` tier of packed shards) and the cache's ``tiers``
+    (``{tier: {"bytes", "entries"}}``)."""
+    found: dict[str, Mapping[str, Any]] = {}
     for key, entries in stats.items():
         tier = key.removesuffix("_entries")
         if tier != key and f"{tier}_bytes" in stats:
@@ -326,17 +350,13 @@ def cache_tiers(stats: Mapping[str, Any]) -> dict[str, dict[str, float]]:
     return {tier: v for tier, v in out.items() if v}
 
 
-def prefetch_stats(store: Any, stats: Mapping[str, Any]) -> dict[str, float]:
-    """Prefetch hits, queue depth and in-flight loads, from ``store.prefetch_stats()`` or the
-    ``prefetch_*`` keys (or nested ``prefetch`` dict) of the store's stats, whichever exist."""
+def prefetch_stats(store: ShardStore, stats: Mapping[str, Any]) -> dict[str, float]:
+    """Prefetch hits, wasted prefetches, queue depth and in-flight loads: the ``prefetch_*`` keys
+    of the store's stats, its ``inflight_loads`` (demand and prefetch reads), and
+    ``store.prefetch_stats()`` over them."""
     merged: dict[str, Any] = {k[len("prefetch_"):]: v for k, v in stats.items() if k.startswith("prefetch_")}
-    nested = stats.get("prefetch")
-    merged.update(nested if isinstance(nested, Mapping) else {})
+    merged["inflight"] = stats.get("inflight_loads")
     merged.update(_call_stats(store, "prefetch_stats"))
-    if _number(merged.get("inflight")) is None:
-        merged["inflight"] = stats.get("inflight_loads")
-    if _number(merged.get("inflight")) is None and isinstance(getattr(store, "_inflight", None), Mapping):
-        merged["inflight"] = len(store._inflight)  # a store without stats(): its single-flight table
     return {k: n for k in ("hits", "queue_depth", "inflight", "wasted") if (n := _number(merged.get(k))) is not None}
 
 
@@ -357,10 +377,10 @@ _PREFETCH = {
 
 
 class ServerCollector(Collector):
-    """Reads the cache, the prefetcher and the datasets' bad-record counts at scrape time, so the
-    hot path pays nothing for them."""
+    """Reads the cache, the prefetcher, the datasets' bad-record counts and the mixtures' rows per
+    component at scrape time, so the hot path pays nothing for them."""
 
-    def __init__(self, datasets: Mapping[str, Dataset], store: ShardStore) -> None:
+    def __init__(self, datasets: Mapping[str, Dataset | Mixture], store: ShardStore) -> None:
         self.datasets, self.store = datasets, store
 
     def describe(self) -> list[Metric]:
@@ -399,22 +419,46 @@ class ServerCollector(Collector):
     def _datasets(self) -> Iterator[Metric]:
         bad = CounterMetricFamily("tokenfeed_bad_records", "Records skipped, by reason.",
                                   labels=["dataset", "source", "reason"])
-        shards = GaugeMetricFamily("tokenfeed_dataset_shards", "Shards of a dataset.", labels=["dataset"])
+        shards = GaugeMetricFamily("tokenfeed_dataset_shards", "Shards of a dataset (of a mixture: of its components).",
+                                   labels=["dataset"])
+        rows = CounterMetricFamily("tokenfeed_mixture_rows",
+                                   "Rows served per mixture component; realised share = rate / sum of rates.",
+                                   labels=["dataset", "source"])
         for name, ds in sorted(self.datasets.items()):
+            shards.add_metric([name], ds.num_shards)
+            mix = _mixture(ds)
+            if mix is not None:  # no source of its own: its components' bad records count under their names
+                for part, served in zip(mix.components, list(mix.rows_served)):
+                    rows.add_metric([name, part.name], served)
+                continue
             for reason, count in sorted(ds.bad.snapshot().items()):
                 if reason != "broken_shard":  # whole shards: tokenfeed_broken_shards_total
                     bad.add_metric([name, ds.config.source.type, reason], count)
-            shards.add_metric([name], ds.num_shards)
         yield bad
         yield shards
+        yield rows
+
+
+def _mixture(ds: Dataset | Mixture) -> Mixture | None:
+    """``ds`` if it is a mixture (imported here: server.mixture imports server.dataset, which
+    imports this module)."""
+    from server.mixture import Mixture
+
+    return ds if isinstance(ds, Mixture) else None
+
+
+def _mixture_weight(mix: Mixture, component: int) -> float:
+    """A component's scheduled weight at the mixture's rows served so far (what Describe reports)."""
+    return float(mix.schedule.weights_at(sum(mix.rows_served))[component])
 
 
 # ---- the /metrics endpoint -----------------------------------------------------------------------
 class MetricsExporter:
     """The /metrics HTTP endpoint (a daemon thread) and the collector of one running server."""
 
-    def __init__(self, host: str, port: int, datasets: Mapping[str, Dataset], store: ShardStore) -> None:
+    def __init__(self, host: str, port: int, datasets: Mapping[str, Dataset | Mixture], store: ShardStore) -> None:
         disable_created_metrics()  # no *_created series: they double the output and nobody graphs them
+        self._weights: list[tuple[str, str]] = []  # (mixture, component): gauges read from a mixture
         for name, ds in datasets.items():  # series exist (at 0) from the start, not from the first event
             for family in (ACTIVE_STREAMS, FIRST_BATCH_SECONDS, ASSEMBLY_SECONDS, SENT_MESSAGES, SENT_BATCHES,
                            SENT_ROWS, SENT_BYTES):
@@ -422,6 +466,12 @@ class MetricsExporter:
             for packing in wire.PACKINGS:
                 SENT_TOKENS.labels(name, packing)
                 SENT_PAD_TOKENS.labels(name, packing)
+            mix = _mixture(ds)
+            if mix is not None:  # no source or tokenizer of its own; weights read at scrape time
+                for i, part in enumerate(mix.components):
+                    MIXTURE_WEIGHT.labels(name, part.name).set_function(functools.partial(_mixture_weight, mix, i))
+                    self._weights.append((name, part.name))
+                continue
             source, tokenizer = ds.config.source.type, ds.info.name if ds.tokenizer else "none"
             for reason in BROKEN_REASONS:
                 BROKEN_SHARDS.labels(name, source, reason)
@@ -446,9 +496,11 @@ class MetricsExporter:
             self._httpd.server_close()
             self._httpd = None
             REGISTRY.unregister(self.collector)
+            for labels in self._weights:  # they hold this server's mixtures
+                MIXTURE_WEIGHT.remove(*labels)
 
 
-def start_exporter(host: str, port: int | None, datasets: Mapping[str, Dataset],
+def start_exporter(host: str, port: int | None, datasets: Mapping[str, Dataset | Mixture],
                    store: ShardStore) -> MetricsExporter | None:
     """Serve /metrics on ``host:port`` (0 picks a free port); ``None`` when no port is configured."""
     if port is None:

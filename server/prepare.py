@@ -14,9 +14,9 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 
 from server.config import Config, DatasetConfig, HfTokenizerConfig, TokensSourceConfig
-from server.dataset import BROKEN, Dataset
+from server.dataset import Dataset
 from server.errors import ConfigError
-from server.sources import BadRecords, build_source
+from server.sources import BadRecords, BrokenShard, build_source
 from server.sources.tokens import FORMAT, MANIFEST, VERSION, checksum, encode_shard
 
 log = logging.getLogger(__name__)
@@ -170,7 +170,9 @@ def _work(index: int, out: str, level: int) -> dict:
 
 
 def prepare_shard(ds: Dataset, index: int, out: str, level: int = 3) -> dict:
-    """Tokenize shard ``index`` and write its file atomically; its manifest entry."""
+    """Tokenize shard ``index`` and write its file atomically; its manifest entry. An environment
+    fault that outlasts the dataset's retries raises (``Unavailable``): the shard is never recorded
+    as empty, and running prepare again continues with it."""
     ds.bad = BadRecords()  # this shard's tally only (the Dataset is this process's own)
     shard = ds.tokenize_shard(index)
     data = encode_shard(shard, level)
@@ -261,7 +263,7 @@ def train_tokenizer(config: Config, name: str, vocab_size: int, out: str, *, min
         for shard in source.shards():
             try:
                 docs = source.read_shard(shard, bad)
-            except BROKEN as err:
+            except BrokenShard as err:  # content: skipped (an I/O error stops the run, to be rerun)
                 bad.add("broken_shard", sample=f"{shard.name}: {err}")
                 continue
             stats["docs"] += len(docs)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
+import logging
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable
@@ -20,6 +21,9 @@ from server.dataset import Dataset
 from server.packing import PackedShard, TokenizedShard, known_rows, pack
 from server.prefetch import Follower, Prefetcher
 from server.schedule import doc_order, shard_order
+
+
+log = logging.getLogger(__name__)
 
 
 @functools.lru_cache(maxsize=256)
@@ -67,6 +71,7 @@ class ShardStore:
         self.hot_slots, self.hot_max_bytes, self._packed_bytes = packed_slots, packed_bytes, 0
         self._epoch_rows: OrderedDict[Hashable, tuple[int, list[int] | None]] = OrderedDict()
         self.packs = self.hot_evictions = 0  # shards packed (hot-tier misses), and packed shards dropped
+        self.hot_oversized = 0  # packed shards larger than the whole tier: served, not kept
         self._ahead: set[Hashable] = set()  # packed keys of the pack-aheads in flight
         self._live_epochs: dict[tuple[str, int], Counter[int]] = {}  # streams per epoch, by (dataset, seed)
         prefetch = prefetch or PrefetchSettings(depth=0)
@@ -177,8 +182,6 @@ class ShardStore:
         finally:
             with self._reads_lock:
                 self._reads -= 1
-        if shard_key(ds, index) != key:  # a file changed while we read it: do not cache a mix
-            return _Loaded(key, shard, False)
         admitted = self.cache.put(key, shard, slot, prefetched=prefetch)
         return _Loaded(key, shard, prefetch and admitted)
 
@@ -255,10 +258,17 @@ class ShardStore:
         if packed is None or key in self._packed:
             return
         self.packs += 1
+        if packed.nbytes > self.hot_max_bytes:
+            # Served to whoever waits for it, never kept: it would flush the tier for every other job.
+            self.hot_oversized += 1
+            if self.hot_oversized == 1:
+                log.warning("a packed shard of %d bytes exceeds cache.hot_max_bytes (%d): such shards are "
+                            "packed for each read instead of kept (use smaller shards or a larger hot tier)",
+                            packed.nbytes, self.hot_max_bytes)
+            return
         self._packed[key] = packed
         self._packed_bytes += packed.nbytes
-        while len(self._packed) > 1 and (len(self._packed) > self.hot_slots
-                                         or self._packed_bytes > self.hot_max_bytes):
+        while self._packed and (len(self._packed) > self.hot_slots or self._packed_bytes > self.hot_max_bytes):
             self._packed_bytes -= self._packed.popitem(last=False)[1].nbytes
             self.hot_evictions += 1
 
@@ -273,7 +283,7 @@ class ShardStore:
         out = self.cache.stats()
         out.update(self.prefetcher.stats() if self.prefetcher is not None else {})
         out.update(inflight_loads=self._reads, hot_entries=len(self._packed), hot_packs=self.packs,
-                   hot_evictions=self.hot_evictions,
+                   hot_evictions=self.hot_evictions, hot_oversized=self.hot_oversized,
                    hot_bytes=self._packed_bytes)
         return out
 

@@ -13,17 +13,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_documents, write_jsonl
 
 from server.cache import ENTRY_OVERHEAD, DiskTier, FutureIndex, ShardCache, shard_key
 from server.cache_disk import decode, encode
 from server.cache_policy import LRUPolicy, SmartPolicy, next_use
 from server.config import DatasetConfig
 from server.dataset import Dataset
+from server.errors import FailedPrecondition
 from server.packing import TokenizedShard, tokenized_shard
 from server.schedule import shard_order
 from server.store import ShardStore
-
-from conftest import make_documents, write_jsonl
 
 EOS = 256
 
@@ -273,21 +273,25 @@ def _dataset(path: Path, name: str = "a", **source: object) -> Dataset:
     return Dataset(name, DatasetConfig.model_validate(config))
 
 
-def test_keys_are_shared_across_datasets_and_change_only_with_their_files(tmp_path: Path) -> None:
+def test_keys_are_shared_across_datasets_and_follow_content_only(tmp_path: Path) -> None:
     files = write_jsonl(tmp_path / "data", make_documents(30), files=3)
     a, b = _dataset(tmp_path / "data", "a"), _dataset(tmp_path / "data", "b")
     keys = [shard_key(a, i) for i in range(a.num_shards)]
     assert a.num_shards == 3 and len(set(keys)) == 3
     assert keys == [shard_key(b, i) for i in range(b.num_shards)]
     st = os.stat(files[1])
-    os.utime(files[1], ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
-    after = [shard_key(a, i) for i in range(a.num_shards)]
+    os.utime(files[1], ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # touched: same content
+    assert [shard_key(_dataset(tmp_path / "data"), i) for i in range(3)] == keys
+    files[1].write_text(files[1].read_text().replace("a", "b"))  # rewritten: only its shard's key moves
+    after = [shard_key(_dataset(tmp_path / "data"), i) for i in range(3)]
     assert after[0] == keys[0] and after[2] == keys[2] and after[1] != keys[1]
     other_field = _dataset(tmp_path / "data", "c", text_field="meta")
     assert shard_key(other_field, 0) != shard_key(a, 0)
+    shutil.copytree(tmp_path / "data", tmp_path / "copy")  # a copy elsewhere, with new mtimes
+    assert [shard_key(_dataset(tmp_path / "copy"), i) for i in range(3)] == after
 
 
-async def test_a_changed_file_is_never_served_stale(tmp_path: Path) -> None:
+async def test_a_file_changed_under_a_running_server_is_refused_never_mixed(tmp_path: Path) -> None:
     files = write_jsonl(tmp_path / "data", make_documents(20), files=2)
     ds = _dataset(tmp_path / "data")
     with ThreadPoolExecutor(2) as pool:
@@ -295,11 +299,16 @@ async def test_a_changed_file_is_never_served_stale(tmp_path: Path) -> None:
         before = await store.tokenized(ds, 0)
         lines = files[0].read_text().splitlines(keepends=True)
         files[0].write_text("".join(lines[::-1]))  # same size, new content
-        st = os.stat(files[0])
-        os.utime(files[0], ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
-        after = await store.tokenized(ds, 0)
-        assert not same(before, after)
-        assert same(after, ds.tokenize_shard(0))
+        assert same(await store.tokenized(ds, 0), before)  # cached: the start-up version, whole
+        store.cache.clear()
+        with pytest.raises(FailedPrecondition, match=r"'a': .*\.jsonl was rewritten .* since the server started"):
+            await store.tokenized(ds, 0)
+        files[0].write_text("".join(lines))
+        os.utime(files[0], ns=(1, 1))  # restored with another mtime: the same content serves again
+        assert same(await store.tokenized(ds, 0), before)
+        files[1].write_text(files[1].read_text() + "\n")
+        with pytest.raises(FailedPrecondition, match="changed size"):
+            await store.tokenized(ds, 1)
 
 
 # ---- concurrency ------------------------------------------------------------------------------

@@ -211,9 +211,9 @@ def test_prometheus_and_grafana_files_fit_the_stack():
     assert scrape["tokenfeed-server"] == [f"data-server:{metrics_port}"]
     assert [int(t.rsplit(":", 1)[1]) for t in scrape["tokenfeed-trainer"]] == list(range(9500, 9508))
     assert "host.docker.internal:host-gateway" in prom["extra_hosts"]
-    if shutil.which("promtool"):
-        subprocess.run(["promtool", "check", "config", str(DOCKER / "prometheus.yml")], check=True,
-                       capture_output=True)
+    promtool = shutil.which("promtool")  # from the prometheus package (scripts/install_prometheus.sh)
+    assert promtool, "promtool is missing: run scripts/install_prometheus.sh (scripts/test.sh does)"
+    subprocess.run([promtool, "check", "config", str(DOCKER / "prometheus.yml")], check=True, capture_output=True)
 
     grafana = services["grafana"]
     mounts = volume_mounts(grafana)

@@ -147,7 +147,7 @@ def test_requests_that_would_make_the_server_walk_without_end_are_refused(start_
     far.CopyFrom(cursor)
     far.epoch = 1 << 63
     cases = [
-        (request(world_size=1 << 20, batch_size=4096, rank=1), "max_rows_per_step"),
+        (request(world_size=1 << 20, batch_size=1024, rank=1), "max_rows_per_step"),
         (request(step_stride=1 << 31), "max_rows_per_step"),
         (request(first_step=7, step_stride=2), "first_step"),
         (request(cursor=far), "cursor.epoch"),

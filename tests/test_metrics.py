@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
@@ -21,7 +22,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import ServerProcess, jsonl_config, make_documents, write_jsonl
 from server import metrics
 from server.cache import ShardCache
+from server.cache_disk import DiskTier
 from server.packing import tokenized_shard
+from server.store import ShardStore
 from tokenfeed import wire
 from tokenfeed.v1 import tokenfeed_pb2 as pb
 from tokenfeed.v1 import tokenfeed_pb2_grpc as pb_grpc
@@ -78,11 +81,16 @@ def settled(url: str, streams: int) -> Samples:
 
 
 def served(start_server: Callable[..., ServerProcess], tmp_path: Path, docs: list[str] | None = None,
-           bad_lines: tuple[str, ...] = (), shard_bytes: int = 8 << 10, **server: Any) -> tuple[ServerProcess, str]:
+           bad_lines: tuple[str, ...] = (), shard_bytes: int = 8 << 10, truncate_last: bool = False,
+           **server: Any) -> tuple[ServerProcess, str]:
+    """A server of 4 JSONL files of ``docs``; ``bad_lines`` go at the end of the first file, and
+    ``truncate_last`` makes the last file a zstd stream cut short (a content fault: a broken shard)."""
     docs = make_documents(200, seed=3) if docs is None else docs
     files = write_jsonl(tmp_path / "data", docs, files=4)
     with files[0].open("a") as f:
         f.writelines(line + "\n" for line in bad_lines)
+    if truncate_last:
+        files[-1].write_bytes(zstandard.ZstdCompressor().compress(files[-1].read_bytes())[:-64])
     proc = start_server(jsonl_config(tmp_path / "data", shard_bytes=shard_bytes, **server),
                         extra_args=["--metrics-port", "0"])
     return proc, metrics_url(proc)
@@ -205,8 +213,7 @@ def test_active_streams_and_rpc_status_codes(start_server, tmp_path):
 
 def test_bad_records_and_broken_shards_are_counted_per_source_and_reason(start_server, tmp_path):
     bad = ("{not json", json.dumps({"meta": 1}), json.dumps({"text": 5}))
-    proc, url = served(start_server, tmp_path, bad_lines=bad, shard_bytes=1 << 20)
-    (tmp_path / "data" / "part-003.jsonl").unlink()  # listed at start, gone when read: a broken shard
+    proc, url = served(start_server, tmp_path, bad_lines=bad, shard_bytes=1 << 20, truncate_last=True)
     channel, stub = stub_for(proc)
     call = stub.StreamBatches(request(seq_len=256, batch_size=8))
     for chunk in call:  # one whole epoch: every shard is read once
@@ -220,7 +227,7 @@ def test_bad_records_and_broken_shards_are_counted_per_source_and_reason(start_s
     assert value(s, "tokenfeed_bad_records_total", reason="invalid_json", **labels) == 1
     assert value(s, "tokenfeed_bad_records_total", reason="missing_field", **labels) == 1
     assert value(s, "tokenfeed_bad_records_total", reason="not_a_string", **labels) == 1
-    assert value(s, "tokenfeed_broken_shards_total", reason="missing_file", **labels) == 1
+    assert value(s, "tokenfeed_broken_shards_total", reason="truncated", **labels) == 1
     assert value(s, "tokenfeed_broken_shards_total", **labels) == 1
     for reason, count in described.items():  # the same numbers as the Describe RPC reports
         family = "tokenfeed_broken_shards_total" if reason == "broken_shard" else "tokenfeed_bad_records_total"
@@ -258,14 +265,16 @@ def test_label_cardinality_is_bounded(start_server, tmp_path):
     assert len(tokenfeed) < 400
 
 
-def _cache_families(cache: Any) -> Samples:
-    collector = metrics.ServerCollector({}, type("Store", (), {"cache": cache})())
+def _exported(store: ShardStore) -> Samples:
+    """What the scrape-time collector exports for a real store (no dataset)."""
+    collector = metrics.ServerCollector({}, store)
     return {(s.name, frozenset(s.labels.items())): s.value for f in collector.collect() for s in f.samples}
 
 
-def test_cache_collector_matches_lookups():
+def test_cache_collector_matches_lookups(pool):
     """hits + misses = lookups made, hits = lookups answered, entries and bytes = what the cache
-    holds, evictions = admitted shards no longer held (keys are distinct, nothing expires)."""
+    holds, evictions = admitted shards no longer held (keys are distinct, nothing expires),
+    declined admissions = puts not admitted."""
     rng = np.random.default_rng(0)
     shards = [tokenized_shard([rng.integers(0, 256, 3000).astype(np.uint16)], 256, np.dtype(np.uint16))
               for _ in range(8)]
@@ -278,39 +287,61 @@ def test_cache_collector_matches_lookups():
             hits += 1
             continue
         puts += 1
-        admitted += cache.put(key, shards[i]) is not False  # the simple cache returns None
-    s = _cache_families(cache)
+        admitted += cache.put(key, shards[i])
+    s = _exported(ShardStore(cache, pool))
     assert value(s, "tokenfeed_cache_hits_total") + value(s, "tokenfeed_cache_misses_total") == lookups
     assert value(s, "tokenfeed_cache_hits_total") == hits > 0
     assert value(s, "tokenfeed_cache_hit_ratio") == pytest.approx(hits / lookups)
     assert value(s, "tokenfeed_cache_entries", tier="memory") == len(cache) > 0
     assert value(s, "tokenfeed_cache_bytes", tier="memory") == cache.bytes > 0
-    assert value(s, "tokenfeed_cache_evictions_total") == admitted - len(cache)
-    if ("tokenfeed_cache_admissions_declined_total", frozenset()) in s:
-        assert value(s, "tokenfeed_cache_admissions_declined_total") == puts - admitted
-    assert math.isnan(value(_cache_families(ShardCache(10)), "tokenfeed_cache_hit_ratio"))
+    assert value(s, "tokenfeed_cache_evictions_total") == admitted - len(cache) > 0
+    assert value(s, "tokenfeed_cache_admissions_declined_total") == puts - admitted
+    assert value(s, "tokenfeed_cache_max_bytes") == cache.max_bytes
+    assert math.isnan(value(_exported(ShardStore(ShardCache(10), pool)), "tokenfeed_cache_hit_ratio"))
 
 
-class _TieredStats:
-    """The shape of ``stats()`` the SmartLRU cache reports (see server/metrics.py): a contract test."""
+async def test_collector_exports_what_a_real_tiered_store_reports(dataset, pool, tmp_path):
+    """A store as the server builds it (memory and disk tiers, hot tier, prefetcher) after real
+    reads, an expiry and a second pass from disk: every exported number is the store's own."""
+    from server.config import PrefetchSettings
+    from server.schedule import Locator
+    from server.walker import make_walker
 
-    def stats(self) -> dict[str, Any]:
-        return {"hits": 7, "misses": 3, "evictions": 2, "expirations": 1, "admissions_declined": 4,
-                "compression_ratio": 2.5, "max_bytes": 1000,
-                "tiers": {"hot": {"bytes": 100, "entries": 2}, "compressed": {"bytes": 40, "entries": 5}},
-                "prefetch": {"hits": 6, "queue_depth": 3, "inflight": 1}}
-
-
-def test_collector_reads_a_tiered_stats_dict():
-    s = _cache_families(_TieredStats())
-    assert value(s, "tokenfeed_cache_expirations_total") == 1
-    assert value(s, "tokenfeed_cache_admissions_declined_total") == 4
-    assert value(s, "tokenfeed_cache_compression_ratio") == 2.5
-    assert value(s, "tokenfeed_cache_hit_ratio") == 0.7
-    assert value(s, "tokenfeed_cache_bytes", tier="hot") == 100
-    assert value(s, "tokenfeed_cache_entries", tier="compressed") == 5
-    assert (value(s, "tokenfeed_prefetch_hits_total"), value(s, "tokenfeed_prefetch_queue_depth"),
-            value(s, "tokenfeed_inflight_loads")) == (6, 3, 1)
+    now = [0.0]
+    disk = DiskTier(tmp_path / "disk", 64 << 20)
+    cache = ShardCache(6 << 10, ttl_s=60, disk=disk, clock=lambda: now[0])
+    store = ShardStore(cache, pool, packed_slots=3, prefetch=PrefetchSettings(depth=2, concurrency=2))
+    rows = np.empty((16, 33), dtype=dataset.dtype)
+    for first in (True, False):  # the second pass finds the shards on disk: memory expired meanwhile
+        walker = make_walker(store, dataset, 5, 32, "concat", Locator())
+        for _ in range(40):
+            await walker.take(rows)
+        walker.close()
+        await store.prefetcher.idle()
+        if first:
+            now[0] += 3600
+            assert cache.expire() > 0
+    stats, pre = store.stats(), store.prefetch_stats()
+    s = _exported(store)
+    for name in ("hits", "misses", "evictions", "expirations", "admissions_declined"):
+        assert value(s, f"tokenfeed_cache_{name}_total") == stats[name], name
+    assert stats["expirations"] > 0 and stats["misses"] > 0
+    assert value(s, "tokenfeed_cache_hit_ratio") == pytest.approx(stats["hits"] / (stats["hits"] + stats["misses"]))
+    for tier in ("memory", "disk", "hot"):
+        assert value(s, "tokenfeed_cache_bytes", tier=tier) == stats[f"{tier}_bytes"], tier
+        assert value(s, "tokenfeed_cache_entries", tier=tier) == stats[f"{tier}_entries"], tier
+    assert value(s, "tokenfeed_cache_entries", tier="memory") == len(cache) > 0
+    assert value(s, "tokenfeed_cache_entries", tier="disk") == len(list((tmp_path / "disk").rglob("*.tfc"))) > 0
+    assert 0 < value(s, "tokenfeed_cache_entries", tier="hot") <= 3
+    assert value(s, "tokenfeed_cache_compression_ratio") == stats["compression_ratio"] > 1
+    assert value(s, "tokenfeed_cache_max_bytes") == 6 << 10
+    assert value(s, "tokenfeed_hot_packs_total") == stats["hot_packs"] > 0
+    assert value(s, "tokenfeed_hot_evictions_total") == stats["hot_evictions"] > 0
+    assert (value(s, "tokenfeed_prefetch_hits_total"), value(s, "tokenfeed_prefetch_wasted_total"),
+            value(s, "tokenfeed_prefetch_queue_depth"), value(s, "tokenfeed_inflight_loads")) == \
+        (pre["hits"], stats["prefetch_wasted"], pre["queue_depth"], pre["inflight"])
+    assert pre["hits"] > 0 and stats["prefetch_done"] > 0
+    await store.close()
 
 
 @settings(max_examples=60, deadline=None)

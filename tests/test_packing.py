@@ -87,14 +87,50 @@ def test_pad_one_document_per_row(docs, seq_len, seed):
     check_segments(packed, shard)
 
 
+def first_fit_rows(lengths: list[int], seq_len: int) -> int:
+    """Rows that first-fit in the given order (the alternative to BFD) fills: each document goes
+    into the first row with room for it, else into a new row."""
+    free: list[int] = []
+    for n in lengths:
+        for r, space in enumerate(free):
+            if space >= n:
+                free[r] -= n
+                break
+        else:
+            free.append(seq_len - n)
+    return len(free)
+
+
+def doc_lengths(shard) -> list[int]:
+    return np.diff(shard.offsets).tolist()  # EOS included
+
+
+def test_bfd_beats_first_fit_order_where_they_differ():
+    """Documents of 3, 3, 5 and 5 tokens (4, 4, 6, 6 with EOS) into rows of 10: first-fit in this
+    order puts both short ones in row 0, and each long one then needs a row of its own (3 rows);
+    best-fit-decreasing pairs each long one with a short one (2 full rows)."""
+    shard = shard_of([np.full(n, 7, np.uint16) for n in (3, 3, 5, 5)])
+    assert doc_lengths(shard) == [4, 4, 6, 6] and first_fit_rows(doc_lengths(shard), 10) == 3
+    bfd = pack("bfd", shard, np.arange(shard.num_docs), 10, PAD)
+    assert bfd.rows == 2
+    rows = bfd.row_view(0, bfd.rows)
+    assert not np.any(rows[:, :-1] == PAD)  # both rows full
+    per_row = [sorted(doc_lengths(shard)[doc] for row, _, _, doc, _ in bfd.segments.tolist() if row == r)
+               for r in range(bfd.rows)]
+    assert per_row == [[4, 6], [4, 6]]  # each long document with a short one
+    check_segments(bfd, shard)
+
+
 def test_bfd_beats_first_fit_order_on_mixed_lengths():
     rng = np.random.default_rng(0)
     docs = [np.ones(int(n), np.uint16) for n in rng.integers(1, 1500, size=2000)]
     shard = shard_of(docs)
     order = np.arange(shard.num_docs)
     bfd = pack("bfd", shard, order, 2048, PAD)
-    efficiency = shard.num_tokens / (bfd.rows * 2048)
-    assert efficiency > 0.97, efficiency
+    first_fit = first_fit_rows(doc_lengths(shard), 2048)
+    efficiency, baseline = (shard.num_tokens / (rows * 2048) for rows in (bfd.rows, first_fit))
+    assert bfd.rows < first_fit, (bfd.rows, first_fit)
+    assert efficiency > 0.99 and efficiency - baseline > 0.02, (efficiency, baseline)
 
 
 @pytest.mark.parametrize("mode", sorted(PACKERS))

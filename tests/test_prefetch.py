@@ -285,7 +285,7 @@ async def test_hot_tier_keeps_to_its_byte_budget_and_counts_packings(dataset: Da
     """Packed shards are evicted by bytes (not only by count), and every packing is counted, so
     operators can see from tokenfeed_hot_packs_total whether the ranks spread wider than the tier."""
     seq_len = 32
-    budget = 24 << 10  # about three packed shards of ~4 KiB of text (uint16 tokens)
+    budget = 64 << 10  # about three packed shards of ~4 KiB of text (20-25 KiB packed: uint16 tokens, segments)
     store = ShardStore(ShardCache(64 << 20), pool, packed_slots=256, packed_bytes=budget)
     request = pb.StreamRequest(dataset="d", seed=1, seq_len=seq_len, batch_size=4, world_size=1, batches_per_message=4)
     chunks = stream_chunks(parse_request(request, {"d": dataset}, ServerSettings()), store)
@@ -294,7 +294,7 @@ async def test_hot_tier_keeps_to_its_byte_budget_and_counts_packings(dataset: Da
         chunk = await chunks.__anext__()
         rows += chunk.tokens.shape[0] * chunk.tokens.shape[1]
         stats = store.stats()
-        assert stats["hot_bytes"] <= budget or stats["hot_entries"] == 1, stats
+        assert stats["hot_bytes"] <= budget, stats
     await chunks.aclose()
     stats = store.stats()
     order = shard_order(1, 0, dataset.num_shards).tolist()
@@ -306,6 +306,20 @@ async def test_hot_tier_keeps_to_its_byte_budget_and_counts_packings(dataset: Da
     exported = {s.name: s.value for f in metrics.ServerCollector({}, store).collect() for s in f.samples}
     assert exported["tokenfeed_hot_packs_total"] == store.stats()["hot_packs"]
     assert exported["tokenfeed_hot_evictions_total"] == store.stats()["hot_evictions"]
+    await store.close()
+
+
+async def test_a_shard_larger_than_the_hot_tier_is_served_but_never_kept(dataset: Dataset,
+                                                                          pool: ThreadPoolExecutor) -> None:
+    """One oversized packed shard must not flush the tier that every other job shares."""
+    store = ShardStore(ShardCache(64 << 20), pool, packed_slots=256, packed_bytes=32 << 10)
+    small = await store.packed(dataset, 1, 0, 0, 32)
+    assert store.stats()["hot_entries"] == 1
+    huge = await store.packed(dataset, 1, 0, 1, 8192, "pad")  # a row of 8,193 tokens per document
+    assert huge.nbytes > store.hot_max_bytes > small.nbytes and huge.rows > 0
+    stats = store.stats()
+    assert stats["hot_entries"] == 1 and stats["hot_bytes"] == small.nbytes and stats["hot_oversized"] == 1
+    assert store.packed_now(dataset, 1, 0, 0, 32, "concat") is small
     await store.close()
 
 

@@ -20,7 +20,7 @@ import zstandard
 from client import StreamingDataset
 from server.config import parse_config
 from server.dataset import Dataset
-from server.errors import ConfigError
+from server.errors import ConfigError, DataLoss
 from tests.conftest import ROOT, make_documents, write_jsonl
 from tests.test_tokenizers import train_bpe
 
@@ -165,7 +165,7 @@ def test_prepare_refuses_mismatches(prepared, tmp_path):
     assert tokens.returncode == 2 and "datasets.prep.source: already tokens" in tokens.stderr
 
 
-def test_damaged_shard_is_skipped_and_a_wrong_tokenizer_is_refused(prepared, tmp_path):
+def test_damaged_shard_is_data_loss_and_a_wrong_tokenizer_is_refused(prepared, tmp_path):
     root, config = prepared
     copy = tmp_path / "prepared"
     shutil.copytree(root / "prepared", copy)
@@ -173,8 +173,12 @@ def test_damaged_shard_is_skipped_and_a_wrong_tokenizer_is_refused(prepared, tmp
     shard.write_bytes(shard.read_bytes()[:-7] + b"garbage")
     source = {"type": "tokens", "path": str(copy)}
     ds = Dataset("p", parse_config({"datasets": {"p": {"source": source}}}).datasets["p"])
-    assert ds.tokenize_shard(1).num_docs == 0 and ds.tokenize_shard(0).num_docs > 0
-    assert ds.bad.snapshot()["broken_shard"] == 1 and "checksum mismatch" in ds.bad.sample_snapshot()["broken_shard"]
+    counted = (ds.shard_docs[1], ds.shard_tokens[1])
+    assert ds.tokenize_shard(0).num_docs > 0
+    # The manifest's counts are already in the global order: a damaged shard is refused, never empty.
+    with pytest.raises(DataLoss, match=r"shard 1 \(shard-000001\.tft\) is damaged: checksum mismatch"):
+        ds.tokenize_shard(1)
+    assert (ds.shard_docs[1], ds.shard_tokens[1]) == counted and "broken_shard" not in ds.bad.snapshot()
     same = {"source": source, "tokenizer": config["datasets"]["raw"]["tokenizer"]}
     assert Dataset("p", parse_config({"datasets": {"p": same}}).datasets["p"]).info == ds.info
     with pytest.raises(ConfigError, match=r"datasets\.p\.tokenizer: the prepared data .* was tokenized with hf:"):

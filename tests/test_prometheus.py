@@ -4,15 +4,13 @@ exporters; every query of the Grafana dashboard must be valid PromQL that return
 What is real here: the server, the client streams, Prometheus (Debian's package) with the job
 layout of docker/prometheus.yml, and the trainer's own ``trainer.metrics.TrainerMetrics``. What is
 not: the trainer ranks are a stand-in loop that records made-up steps through that class, not a
-training run. Cache/prefetch series that only a tiered cache or a prefetcher reports are checked
-for data when the server exposes them and for valid syntax otherwise (a warning says which).
+training run. Every series the dashboard queries must have data: none is optional.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import re
 import shutil
@@ -22,7 +20,6 @@ import sys
 import threading
 import urllib.parse
 import urllib.request
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,9 +33,6 @@ from test_metrics import metrics_url, poll, scrape, value
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 DASHBOARD = ROOT / "docker" / "grafana" / "dashboards" / "tokenfeed.json"
-#: Series that only a tiered cache / a prefetcher reports (absent from a plain LRU cache).
-OPTIONAL = {"tokenfeed_cache_expirations_total", "tokenfeed_cache_admissions_declined_total",
-            "tokenfeed_cache_compression_ratio", "tokenfeed_prefetch_hits_total", "tokenfeed_prefetch_queue_depth"}
 TRAINER = """
 import sys, threading
 from trainer.metrics import TrainerMetrics
@@ -59,19 +53,12 @@ m.close()
 
 @pytest.fixture(scope="module")
 def prometheus_bin() -> str:
-    """The ``prometheus`` binary: on PATH, or installed by scripts/install_prometheus.sh."""
-    found = shutil.which("prometheus")
-    if found:
-        return found
-    if os.geteuid() != 0 and not shutil.which("sudo"):
-        pytest.skip("prometheus is not on PATH and this user cannot install packages (not root, no sudo)")
-    if not shutil.which("apt-get"):
-        pytest.skip("prometheus is not on PATH and there is no apt-get to install Debian's `prometheus`")
-    result = subprocess.run(["bash", str(ROOT / "scripts" / "install_prometheus.sh")], capture_output=True,
-                            text=True, timeout=900)
+    """The ``prometheus`` binary on PATH. ``scripts/test.sh`` installs it (and stops if it cannot):
+    this test fails, never skips, without it."""
     found = shutil.which("prometheus")
     if not found:
-        pytest.skip(f"could not install prometheus (exit {result.returncode}): {result.stderr[-1500:]}")
+        pytest.fail("prometheus is not on PATH: install it with `bash scripts/install_prometheus.sh` (Debian's "
+                    "package; root or sudo), which scripts/test.sh runs before the tests", pytrace=False)
     return found
 
 
@@ -218,9 +205,7 @@ def test_dashboard_queries_return_data_from_a_real_prometheus(start_server, prom
             for title, legend, expr in queries:
                 reply = api(base, "/api/v1/query", query=expr)
                 assert reply["status"] == "success", f"{title} / {legend}: invalid PromQL {expr!r}: {reply}"
-                names = set(re.findall(r"tokenfeed_\w+", expr))
-                optional = names & OPTIONAL and not names & OPTIONAL & exposed
-                if not reply["data"]["result"] and not optional:
+                if not reply["data"]["result"]:
                     missing[f"{title} / {legend}"] = expr
             return not missing
         try:
@@ -234,10 +219,7 @@ def test_dashboard_queries_return_data_from_a_real_prometheus(start_server, prom
 
     assert min(counted) > 0
     names = {n for _, _, e in queries for n in re.findall(r"tokenfeed_\w+", e)}
-    assert names <= exposed | OPTIONAL, f"dashboard names no series: {names - exposed - OPTIONAL}"
-    skipped = sorted(names & OPTIONAL - exposed)
-    if skipped:
-        warnings.warn(f"not exposed by this server's cache/prefetcher, checked for syntax only: {skipped}")
+    assert names <= exposed, f"dashboard names series the server and trainers do not expose: {names - exposed}"
 
     by_legend = {(t, legend): e for t, legend, e in queries}
     hit = _scalar(base, by_legend[("Cache hit rate", "hit rate")])

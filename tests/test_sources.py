@@ -255,14 +255,16 @@ def test_shard_list_is_deterministic_and_fingerprint_follows_every_file(tmp_path
     assert dataset(source).fingerprint != first.fingerprint
 
 
-def test_hf_fingerprint_follows_the_arrow_files(tmp_path):
+def test_hf_fingerprint_follows_the_arrow_files_content_not_their_mtime(tmp_path):
     import datasets
 
     datasets.Dataset.from_dict({"text": ["one", "two"]}).save_to_disk(str(tmp_path / "s"))
     before = dataset({"type": "hf", "path": str(tmp_path / "s")}).fingerprint
     arrow = next((tmp_path / "s").glob("*.arrow"))
     os.utime(arrow, ns=(1, 1))
-    assert dataset({"type": "hf", "path": str(tmp_path / "s")}).fingerprint != before
+    assert dataset({"type": "hf", "path": str(tmp_path / "s")}).fingerprint == before
+    datasets.Dataset.from_dict({"text": ["one", "too"]}).save_to_disk(str(tmp_path / "t"))
+    assert dataset({"type": "hf", "path": str(tmp_path / "t")}).fingerprint != before
 
 
 def test_the_spellings_of_the_issue_work(tmp_path):

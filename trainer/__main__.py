@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                  cfg.run_dir / MARKER)
         return 0
     # torch is imported only now: --help, config errors and finished runs answer at once
-    from trainer.checkpoint import CheckpointMismatch
+    from trainer.checkpoint import CheckpointError, CheckpointMismatch
     from trainer.data import DataUnavailable, describe
     from trainer.loop import Trainer
     from trainer.parallelize import init_distributed, shutdown_distributed
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointMismatch) as err:
         log.error("%s", err)
         return 2
-    except (DataUnavailable, ValueError) as err:
+    except (DataUnavailable, CheckpointError, ValueError) as err:
         log.error("%s", err)
         return 1
 

@@ -10,6 +10,12 @@ Layout under ``RUN_DIR/checkpoints``::
 
 The loop state (step, scheduler, every rank's data cursor and RNG states, best eval) is one
 JSON string inside the DCP checkpoint, identical on every rank.
+
+Durability: every file is fsynced by the rank that wrote it, then the ``.tmp`` directory, then it is
+renamed and its parent directory fsynced; only then are older checkpoints pruned. Without that order
+a power loss can persist the rename before the data (an empty or torn checkpoint) after the older
+ones are already gone. A save that fails on any rank fails on every rank (``CheckpointError``),
+within seconds, rather than leaving the others blocked until the process-group timeout.
 """
 
 from __future__ import annotations
@@ -23,9 +29,9 @@ import random
 import re
 import shutil
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -41,10 +47,27 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 _NAME = re.compile(r"^step_(\d{8})$")
+_T = TypeVar("_T")
 
 
 class CheckpointMismatch(ValueError):
     """A checkpoint that is intact but cannot load into this model (another shape)."""
+
+
+class CheckpointError(RuntimeError):
+    """A save that failed on at least one rank, raised on every rank alike (so none waits for the rest).
+
+    ``failures`` maps each failed rank to what went wrong there. The step's ``.tmp`` directory is
+    removed and the checkpoints saved before it are untouched.
+    """
+
+    def __init__(self, step: int, stage: str, failures: dict[int, str]) -> None:
+        self.step, self.stage, self.failures = step, stage, failures
+        why = "; ".join(f"rank {rank}: {err}" for rank, err in sorted(failures.items()))
+        super().__init__(
+            f"checkpoint step {step} was not saved: {stage} failed on rank {', '.join(map(str, sorted(failures)))} "
+            f"({why}). The checkpoints saved before it are untouched; fix the cause (disk space, permissions) "
+            "and relaunch to resume from the newest one")
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -75,7 +98,10 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """Flush a file's data, or a directory's entries (files created, renamed or removed in it), to the
+    disk so they survive a power loss. A file is flushed by the rank that wrote it: on shared storage
+    such as NFS another client's fsync does not flush this one's cache."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -83,42 +109,140 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _hash_share(files: list[Path], rt: Runtime) -> dict[str, dict[str, Any]]:
-    """Hash this rank's share of ``files`` (round robin) and gather every rank's answer."""
-    mine = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+def _write_synced(path: Path, text: str) -> None:
+    """Write ``path`` and flush it to the disk; an error names the file (a failed flush does not)."""
+    try:
+        with path.open("w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, str(path)) from err
+
+
+def _own_files(tmp: Path, rt: Runtime) -> list[Path]:
+    """The files this rank wrote into a DCP save: its ``__<rank>_*.distcp``, and ``.metadata`` on rank 0."""
+    mine = sorted(tmp.glob(f"__{rt.rank}_*.distcp"))
+    return [*mine, tmp / ".metadata"] if rt.is_main else mine
+
+
+def _attempt(work: Callable[[], _T]) -> tuple[_T | None, str | None]:
+    """Run this rank's part of a save step: ``(result, None)``, or ``(None, why it failed)``."""
+    try:
+        return work(), None
+    except Exception as err:  # noqa: BLE001 -- told to every rank by _agree, which raises it there
+        return None, f"{type(err).__name__}: {err}"
+
+
+def _fail(step: int, stage: str, failures: dict[int, str], tmp: Path, rt: Runtime) -> CheckpointError:
+    """Remove the partial save (rank 0; every rank is past its writes by now) and build the error."""
+    if rt.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.error("checkpoint step %d failed while %s; removed %s", step, stage, tmp)
+    return CheckpointError(step, stage, failures)
+
+
+def _agree(step: int, stage: str, error: str | None, tmp: Path, rt: Runtime) -> None:
+    """Every rank reports how its part of ``stage`` went; if any failed, every rank raises.
+
+    Why: a rank that raised alone would leave the others blocked in the save's next collective until
+    the process-group timeout (30 minutes by default). This gather is that next collective, so they
+    all learn of the failure at once and fail together, naming the rank and the cause.
+    """
+    errors: list[Any] = [None] * rt.world_size
+    dist.all_gather_object(errors, error)
+    failures = {rank: e for rank, e in enumerate(errors) if e is not None}
+    if failures:
+        raise _fail(step, stage, failures, tmp, rt)
+
+
+def _prepare(root: Path, tmp: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+             rt: Runtime) -> dict[str, Any]:
+    """This rank's state dict; rank 0 also makes an empty ``tmp`` (with ``root`` durably in its parent)."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    if rt.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+        _fsync(root.parent)  # the first save creates root: its entry must outlive a power loss too
+        tmp.mkdir()
+    return {"model": model_sd, "optim": optim_sd}
+
+
+def _write_dcp(state: dict[str, Any], step: int, tmp: Path, rt: Runtime) -> None:
+    """DCP's collective write. It gathers every rank's write error itself and raises the same
+    ``CheckpointException`` on all ranks, so only the translation to ``CheckpointError`` is ours."""
+    try:
+        dcp.save(state, checkpoint_id=tmp)
+    except CheckpointException as err:  # a BaseException: an `except Exception` would miss it
+        failures = {rank: f"{type(exc).__name__}: {exc}" for rank, (exc, _trace) in err.failures.items()}
+        raise _fail(step, "writing the DCP files", failures, tmp, rt) from None
+
+
+def _sync_and_hash(tmp: Path, rt: Runtime) -> dict[str, dict[str, Any]]:
+    """fsync this rank's own files, then hash its round-robin share of all of them (for the manifest)."""
+    for path in _own_files(tmp, rt):
+        _fsync(path)
+    files = sorted(p for p in tmp.iterdir() if p.is_file())
+    return {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
             for i, p in enumerate(files) if i % rt.world_size == rt.rank}
-    parts: list[Any] = [None] * rt.world_size
-    dist.all_gather_object(parts, mine)
-    return {k: v for part in parts for k, v in part.items()}
+
+
+def _publish(root: Path, tmp: Path, final: Path, manifest: dict[str, Any]) -> None:
+    """Rank 0: write and fsync the manifest, fsync ``tmp``, rename it to ``final``, fsync ``root``.
+
+    After this returns the checkpoint survives a power loss; before the rename it never appears.
+    """
+    _write_synced(tmp / MANIFEST, json.dumps(manifest, indent=1))
+    _fsync(tmp)  # the entries of every rank's files (all fsynced by their writers by now)
+    if final.exists():  # left by a run that fell back past it: it was found invalid
+        shutil.rmtree(final)
+    os.rename(tmp, final)  # atomic: the checkpoint exists completely or not at all
+    _fsync(root)  # the rename itself
+
+
+def _prune_after_save(root: Path, step: int, keep: int, protect: Collection[int]) -> list[int]:
+    """Rank 0, once ``step`` is durable: prune, never removing ``step`` itself. A failure to delete
+    old checkpoints costs disk space, not the run, so it is logged rather than raised."""
+    try:
+        return prune(root, keep, protect={step, *protect})
+    except OSError as err:
+        log.warning("checkpoint step %d is saved, but pruning older checkpoints in %s failed (%s); they "
+                    "stay until the next save", step, root, err)
+        return []
 
 
 def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, loop_state: dict[str, Any],
-         shape: dict[str, int], rt: Runtime) -> Path:
-    """Write checkpoint ``step`` (collective). It appears under its final name only when complete.
+         shape: dict[str, int], rt: Runtime, keep: int | None = None, protect: Collection[int] = ()) -> Path:
+    """Write checkpoint ``step`` (collective). It appears under its final name only when complete and
+    durable; then, with ``keep``, the older checkpoints beyond the newest ``keep`` (and not in
+    ``protect``) are deleted. The checkpoint just written is never deleted.
 
     ``loop_state`` must be JSON-able and identical on every rank (gather per-rank parts first).
+
+    Raises:
+        CheckpointError: on every rank, when any rank's part failed (no rank is left waiting); the
+            partial save is removed and the older checkpoints are untouched.
     """
     tmp, final = root / f"step_{step:08d}.tmp", step_dir(root, step)
     start = time.perf_counter()
+    state, error = _attempt(lambda: _prepare(root, tmp, model, optimizer, rt))
+    _agree(step, "preparing the save", error, tmp, rt)
+    assert state is not None
+    _write_dcp({**state, "loop": json.dumps(loop_state)}, step, tmp, rt)
+    mine, error = _attempt(lambda: _sync_and_hash(tmp, rt))
+    _agree(step, "syncing and hashing the files", error, tmp, rt)
+    parts: list[Any] = [None] * rt.world_size
+    dist.all_gather_object(parts, mine)
+    error = None
     if rt.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd, "loop": json.dumps(loop_state)}, checkpoint_id=tmp)
-    dist.barrier()  # every rank's files are written
-    files = _hash_share(sorted(p for p in tmp.iterdir() if p.is_file()), rt)
+        manifest = {"step": step, "shape": shape, "world_size": rt.world_size,
+                    "files": {k: v for part in parts for k, v in part.items()}, "created": time.time()}
+        _, error = _attempt(lambda: _publish(root, tmp, final, manifest))
+    _agree(step, f"writing {MANIFEST} and renaming the directory", error, tmp, rt)
     if rt.is_main:
-        manifest = {"step": step, "shape": shape, "world_size": rt.world_size, "files": files,
-                    "created": time.time()}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        _fsync_dir(tmp)
-        if final.exists():  # left by a run that fell back past it: it was found invalid
-            shutil.rmtree(final)
-        os.rename(tmp, final)  # atomic: the checkpoint exists completely or not at all
-        _fsync_dir(root)
-        log.info("checkpoint step %d saved to %s in %.2fs", step, final, time.perf_counter() - start)
-    dist.barrier()
+        removed = _prune_after_save(root, step, keep, protect) if keep is not None else []
+        log.info("checkpoint step %d saved to %s in %.2fs%s", step, final, time.perf_counter() - start,
+                 f"; removed checkpoints {removed}" if removed else "")
     return final
 
 
@@ -204,7 +328,11 @@ def load_latest(root: Path, model: nn.Module, optimizer: torch.optim.Optimizer, 
 
 
 def prune(root: Path, keep: int, protect: Collection[int] = ()) -> list[int]:
-    """Delete all but the newest ``keep`` checkpoints and those in ``protect``; returns the removed steps."""
+    """Delete all but the newest ``keep`` checkpoints and those in ``protect``; returns the removed steps.
+
+    Call it only once the newest checkpoint is durable (``save`` does, with ``keep``), and protect the
+    step just saved: a newer-named checkpoint left by a run that fell back past it counts as "newest".
+    """
     removed = []
     for i, (step, path) in enumerate(list_checkpoints(root)):
         if i >= keep and step not in protect:

@@ -227,10 +227,10 @@ class Trainer:
         loop = {**asdict(self.state), "world_size": self.rt.world_size, "scheduler": self.scheduler.state_dict(),
                 "data": [p["data"] for p in parts], "rng": [p["rng"] for p in parts],
                 "config": self.cfg.model_dump(mode="json")}
-        checkpoint.save(self.ckpt_root, step, self.model, self.optimizer, loop, self.shape, self.rt)
-        if self.rt.is_main:
-            best = {self.state.best_step} if self.state.best_step is not None else set()
-            checkpoint.prune(self.ckpt_root, self.cfg.checkpoint.keep, protect=best)
+        best = {self.state.best_step} if self.state.best_step is not None else set()
+        # save prunes too: only once the new checkpoint is durable, and never the new one itself
+        checkpoint.save(self.ckpt_root, step, self.model, self.optimizer, loop, self.shape, self.rt,
+                        keep=self.cfg.checkpoint.keep, protect=best)
 
     def _resume(self, require: bool) -> None:
         if self.rt.is_main:

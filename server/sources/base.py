@@ -12,6 +12,7 @@ from fnmatch import fnmatch
 from typing import Protocol
 
 from server.errors import ConfigError
+from server.identity import common_root
 
 
 @dataclass(frozen=True)
@@ -72,15 +73,18 @@ class BadRecords:
 
 
 class BrokenShard(Exception):
-    """A whole shard cannot be read (truncated or corrupt file); the dataset skips it."""
+    """A whole shard's content does not decode (a truncated or corrupt file): a content fault,
+    decided from the bytes alone. Never raise it for an I/O error (an ``OSError`` from opening or
+    reading): those are environment faults, which the dataset retries."""
 
 
 class Source(Protocol):
     """A corpus split into shards; ``read_shard`` runs off the event loop.
 
     ``files()`` lists every file the content depends on (the dataset fingerprint stats them).
-    A ``read_shard`` that finds the whole shard unreadable raises ``BrokenShard`` (or OSError,
-    EOFError, ValueError); bad records inside a readable shard are counted in ``bad`` and skipped.
+    A ``read_shard`` whose shard's content does not decode raises ``BrokenShard``; an I/O error
+    propagates as ``OSError`` (retried by the dataset, never cached); bad records inside a readable
+    shard are counted in ``bad`` and skipped.
     """
 
     def shards(self) -> list[ShardSpec]: ...
@@ -109,11 +113,17 @@ def group_files(paths: list[str], shard_bytes: int) -> list[ShardSpec]:
     """Files grouped into shards of about ``shard_bytes`` each. Files are taken in the order of a
     hash of their path, not sorted: neighbours in a directory tend to be alike (one package, one
     crawl), and a shard is the unit that a trainer reads for a while, so each shard should be a
-    sample of the whole corpus. The order is still a pure function of the paths."""
+    sample of the whole corpus. The order is a pure function of the paths relative to their common
+    directory, so a copy of the corpus elsewhere groups the same way."""
     shards: list[ShardSpec] = []
     group: list[FilePart] = []
     size = 0
-    for path in sorted(paths, key=lambda p: hashlib.blake2b(p.encode(), digest_size=8).digest()):
+    root = common_root(paths)
+
+    def order(path: str) -> bytes:
+        return hashlib.blake2b(os.path.relpath(path, root).encode(), digest_size=8).digest()
+
+    for path in sorted(paths, key=order):
         group.append(FilePart(path))
         size += os.path.getsize(path)
         if size >= shard_bytes:

@@ -85,7 +85,9 @@ class HfSource:
         for part in shard.parts:
             try:
                 table = self._table[part.start : part.end]
-            except (pa.ArrowException, OSError) as err:
-                raise BrokenShard(f"{shard.name}: unreadable Arrow data: {err}") from err
+            except OSError:
+                raise  # an environment fault (pyarrow's IO errors are OSErrors): retried
+            except pa.ArrowException as err:
+                raise BrokenShard(f"unreadable Arrow data: {err}") from err
             docs.extend(table_texts(table, self.config.text_field, bad, self.origin, part.start))
         return docs

@@ -30,7 +30,10 @@ class ParquetSource:
                 raise ConfigError(f"{where}: {path} is {'a ' + fmt if fmt else 'a text'} file, not Parquet "
                                   "(set the source's `type` to match the data)")
             try:
-                meta = pq.ParquetFile(path).metadata
+                with _Watched(path) as f:
+                    meta = f.parquet().metadata
+            except _ReadFailed as err:
+                raise ConfigError(f"{where}: cannot read {path}: {err.__cause__}") from None
             except (pa.ArrowException, OSError) as err:
                 # Truncated or corrupt footer: keep the file as one shard so that skipping it is
                 # counted (broken_shard) like any other unreadable shard, and the order stays stable.
@@ -56,8 +59,73 @@ class ParquetSource:
         column = self.config.text_field.split(".")[0]
         for part in shard.parts:
             try:
-                table = pq.ParquetFile(part.path).read_row_group(part.start, columns=[column])
-            except (pa.ArrowException, OSError) as err:
-                raise BrokenShard(f"{shard.name}: unreadable Parquet: {err}") from err
+                with _Watched(part.path) as f:
+                    table = f.parquet().read_row_group(part.start, columns=[column])
+            except _ReadFailed as err:
+                assert isinstance(err.__cause__, OSError)
+                raise err.__cause__ from None  # an environment fault: the dataset retries it
+            except (pa.ArrowException, OSError) as err:  # the bytes were read: their content is bad
+                raise BrokenShard(f"unreadable Parquet: {err}") from err
             docs.extend(table_texts(table, self.config.text_field, bad, shard.name, 0))
         return docs
+
+
+class _ReadFailed(Exception):
+    """Reading the file itself failed (its ``__cause__`` is the ``OSError``)."""
+
+
+class _Watched:
+    """A Parquet file opened by us, so that an I/O error (an environment fault, retried) is told
+    apart from content that pyarrow cannot parse (which it also reports as ``OSError``)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.error: OSError | None = None
+
+    def __enter__(self) -> _Watched:
+        try:
+            self._file = open(self.path, "rb")
+        except OSError as err:
+            raise _ReadFailed() from err
+        return self
+
+    def parquet(self) -> pq.ParquetFile:
+        return pq.ParquetFile(_Reader(self))
+
+    def __exit__(self, kind: object, err: BaseException | None, tb: object) -> None:
+        self._file.close()
+        if self.error is not None and err is not None:
+            raise _ReadFailed() from self.error
+
+
+class _Reader:
+    """The file object handed to pyarrow: records the first ``OSError`` of a read or seek."""
+
+    def __init__(self, watched: _Watched) -> None:
+        self._w = watched
+        self.closed = False
+
+    def _call(self, fn: str, *args: object) -> object:
+        try:
+            return getattr(self._w._file, fn)(*args)
+        except OSError as err:
+            self._w.error = self._w.error or err
+            raise
+
+    def read(self, n: int = -1) -> bytes:
+        return self._call("read", n)  # type: ignore[return-value]
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._call("seek", offset, whence)  # type: ignore[return-value]
+
+    def tell(self) -> int:
+        return self._w._file.tell()
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self.closed = True

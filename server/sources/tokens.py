@@ -109,6 +109,12 @@ class TokensSource:
     def files(self) -> list[str]:
         return [os.path.join(self.path, MANIFEST)] + [s.parts[0].path for s in self._shards]
 
+    def content(self, index: int) -> list:
+        """Shard ``index``'s content identity: the manifest's checksum and counts (the same in
+        every copy of the directory, wherever it lies)."""
+        digest, docs, tokens, _ = self._meta[index]
+        return [digest, docs, tokens]
+
     def counts(self) -> list[tuple[int, int]]:
         """(documents, tokens) of every shard, from the manifest."""
         return [(docs, tokens) for _, docs, tokens, _ in self._meta]
@@ -126,9 +132,10 @@ class TokensSource:
         with open(path, "rb") as f:
             data = f.read()
         if checksum(data) != digest:
-            raise BrokenShard(f"{path}: checksum mismatch (file changed or damaged since prepare)")
+            raise BrokenShard("checksum mismatch: the file is not what the manifest the server loaded at start "
+                              "records (damaged, or rewritten by another prepare since)")
         result = decode_shard(data, dtype)
         if (result.num_docs, result.num_tokens) != (docs, tokens):
-            raise BrokenShard(f"{path}: holds {result.num_docs} docs / {result.num_tokens} tokens, "
+            raise BrokenShard(f"holds {result.num_docs} docs / {result.num_tokens} tokens, "
                               f"manifest says {docs} / {tokens}")
         return result
