@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import functools
+import mmap
 import os
 import threading
 from collections.abc import Iterator, Sequence
+from multiprocessing.context import get_spawning_popen
 from typing import Any
 
 import numpy as np
@@ -29,6 +31,50 @@ FIELDS = ("input_ids", "labels", "position_ids", "cu_seqlens", "tokens")
 DEFAULT_FIELDS = FIELDS[:4]
 
 
+#: Why ``state_dict()`` refuses in the main process of a plain ``DataLoader`` with workers.
+STALE_STATE = (
+    "StreamingDataset.state_dict() was called in the main process, but this dataset is iterated in "
+    "DataLoader worker processes: each worker iterates its own copy, so this object's position never "
+    "advanced and a checkpoint of it would replay the batches already trained on. Take the state from "
+    "the loader instead, which is exact per batch with any num_workers: "
+    "client.StreamingDataLoader(dataset, num_workers=N).state_dict(), or torchdata's "
+    "StatefulDataLoader(dataset, batch_size=None, num_workers=N).state_dict()."
+)
+
+
+class _WorkerUse:
+    """Whether a dataset is iterated in DataLoader worker processes, as its main process can know.
+
+    A plain ``DataLoader`` never calls the dataset in the main process, so the evidence comes from
+    the workers' side: a forked worker sets a byte of memory it shares with its parent; a worker
+    started by spawn or forkserver gets a pickled copy, so pickling for a new process marks it.
+    """
+
+    def __init__(self, used: bool = False) -> None:
+        self._shared = _shared_byte(used)
+
+    def mark(self) -> None:
+        self._shared[0] = 1
+
+    def __bool__(self) -> bool:
+        return bool(self._shared[0])
+
+    def __getstate__(self) -> dict[str, bool]:
+        if get_spawning_popen() is not None:  # pickled to start a process (a DataLoader worker)
+            self.mark()
+        return {"used": bool(self)}
+
+    def __setstate__(self, state: dict[str, bool]) -> None:
+        self._shared = _shared_byte(state["used"])  # a copy's own mark (a mapping cannot be pickled)
+
+
+def _shared_byte(value: bool) -> mmap.mmap:
+    """One byte of anonymous ``MAP_SHARED`` memory: a forked child's writes reach its parent."""
+    byte = mmap.mmap(-1, 1)
+    byte[0] = int(value)
+    return byte
+
+
 def _default_rank_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -50,7 +96,9 @@ class StreamingDataset(IterableDataset):
 
     Resuming: ``state_dict()`` records what the trainer consumed (not what was prefetched) and
     ``load_state_dict()`` continues at the exact next batch. Use ``StreamingDataLoader`` (or
-    torchdata's ``StatefulDataLoader``) to get exact states with ``num_workers > 0``. Every
+    torchdata's ``StatefulDataLoader``) and take the loader's state to get exact states with
+    ``num_workers > 0``: the dataset's own ``state_dict()`` raises in the main process once
+    workers iterate it (they advance their copies, not this object). Every
     rank's state carries the job's position, the first row of the next step, so after a resize
     every new rank can load any old rank's state (rank 0's, say) at a step boundary and the job
     continues in global order with nothing lost or repeated.
@@ -76,7 +124,9 @@ class StreamingDataset(IterableDataset):
         max_tokens: token-budget batches: each batch is one row of ``max_tokens`` tokens holding
             whole document pieces (documents split at ``seq_len``); each step takes the next
             pieces of the global order and balances them across ranks by longest-processing-time,
-            so every rank gets nearly the same number of tokens. ``batch_size`` is unused.
+            so every rank gets nearly the same number of tokens. ``batch_size`` is unused. The
+            last token of a piece cut mid-document is labelled -100: what follows it in the row
+            is another piece.
         provenance: add ``batch["provenance"]``, int64 ``[n, 7]``: for every piece of every row,
             (row, column, length, source, shard, document, offset in document); ``source`` indexes
             ``describe().sources`` and ``shard`` ``describe().shards`` of that source's dataset, so
@@ -162,10 +212,22 @@ class StreamingDataset(IterableDataset):
         self._cycle = 0
         self._per_worker_state = False  # a state loaded inside a DataLoader worker (StatefulDataLoader)
         self._attach_state = False      # set by StreamingDataLoader: each batch carries its state
+        self._in_workers = _WorkerUse()  # iterated by DataLoader workers: this object's state is stale
 
     # ---- state -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """The position after the last batch this dataset yielded (a small JSON-able dict)."""
+        """The position after the last batch this dataset yielded (a small JSON-able dict).
+
+        Raises ``RuntimeError`` in the main process once DataLoader workers iterate this dataset:
+        they advance their own copies, never this one, so its state would silently replay data.
+        ``StreamingDataLoader.state_dict()`` (or torchdata's ``StatefulDataLoader``) is exact."""
+        if self._in_workers and get_worker_info() is None:
+            raise RuntimeError(STALE_STATE)
+        return self._state()
+
+    def _state(self) -> dict[str, Any]:
+        """``state_dict()`` without the check: for the process that iterates (or a loader that
+        knows this object's position is current, as before its first batch)."""
         return make_state(self.identity, self._current(), rank=self.rank, world_size=self.world_size,
                           batch_size=self.batch_size, steps=self._steps, cycle=self._cycle)
 
@@ -207,6 +269,8 @@ class StreamingDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
+        if info is not None:  # tell the main process (a forked worker shares the mark with it)
+            self._in_workers.mark()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         base_cycle = self._cycle if self._per_worker_state else 0
         first = (worker - base_cycle) % workers
@@ -240,13 +304,13 @@ class StreamingDataset(IterableDataset):
                     states = []
                     for cursor in cursors:
                         consumed(cursor)
-                        states.append(self.state_dict())
+                        states.append(self._state())
                     yield {RAW_KEY: {**bundle, "states": states}}
                     continue
                 for batch, cursor in message:
                     consumed(cursor)
                     if self._attach_state:
-                        batch[STATE_KEY] = self.state_dict()
+                        batch[STATE_KEY] = self._state()
                     yield batch
         finally:
             messages.close()  # type: ignore[attr-defined]
@@ -296,6 +360,18 @@ def expand_raw(bundle: dict[str, Any], j: int) -> dict[str, torch.Tensor]:
     return batch
 
 
+def _mask_cuts(labels: np.ndarray, ids: np.ndarray, eos_id: int, piece_starts: list[int]) -> None:
+    """No loss at the last token of a piece cut mid-document (one not ending in EOS): a token-budget
+    row holds pieces back to back, so the token after it in the row starts another piece, not its
+    document's next token (that is in another piece, of this rank or another: the row does not
+    say which, so a continuation that happens to follow is masked too, one label in a cut).
+    Piece ends at EOS keep the next piece's first token, as a document's end does in every
+    packing."""
+    ends = np.asarray(piece_starts, dtype=np.int64) - 1
+    ends = ends[ends >= 0]
+    labels[ends[ids[ends] != eos_id]] = -100
+
+
 @functools.lru_cache(maxsize=8)
 def _arange(size: int) -> np.ndarray:
     out = np.arange(size, dtype=np.int64)
@@ -306,7 +382,8 @@ def _arange(size: int) -> np.ndarray:
 def to_batch(tokens: np.ndarray, eos_id: int, pad_id: int, piece_starts: list[int] | None = None,
              fields: Sequence[str] = DEFAULT_FIELDS) -> dict[str, torch.Tensor]:
     """The ``fields`` of one batch from its rows of ``seq_len + 1`` tokens (contract 4 of DESIGN.md).
-    ``piece_starts``: columns of row 0 where a segment starts without an EOS before it."""
+    ``piece_starts``: columns of row 0 where a token-budget piece starts; a piece cut mid-document
+    gets no label at its last token (what follows it in the row starts another piece)."""
     rows, width = tokens.shape
     seq_len = width - 1
     ids, nxt = tokens[:, :-1], tokens[:, 1:]
@@ -318,6 +395,8 @@ def to_batch(tokens: np.ndarray, eos_id: int, pad_id: int, piece_starts: list[in
         padded = np.flatnonzero(nxt[:, -1] == pad_id)  # every packing pads only the end of a row
         if len(padded):
             labels[padded] = np.where(nxt[padded] == pad_id, -100, labels[padded])
+        if piece_starts:
+            _mask_cuts(labels[0], ids[0], eos_id, piece_starts)
         out["labels"] = torch.from_numpy(labels)
     if "position_ids" in fields or "cu_seqlens" in fields:
         starts = np.empty((rows, seq_len), dtype=bool)  # a segment starts at each row start and after EOS

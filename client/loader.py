@@ -71,8 +71,10 @@ class StreamingDataLoader(DataLoader):
             rounds = []
 
     def state_dict(self) -> dict[str, Any]:
-        """The rank's position after the last batch this loader yielded."""
-        return self._state if self._state is not None else self.dataset.state_dict()
+        """The rank's position after the last batch this loader yielded. Before the first one, the
+        dataset's own position (where it was made or loaded: current, even though workers iterate
+        copies of it, which makes ``dataset.state_dict()`` refuse)."""
+        return self._state if self._state is not None else self.dataset._state()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume after the batch at which ``state`` was taken (before the next ``iter()``)."""

@@ -199,10 +199,11 @@ async def stream_chunks(params: StreamParams, store: ShardStore, ring: ServerRin
                           buffer=buffer, shm_slot=slot)
             steps = [step + i * p.step_stride for i in range(p.batches_per_message)]
             if not p.provenance and isinstance(walker, Walker):  # whole chunk from one packed shard?
-                cursors = walker.take_now(tokens, [origin + t * rows_per_step + p.rank * p.batch_size for t in steps],
-                                          [origin + (t + 1) * rows_per_step for t in steps])
-                if cursors is not None:
-                    chunk.cursors, chunk.steps, chunk.epochs = cursors, steps, [walker.epoch] * len(steps)
+                taken = walker.take_now(tokens, [origin + t * rows_per_step + p.rank * p.batch_size for t in steps],
+                                        [origin + (t + 1) * rows_per_step for t in steps])
+                if taken is not None:  # each batch's epoch is its first row's, as on the slow path
+                    chunk.cursors, chunk.epochs = taken
+                    chunk.steps = steps
                     step = steps[-1] + p.step_stride
                     yield chunk
                     continue

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from server import metrics
 from server.dataset import Dataset
 from server.errors import FailedPrecondition
 from server.mixture import Mixture
@@ -19,6 +20,8 @@ from server.store import ShardStore
 #: Provenance record fields (one int64 each): row in batch, column, length, source, shard,
 #: document in shard, offset in document.
 PROVENANCE_FIELDS = 7
+#: Rows a mixture assigns on the event loop; longer runs go to a thread (about 2 ms of work).
+ASSIGN_ON_LOOP_ROWS = 1024
 
 
 class Walker:
@@ -87,11 +90,14 @@ class Walker:
             if crossed % 64 == 0:  # counts already known never suspend: let other streams run
                 await asyncio.sleep(0)
 
-    def take_now(self, out: np.ndarray, firsts: list[int], ends: list[int]) -> list[Locator] | None:
+    def take_now(self, out: np.ndarray, firsts: list[int],
+                 ends: list[int]) -> tuple[list[Locator], list[int]] | None:
         """The fast path, without awaiting: batch ``i`` is rows ``firsts[i] ...`` (``out[i]``) and
         is followed by the position ``ends[i]``. Works when every row it crosses lies in a shard
         whose row count is known and every row it takes lies in a shard packed in memory (the
-        batches may span shards); returns the locators at ``ends``, else None and nothing moved."""
+        batches may span shards); returns the locators at ``ends`` and each batch's epoch (that of
+        its first row, as ``take`` returns: a message's batches may straddle an epoch's end), else
+        None and nothing moved."""
         if self._rows is None or firsts[0] < self.row:
             return None
         store, ds = self.store, self.ds
@@ -99,6 +105,7 @@ class Walker:
         empty = 0  # empty shards in a row
         copies: list[tuple[int, int, Any, int, int]] = []  # (batch, row in batch, packed, shard row, n)
         locators: list[Locator] = []
+        epochs: list[int] = []  # of each batch's first row
         width = out.shape[1]
         for i, (first, end) in enumerate(zip(firsts, ends)):
             filled = 0
@@ -125,6 +132,8 @@ class Walker:
                         packed = store.packed_now(ds, self.seed, epoch, shard, self.seq_len, self.packing)
                         if packed is None:
                             return None
+                        if not filled:  # the batch's first row, in the shard it lies in
+                            epochs.append(epoch)
                         copies.append((i, filled, packed, shard_row, step))
                         filled += step
                     shard_row, row = shard_row + step, row + step
@@ -136,7 +145,7 @@ class Walker:
         # per chunk: telling each would churn the prefetcher's windows). Cheap when unchanged.
         self._follow.at(epoch, shard)
         self._pack_ahead()
-        return locators
+        return locators, epochs
 
     def _locate(self, epoch: int, shard: int, offset: int) -> tuple[int, int, int, int] | None:
         """The position ``offset`` rows after the start of shard ``shard`` of ``epoch``, found by
@@ -148,11 +157,15 @@ class Walker:
         if cum is None:
             return None
         x = cum[shard] + offset
-        while x > cum[-1]:
+        if x > cum[-1]:
             if cum[-1] == 0:
                 return None  # an epoch without rows: the slow path says so
-            x -= cum[-1]
-            epoch += 1
+            # Every epoch holds the same rows (counts known from the counts alone do not depend on
+            # the order), so whole epochs are skipped by division, not one by one: a small dataset
+            # under a large job would otherwise walk thousands of epochs per message.
+            epochs = (x - 1) // cum[-1]
+            x -= epochs * cum[-1]
+            epoch += epochs
             cum = store.epoch_rows(self.ds, self.seed, epoch, self.seq_len, self.packing)
             if cum is None:
                 return None
@@ -234,18 +247,23 @@ class MixtureWalker:
         for part in self.parts:
             part.close()
 
-    def _assign(self, n: int) -> list[int]:
+    async def _assign(self, n: int) -> list[int]:
+        """Components of the next ``n`` rows. The rule is sequential (about 2 us a row): a long
+        run (a rank of a large job skips the other ranks' rows) goes to a thread, so that it never
+        stalls the event loop that serves every other stream."""
         counts = [w.row for w in self.parts]
-        return self.mix.schedule.assign(self.row, counts, n)
+        if n <= ASSIGN_ON_LOOP_ROWS:
+            return self.mix.schedule.assign(self.row, counts, n)
+        return await asyncio.to_thread(self.mix.schedule.assign, self.row, counts, n)
 
     async def skip(self, n: int) -> None:
-        assigned = self._assign(n)
+        assigned = await self._assign(n)
         for c, part in enumerate(self.parts):
             await part.skip(assigned.count(c))
         self.row += n
 
     async def take(self, out: np.ndarray, provenance: list[np.ndarray] | None = None) -> int:
-        assigned = np.asarray(self._assign(len(out)))
+        assigned = np.asarray(await self._assign(len(out)))
         epoch = None
         for c, part in enumerate(self.parts):
             rows = np.flatnonzero(assigned == c)
@@ -257,6 +275,7 @@ class MixtureWalker:
             epoch = part_epoch if epoch is None else min(epoch, part_epoch)
             out[rows] = tmp
             self.mix.rows_served[c] += len(rows)
+            metrics.MIXTURE_TOKENS.labels(self.mix.name, part.ds.name).inc(len(rows) * (out.shape[1] - 1))
             if recs:
                 rec = np.concatenate(recs)
                 rec[:, 0] = rows[rec[:, 0]]  # component-local row -> row in this batch
