@@ -20,7 +20,8 @@ import zstandard
 from client import StreamingDataset
 from server.config import parse_config
 from server.dataset import Dataset
-from server.errors import ConfigError, DataLoss
+from server.errors import ConfigError, DataLoss, Unavailable
+from server.prepare import prepare_shard
 from tests.conftest import ROOT, make_documents, write_jsonl
 from tests.test_tokenizers import train_bpe
 
@@ -186,3 +187,22 @@ def test_damaged_shard_is_data_loss_and_a_wrong_tokenizer_is_refused(prepared, t
     (copy / "shard-000002.tft").unlink()
     with pytest.raises(ConfigError, match=r"datasets\.p\.source\.path: shard file .*shard-000002\.tft is missing"):
         Dataset("p", parse_config({"datasets": {"p": {"source": source}}}).datasets["p"])
+
+
+def test_an_io_error_stops_a_shard_and_is_never_recorded_as_empty(tmp_path):
+    """A file that cannot be read for a while is an environment fault: prepare retries, then stops
+    with an error (a rerun continues), and never writes the shard as 0 documents."""
+    data = tmp_path / "data"
+    write_jsonl(data, make_documents(20, seed=2), files=1)
+    config = parse_config({"datasets": {"raw": {
+        "source": {"type": "jsonl", "paths": [str(data / "*.jsonl")]},
+        "retry": {"attempts": 2, "backoff_s": 0.01, "deadline_s": 1}}}})
+    ds = Dataset("raw", config.datasets["raw"])
+    out = tmp_path / "out"
+    out.mkdir()
+    (data / "part-000.jsonl").rename(data / "away")
+    with pytest.raises(Unavailable, match=r"cannot read part-000\.jsonl: FileNotFoundError"):
+        prepare_shard(ds, 0, str(out))
+    assert list(out.iterdir()) == [] and ds.shard_docs == {}
+    (data / "away").rename(data / "part-000.jsonl")
+    assert prepare_shard(ds, 0, str(out))["docs"] == 20
