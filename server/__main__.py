@@ -33,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     security.add_argument("--tls-client-ca", metavar="FILE", help="PEM CA: require client certificates (mTLS)")
     security.add_argument("--data-root", dest="data_roots", action="append", metavar="DIR",
                           help="datasets may read only files under DIR (repeatable)")
+    security.add_argument("--metrics-token-file", metavar="FILE",
+                          help="/metrics requires `Authorization: Bearer <the token in FILE>`")
+    security.add_argument("--metrics-token-env", metavar="VAR", help="/metrics requires the token in this variable")
     security.add_argument("--max-streams", type=int, metavar="N", help="concurrent streams (default 256)")
     health = sub.add_parser("health", help="exit 0 if a server reports SERVING (gRPC health service)")
     health.add_argument("--address", default="127.0.0.1:50051", help="host:port of the server")
@@ -110,7 +113,7 @@ def _health(args: argparse.Namespace) -> int:
 
 
 _SECURITY_FLAGS = ("auth_tokens_file", "auth_tokens_env", "tls_cert", "tls_key", "tls_client_ca", "data_roots",
-                   "max_streams")
+                   "metrics_token_file", "metrics_token_env", "max_streams")
 
 
 def _apply_overrides(config: Config, args: argparse.Namespace) -> Config:

@@ -13,11 +13,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from server import metrics
-from server.auth import (AccessInterceptor, check_config_paths, check_dataset_files, load_tokens,
+from server.auth import (AccessInterceptor, check_config_paths, check_dataset_files, install_guards, load_tokens,
                          server_credentials)
 from server.config import Config
 from server.dataset import Dataset
-from server.limits import server_options
+from server.limits import ProbeStreamLimit, connection_cap, raise_fd_limit, server_options
 from server.mixture import Mixture, build_mixture
 from server.service import SERVICE_NAME, TokenFeedService, add_to_server
 from server.store import build_store
@@ -41,16 +41,26 @@ def build_datasets(config: Config) -> dict[str, Dataset | Mixture]:
 async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
     """Serve until ``stop`` is set or SIGTERM/SIGINT arrives."""
     settings = config.server
+    fd_limit = raise_fd_limit()  # before anything opens files or sockets
+    install_guards(settings)  # reads confined to data_roots from now on, /metrics behind its token
     tokens = load_tokens(settings, config.datasets)
     credentials = server_credentials(settings)
     datasets = build_datasets(config)
     executor = ThreadPoolExecutor(settings.workers, thread_name_prefix="tokenfeed-load")
     store = build_store(config, executor)
-    # The metrics interceptor goes first so that refused calls are counted too. The gRPC-wide
-    # RPC cap only stops floods of small calls: streams meet server.max_streams first, with a reason.
+    connections = connection_cap(settings.max_connections, fd_limit)
+    log.info("connections: at most %d, handshake timeout %gs, closed after %gs without a call; open-file limit %s; "
+             "%d health Watch/reflection streams", connections, settings.handshake_timeout_s,
+             settings.connection_idle_s, fd_limit if fd_limit is not None else "unknown", settings.max_health_watches)
+    # The metrics interceptor goes first so that refused calls are counted too. No gRPC-wide RPC
+    # cap (maximum_concurrent_rpcs): it counted health watches with data streams, so watches that
+    # need no token could fill it and refuse trainers without a retry key. Instead each kind that
+    # stays open has its own cap, refused with RETRY_AFTER_KEY: data streams server.max_streams
+    # (Admission), health Watch and reflection server.max_health_watches; unary calls end at once.
     server = grpc.aio.server(
-        interceptors=[metrics.RpcMetricsInterceptor(), AccessInterceptor(SERVICE_NAME, tokens)],
-        options=server_options(settings), maximum_concurrent_rpcs=2 * settings.max_streams + 64)
+        interceptors=[metrics.RpcMetricsInterceptor(), ProbeStreamLimit(settings.max_health_watches),
+                      AccessInterceptor(SERVICE_NAME, tokens)],
+        options=server_options(settings, connections))
     service = TokenFeedService(datasets, store, settings)
     add_to_server(service, server)
     health_servicer = health.aio.HealthServicer()

@@ -1,5 +1,6 @@
-"""Who may read what: bearer tokens (optionally per dataset), TLS credentials, and data roots
-that confine every file a config may name. Only the interceptor knows gRPC."""
+"""Who may read what: bearer tokens (optionally per dataset), TLS credentials, data roots that
+confine every file a config may name (checked at start-up, then enforced at every open while
+serving), and the bearer token of /metrics. Only the interceptor knows gRPC."""
 
 from __future__ import annotations
 
@@ -14,10 +15,15 @@ from typing import Any
 
 import grpc
 
+from server import metrics
 from server.config import Config, ServerSettings
 from server.errors import ConfigError
+from server.sources.base import confine_reads
 
 log = logging.getLogger(__name__)
+
+#: A WSGI application (PEP 3333): ``app(environ, start_response)`` -> the body's chunks.
+WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 #: Shortest token accepted: guessing one must be out of reach.
 MIN_TOKEN_CHARS = 16
@@ -293,3 +299,67 @@ def check_dataset_files(config: Config, files: dict[str, list[str]]) -> None:
             if not _inside(path, roots):
                 raise ConfigError(f"datasets.{name}.source: {path} resolves to {os.path.realpath(path)}, "
                                   f"outside server.data_roots ({', '.join(roots)})")
+
+
+# ---- guards that act while serving ----------------------------------------------------------------
+def install_guards(settings: ServerSettings) -> None:
+    """Install the server process's run-time guards: every data file opened from now on is
+    confined to ``server.data_roots`` (the start-up checks cannot see a file or directory swapped
+    for a symlink later), and /metrics requires ``server.metrics_token_*``. Call once, before the
+    datasets are built; both are process-wide because what they guard (files opened in worker
+    threads, the exporter) sees no config."""
+    confine_reads(_roots(settings))
+    metrics.require_scrape_token(load_metrics_token(settings))
+
+
+def load_metrics_token(settings: ServerSettings) -> str | None:
+    """The bearer token /metrics requires: the whole content of ``server.metrics_token_file`` (the
+    file Prometheus reads as ``authorization.credentials_file``) or of the environment variable
+    ``server.metrics_token_env``; ``None`` when neither is set (/metrics is open)."""
+    if settings.metrics_token_file is not None and settings.metrics_token_env is not None:
+        raise ConfigError("server.metrics_token_file, server.metrics_token_env: set one of them, not both")
+    if settings.metrics_token_file is not None:
+        path = os.path.expanduser(settings.metrics_token_file)
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"server.metrics_token_file: cannot read {path}: {err}") from None
+        return _single_token(text, f"server.metrics_token_file ({path})")
+    if settings.metrics_token_env is not None:
+        name = settings.metrics_token_env
+        return _single_token(os.environ.get(name, ""), f"server.metrics_token_env (${name})")
+    return None
+
+
+def _single_token(text: str, origin: str) -> str:
+    """``text`` as one token (surrounding whitespace dropped, as Prometheus does); configured but
+    empty, several words or too short is an error, not an open endpoint."""
+    words = text.split()
+    if not words:
+        raise ConfigError(f"{origin}: holds no token")
+    if len(words) > 1:
+        raise ConfigError(f"{origin}: expected one token (the whole content), found {len(words)} words")
+    if len(words[0]) < MIN_TOKEN_CHARS:
+        raise ConfigError(f"{origin}: a token needs at least {MIN_TOKEN_CHARS} characters "
+                          f"(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
+    return words[0]
+
+
+def require_bearer(app: WsgiApp, token: str, realm: str) -> WsgiApp:
+    """``app`` behind ``Authorization: Bearer <token>``: a request without it, or with another
+    token, gets 401 and nothing of ``app``. The token is compared as a digest in constant time."""
+    table = TokenTable([(hashlib.sha256(token.encode()).digest(), Grant(realm, None))])
+
+    def guarded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        given = bearer_token([("authorization", environ.get("HTTP_AUTHORIZATION", ""))])
+        if given is not None and table.authenticate(given) is not None:
+            return app(environ, start_response)
+        why = "no bearer token" if given is None else "a bearer token that is not accepted"
+        log.warning("refused %s %s from %s: %s", realm, environ.get("PATH_INFO", "/"),
+                    environ.get("REMOTE_ADDR", "?"), why)
+        challenge = f'Bearer realm="{realm}"' + ("" if given is None else ', error="invalid_token"')
+        start_response("401 Unauthorized", [("Content-Type", "text/plain; charset=utf-8"),
+                                            ("WWW-Authenticate", challenge)])
+        return [f"401 Unauthorized: {realm} requires `Authorization: Bearer <token>`\n".encode()]
+    return guarded

@@ -217,6 +217,12 @@ class ServerSettings(_Strict):
         default=None, min_length=1, description="Bearer tokens, one per line: `TOKEN [dataset1,dataset2]`.")
     auth_tokens_env: str | None = Field(
         default=None, min_length=1, description="Name of an environment variable holding tokens (same lines, or `;`-separated).")
+    metrics_token_file: str | None = Field(
+        default=None, min_length=1, description="File holding the one bearer token /metrics requires (Prometheus: "
+        "`authorization: {credentials_file: ...}`); unset: /metrics is open.")
+    metrics_token_env: str | None = Field(
+        default=None, min_length=1, description="Name of an environment variable holding the /metrics bearer token "
+        "(instead of metrics_token_file).")
     tls_cert: str | None = Field(default=None, min_length=1, description="PEM server certificate (chain); enables TLS.")
     tls_key: str | None = Field(default=None, min_length=1, description="PEM private key of tls_cert.")
     tls_client_ca: str | None = Field(
@@ -241,6 +247,19 @@ class ServerSettings(_Strict):
     keepalive_timeout_s: float = Field(default=10.0, gt=0, description="Close a connection whose ping is unanswered this long.")
     min_client_ping_interval_s: float = Field(
         default=5.0, ge=0, description="Clients may ping this often without a too_many_pings GOAWAY (client default: 10 s).")
+    # ---- connections and probes (issue 17; README "Security and limits") ----
+    max_connections: int = Field(
+        default=4096, gt=0, description="Open client connections; more are closed at accept (lowered to fit the "
+        "open-file limit).")
+    handshake_timeout_s: float = Field(
+        default=10.0, gt=0, le=3600, description="Close a connection that has not finished its TLS and HTTP/2 "
+        "handshake by then.")
+    connection_idle_s: float = Field(
+        default=300.0, gt=0, le=7 * 86400, description="Close a connection with no open call this long (pings do "
+        "not count; clients reconnect on their next call).")
+    max_health_watches: int = Field(
+        default=64, gt=0, description="Concurrent health Watch and reflection streams (open to all, no token); more "
+        "get RESOURCE_EXHAUSTED.")
 
     @model_validator(mode="before")
     @classmethod

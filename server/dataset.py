@@ -21,6 +21,7 @@ from server.errors import ConfigError, DataLoss, FailedPrecondition, Unavailable
 from server.identity import FileChanged, FileIdentity, check_unchanged, common_root, identify_all
 from server.packing import TokenizedShard, tokenized_shard
 from server.sources import BadRecords, BrokenShard, ShardSpec, TokensSource, build_source
+from server.sources.base import OutsideDataRoots
 from server.tokenizers import Tokenizer, build_tokenizer
 from tokenfeed import wire
 
@@ -184,6 +185,9 @@ class Dataset:
                 result = self._read(shard, bad)
                 self._check_files(shard)
                 return result, bad
+            except OutsideDataRoots as err:  # a symlink swapped in since start-up: refused, never retried
+                raise FailedPrecondition(f"dataset {self.name!r}: {self.relpath(err.path)} resolves outside "
+                                         "server.data_roots; restore the file inside the roots") from None
             except FileChanged as err:
                 raise FailedPrecondition(
                     f"dataset {self.name!r}: {self.relpath(err.path)} {str(err)[len(err.path) + 1:]} since the "

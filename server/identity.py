@@ -65,9 +65,11 @@ class FileChanged(Exception):
 
 def digest_file(path: str, size: int) -> str:
     """blake2b of the file's bytes (whole, or sampled past ``FULL_HASH_BYTES``) and its size."""
+    from server.sources.base import safe_open  # here: server.sources.base imports this module
+
     h = hashlib.blake2b(digest_size=16)
     h.update(size.to_bytes(8, "little"))
-    with open(path, "rb") as f:
+    with safe_open(path) as f:
         if size <= FULL_HASH_BYTES:
             while chunk := f.read(1 << 20):
                 h.update(chunk)

@@ -1,11 +1,17 @@
 """Stream admission and limits: how many streams, how much message memory, how far a request may
-make the server skip, how big a message can get; and the keepalive the server enforces."""
+make the server skip, how big a message can get; the keepalive the server enforces; and what
+holds connections and descriptors: a connection cap, handshake and idle timeouts, the open-file
+limit, and a cap on the streams anyone may open without a token (health Watch, reflection)."""
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
 
+import grpc
 from prometheus_client import Counter, Gauge
 
 from server.config import ServerSettings
@@ -33,7 +39,9 @@ CHARGED = Gauge("tokenfeed_stream_memory_charged_bytes",
 REJECTED = Counter("tokenfeed_streams_rejected_total", "Streams refused at admission, by reason.", ["reason"],
                    registry=REGISTRY)
 LOOP_TASKS = Gauge("tokenfeed_event_loop_tasks", "asyncio tasks alive on the server's event loop.", registry=REGISTRY)
-for _reason in ("max_streams", "memory", "draining"):
+PROBE_STREAMS = Gauge("tokenfeed_probe_streams", "Open health Watch and reflection streams "
+                      "(at most server.max_health_watches).", registry=REGISTRY)
+for _reason in ("max_streams", "memory", "draining", "max_health_watches"):
     REJECTED.labels(_reason)
 
 
@@ -199,10 +207,22 @@ class Ticket:
             self._admission = None
 
 
-def server_options(settings: ServerSettings) -> list[tuple[str, int]]:
-    """Message limits and keepalive. Clients ping (by default every 10 s, also between epochs
-    when no call is open); the server accepts pings ``min_client_ping_interval_s`` apart, with or
-    without calls, so an idle client never gets a too_many_pings GOAWAY."""
+def server_options(settings: ServerSettings, max_connections: int | None = None) -> list[tuple[str, int]]:
+    """Message limits, keepalive, and what bounds connections (gRPC core channel arguments).
+
+    Keepalive: clients ping (by default every 10 s, also between epochs when no call is open);
+    the server accepts pings ``min_client_ping_interval_s`` apart, with or without calls, so an
+    idle client never gets a too_many_pings GOAWAY.
+
+    Connections (each holds a descriptor): at most ``max_connections`` (default
+    ``settings.max_connections``) per listening address, more are closed as they are accepted;
+    one that has not finished its TLS and HTTP/2 handshake (sent its SETTINGS) within
+    ``handshake_timeout_s`` is closed, so a raw TCP connection that sends nothing holds its slot
+    that long at most; one with no open call for ``connection_idle_s`` gets a GOAWAY. Pings do
+    not count as calls: a trainer between epochs loses its idle connection and its next call
+    opens a new one (gRPC does that on its own; a call caught by the GOAWAY fails UNAVAILABLE and
+    the client resumes from its cursor). No ``grpc.max_connection_age_ms``: it would end every
+    stream older than the age, and a stream lasts an epoch."""
     ms = lambda s: int(s * 1000)
     return [
         ("grpc.max_send_message_length", int(settings.max_message_bytes)),
@@ -213,4 +233,141 @@ def server_options(settings: ServerSettings) -> list[tuple[str, int]]:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", ms(settings.min_client_ping_interval_s)),
         ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.max_allowed_incoming_connections", max_connections or settings.max_connections),
+        ("grpc.server_handshake_timeout_ms", ms(settings.handshake_timeout_s)),
+        ("grpc.max_connection_idle_ms", ms(settings.connection_idle_s)),
     ]
+
+
+# ---- descriptors ------------------------------------------------------------------------------------
+#: Descriptors kept out of the connection cap: shard files read in worker threads, the disk cache,
+#: the metrics port, gRPC's and asyncio's own pipes and epoll sets.
+FD_RESERVE = 256
+#: The fewest connections the cap is lowered to, however tight the open-file limit.
+MIN_CONNECTIONS = 16
+
+
+def raise_fd_limit() -> int | None:
+    """Raise this process's soft open-file limit (RLIMIT_NOFILE) to its hard limit and return the
+    soft limit in force (``None`` where there is none to read: not a Unix). Common practice for
+    servers: the soft limit is often 1024 while the hard limit allows far more, and every
+    connection holds a descriptor. Only the soft limit moves, which needs no privilege; where the
+    hard limit is unlimited (macOS) the raise may be refused, and the soft limit stays."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            log.info("open-file limit raised from %d to %d (the hard limit)", soft, target)
+        except (ValueError, OSError) as err:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, err)
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def connection_cap(max_connections: int, fd_limit: int | None) -> int:
+    """``max_connections``, lowered so that connections leave ``FD_RESERVE`` descriptors of
+    ``fd_limit`` to the rest of the server (accept failing with EMFILE would lock every new
+    client out, and a shard read failing with it would stall streams)."""
+    if fd_limit is None or fd_limit - FD_RESERVE >= max_connections:
+        return max_connections
+    cap = max(MIN_CONNECTIONS, fd_limit - FD_RESERVE)
+    log.warning("server.max_connections lowered from %d to %d: the open-file limit is %d (raise the hard limit, "
+                "e.g. `ulimit -Hn` or the container's nofile ulimit, to allow more)", max_connections, cap, fd_limit)
+    return cap
+
+
+# ---- streams open to anyone ---------------------------------------------------------------------------
+#: Streams that need no token and may stay open for ever: health Watch and server reflection.
+OPEN_STREAM_METHODS = frozenset({
+    "/grpc.health.v1.Health/Watch",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+})
+#: How long a refused probe stream is told to wait (``RETRY_AFTER_KEY``): a slot frees only when
+#: another watcher leaves.
+PROBE_RETRY_AFTER_MS = 1000
+#: Largest health Watch request (a service name): a watch holds its request as long as it is open,
+#: and requests may otherwise take 4 MiB each.
+MAX_WATCH_REQUEST_BYTES = 1024
+
+
+class ProbeStreamLimit(grpc.aio.ServerInterceptor):
+    """At most ``limit`` health Watch and reflection streams at once; more get RESOURCE_EXHAUSTED
+    with ``RETRY_AFTER_KEY``. These streams need no token (probes must work without one) and a
+    Watch never ends by itself, so without their own cap anyone could hold open as many as they
+    like, and a cap on all calls would then refuse trainers. Data streams are admitted by
+    ``Admission``; unary calls end at once: neither is counted here."""
+
+    def __init__(self, limit: int, methods: frozenset[str] = OPEN_STREAM_METHODS) -> None:
+        self.limit, self.methods = limit, methods
+        self.open = 0
+        PROBE_STREAMS.set(0)
+
+    async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+                                details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(details)
+        if handler is None or details.method not in self.methods:
+            return handler
+        return _limited(handler, self)
+
+    def take(self) -> bool:
+        """A slot, if one is free (the counter is only touched on the event loop)."""
+        if self.open >= self.limit:
+            REJECTED.labels("max_health_watches").inc()
+            return False
+        self.open += 1
+        PROBE_STREAMS.set(self.open)
+        return True
+
+    def give(self) -> None:
+        self.open -= 1
+        PROBE_STREAMS.set(self.open)
+
+    async def refuse(self, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"server is at its limit of {self.limit} concurrent health Watch and reflection streams "
+                            "(server.max_health_watches); retry later, or use health Check",
+                            trailing_metadata=((RETRY_AFTER_KEY, str(PROBE_RETRY_AFTER_MS)),))
+
+
+def _limited(handler: grpc.RpcMethodHandler, limit: ProbeStreamLimit) -> grpc.RpcMethodHandler:
+    """``handler`` holding a slot of ``limit`` while it runs, however it ends (cancelled too)."""
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if inspect.isasyncgenfunction(fn):  # reflection: yields its replies
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                if not limit.take():
+                    await limit.refuse(context)
+                try:
+                    async for reply in fn(request, context):
+                        yield reply
+                finally:
+                    limit.give()
+            return stream
+        if inspect.iscoroutinefunction(fn):  # health Watch: writes with context.write
+            async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                if hasattr(request, "ByteSize") and request.ByteSize() > MAX_WATCH_REQUEST_BYTES:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                        f"request of {request.ByteSize()} bytes; at most {MAX_WATCH_REQUEST_BYTES}")
+                if not limit.take():
+                    await limit.refuse(context)
+                try:
+                    return await fn(request, context)
+                finally:
+                    limit.give()
+            return call
+        raise TypeError(f"{fn!r}: ProbeStreamLimit limits asyncio handlers only")
+
+    kinds = {"unary_stream": grpc.unary_stream_rpc_method_handler,
+             "stream_stream": grpc.stream_stream_rpc_method_handler}
+    for kind, make in kinds.items():
+        fn = getattr(handler, kind)
+        if fn is not None:
+            return make(wrap(fn), request_deserializer=handler.request_deserializer,
+                        response_serializer=handler.response_serializer)
+    return handler  # a unary method: ends at once, nothing to hold

@@ -453,10 +453,24 @@ def _mixture_weight(mix: Mixture, component: int) -> float:
 
 
 # ---- the /metrics endpoint -----------------------------------------------------------------------
-class MetricsExporter:
-    """The /metrics HTTP endpoint (a daemon thread) and the collector of one running server."""
+#: The bearer token /metrics requires (``server.metrics_token_file``/``_env``); ``None``: open. Set
+#: by the server process at start (``server.auth.install_guards``): ``start_exporter`` sees no config.
+_scrape_token: str | None = None
 
-    def __init__(self, host: str, port: int, datasets: Mapping[str, Dataset | Mixture], store: ShardStore) -> None:
+
+def require_scrape_token(token: str | None) -> None:
+    """Make the /metrics endpoints started from now on require ``Authorization: Bearer <token>``
+    (``None``: open)."""
+    global _scrape_token
+    _scrape_token = token
+
+
+class MetricsExporter:
+    """The /metrics HTTP endpoint (a daemon thread) and the collector of one running server; with
+    ``token``, a scrape without ``Authorization: Bearer <token>`` gets 401."""
+
+    def __init__(self, host: str, port: int, datasets: Mapping[str, Dataset | Mixture], store: ShardStore,
+                 token: str | None = None) -> None:
         disable_created_metrics()  # no *_created series: they double the output and nobody graphs them
         self._weights: list[tuple[str, str]] = []  # (mixture, component): gauges read from a mixture
         for name, ds in datasets.items():  # series exist (at 0) from the start, not from the first event
@@ -480,7 +494,7 @@ class MetricsExporter:
         self.collector = ServerCollector(datasets, store)
         REGISTRY.register(self.collector)
         try:
-            self._httpd: Any = start_http_server(port, addr=host, registry=REGISTRY)[0]
+            self._httpd: Any = _serve_http(host, port, token)
         except BaseException:
             REGISTRY.unregister(self.collector)
             raise
@@ -500,11 +514,39 @@ class MetricsExporter:
                 MIXTURE_WEIGHT.remove(*labels)
 
 
+def _serve_http(host: str, port: int, token: str | None) -> Any:
+    """The HTTP server of /metrics, serving in a daemon thread. Open: prometheus_client's own.
+    With a token: its WSGI app behind ``server.auth.require_bearer``, served the way its
+    ``start_http_server`` does (that function takes no auth hook)."""
+    if token is None:
+        return start_http_server(port, addr=host, registry=REGISTRY)[0]
+    import socket
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    from prometheus_client import make_wsgi_app
+    from prometheus_client.exposition import ThreadingWSGIServer
+
+    from server.auth import require_bearer
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            """Scrapes are not logged (refusals are, by the guard)."""
+
+    family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    server_class = type("MetricsHTTPServer", (ThreadingWSGIServer,), {"address_family": family})
+    app = require_bearer(make_wsgi_app(REGISTRY), token, realm="tokenfeed /metrics")
+    httpd = make_server(sockaddr[0], port, app, server_class, handler_class=Quiet)
+    threading.Thread(target=httpd.serve_forever, name="tokenfeed-metrics", daemon=True).start()
+    return httpd
+
+
 def start_exporter(host: str, port: int | None, datasets: Mapping[str, Dataset | Mixture],
                    store: ShardStore) -> MetricsExporter | None:
-    """Serve /metrics on ``host:port`` (0 picks a free port); ``None`` when no port is configured."""
+    """Serve /metrics on ``host:port`` (0 picks a free port); ``None`` when no port is configured.
+    It requires the token of ``require_scrape_token``, when one is set."""
     if port is None:
         return None
-    exporter = MetricsExporter(host, port, datasets, store)
-    log.info("metrics: serving http://%s:%d/metrics", host, exporter.port)
+    exporter = MetricsExporter(host, port, datasets, store, token=_scrape_token)
+    log.info("metrics: serving http://%s:%d/metrics%s", host, exporter.port,
+             " (bearer token required)" if _scrape_token is not None else "")
     return exporter

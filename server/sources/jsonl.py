@@ -14,7 +14,7 @@ import zstandard
 from server.config import JsonlSourceConfig
 from server.errors import ConfigError
 from server.sources.base import (BadRecords, BrokenShard, FilePart, ShardSpec, decode_utf8, path_field,
-                                 resolve_paths, sniff_format)
+                                 resolve_paths, safe_open, sniff_format)
 
 _COMPRESSED = ("gzip", "zstd")
 
@@ -61,7 +61,7 @@ class JsonlSource:
 
     def _read(self, part: FilePart) -> bytes:
         fmt = self.formats[part.path]
-        with open(part.path, "rb") as f:
+        with safe_open(part.path) as f:
             if fmt is None:
                 f.seek(part.start)
                 return f.read(part.end - part.start)
@@ -114,7 +114,7 @@ def _line_ranges(path: str, target: int) -> list[tuple[int, int]]:
     """Byte ranges of about ``target`` bytes that start and end on line boundaries."""
     size = os.path.getsize(path)
     ranges, start = [], 0
-    with open(path, "rb") as f:
+    with safe_open(path) as f:
         while start < size:
             end = min(start + target, size)
             if end < size:

@@ -11,7 +11,7 @@ from server.config import ParquetSourceConfig
 from server.errors import ConfigError
 from server.sources.arrow import check_text_column, table_texts
 from server.sources.base import (BadRecords, BrokenShard, FilePart, ShardSpec, path_field, resolve_paths,
-                                 sniff_format)
+                                 safe_open, sniff_format)
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class _Watched:
 
     def __enter__(self) -> _Watched:
         try:
-            self._file = open(self.path, "rb")
+            self._file = safe_open(self.path)
         except OSError as err:
             raise _ReadFailed() from err
         return self

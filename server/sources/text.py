@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from server.config import TextSourceConfig
 from server.sources.base import (BadRecords, ShardSpec, check_text_files, decode_utf8, group_files,
-                                 resolve_paths)
+                                 resolve_paths, safe_open)
 
 
 class TextSource:
@@ -25,7 +25,7 @@ class TextSource:
         docs: list[str] = []
         delimiter = None if self.config.delimiter is None else self.config.delimiter.encode("utf-8")
         for part in shard.parts:
-            with open(part.path, "rb") as f:
+            with safe_open(part.path) as f:
                 data = f.read()
             # Split before decoding (UTF-8 is self-synchronising), so one bad document costs only itself.
             pieces = [data] if delimiter is None else data.split(delimiter)

@@ -19,7 +19,7 @@ import zstandard
 from server.config import TokensSourceConfig
 from server.errors import ConfigError
 from server.packing import TokenizedShard
-from server.sources.base import BadRecords, BrokenShard, FilePart, ShardSpec
+from server.sources.base import BadRecords, BrokenShard, FilePart, ShardSpec, safe_open
 from server.tokenizers import TokenizerInfo
 
 MANIFEST = "manifest.json"
@@ -72,7 +72,7 @@ def read_manifest(path: str, field: str) -> dict:
         raise ConfigError(f"{field}: {path} has no {MANIFEST}: not made by `data-server prepare`, "
                           "or its preparation did not finish (run prepare again to complete it)")
     try:
-        with open(manifest) as f:
+        with safe_open(manifest, "r") as f:
             data = json.load(f)
     except (OSError, ValueError) as err:
         raise ConfigError(f"{field}: cannot read {manifest}: {err}") from None
@@ -129,7 +129,7 @@ class TokensSource:
         for reason, n in skipped.items():
             bad.add(reason, n, sample=f"{shard.name}: skipped by prepare")
         path = shard.parts[0].path
-        with open(path, "rb") as f:
+        with safe_open(path) as f:
             data = f.read()
         if checksum(data) != digest:
             raise BrokenShard("checksum mismatch: the file is not what the manifest the server loaded at start "
