@@ -58,9 +58,12 @@ class WeightSchedule:
         behind its target. ``counts`` (each component's rows before ``start``) is updated."""
         targets = self.cumulative(np.arange(start + 1, start + n + 1)).tolist()
         out = []
-        ks = range(len(counts))
+        ks = range(1, len(counts))
         for target in targets:
-            c = max(ks, key=lambda k: (target[k] - counts[k], -k))
+            c, most = 0, target[0] - counts[0]
+            for k in ks:  # the largest deficit; on a tie the first component (a plain loop: 3x max(key=))
+                if target[k] - counts[k] > most:
+                    c, most = k, target[k] - counts[k]
             counts[c] += 1
             out.append(c)
         return out
