@@ -17,7 +17,7 @@ import grpc
 import grpc.experimental
 
 from client.errors import ServerUnavailable, from_rpc_error
-from tokenfeed import wire
+from tokenfeed import shm, wire
 from tokenfeed.shm import ClientRing
 from tokenfeed.v1 import tokenfeed_pb2 as pb
 from tokenfeed.v1 import tokenfeed_pb2_grpc as pb_grpc
@@ -41,6 +41,13 @@ def retryable(err: grpc.RpcError) -> bool:
         trailing = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
         return any(key == RETRY_AFTER_KEY for key, _ in trailing or ())
     return False
+
+
+def ring_broke(err: grpc.RpcError) -> bool:
+    """Whether the server ended the call because the call's shared-memory ring broke under it
+    (something truncated the file): reopening from the cursor with tokens inline goes on."""
+    trailing = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
+    return any(key == shm.BROKEN_KEY for key, _ in trailing or ())
 
 
 @dataclass(frozen=True)
@@ -281,6 +288,11 @@ def _batches(control: _Control, channel: Channel, request_from: Callable[[pb.Cur
         except grpc.RpcError as err:
             if control.closed:
                 return
+            if ring is not None and ring_broke(err):  # no second ring: whatever broke it may again
+                log.warning("the shared-memory ring of the stream from %s broke (%s); going on with tokens inline",
+                            channel.address, err.details())
+                ring_from = None
+                continue
             if not retryable(err):
                 raise from_rpc_error(err, channel.address) from None
             delays = delays or backoff.delays()

@@ -26,9 +26,12 @@ class _SpecialTokens(_Strict):
     """BOS/EOS/PAD handling shared by the file-based tokenizers."""
 
     add_bos: bool = Field(default=False, description="Begin every document with the BOS token.")
-    bos_token: str | None = Field(default=None, description="BOS token name; default: the tokenizer's own or a common name.")
-    eos_token: str | None = Field(default=None, description="EOS token name; default: the tokenizer's own or a common name.")
-    pad_token: str | None = Field(default=None, description="PAD token name; default: the tokenizer's own or a common name.")
+    bos_token: str | None = Field(
+        default=None, description="BOS token name; default: the tokenizer's own or a common name.")
+    eos_token: str | None = Field(
+        default=None, description="EOS token name; default: the tokenizer's own or a common name.")
+    pad_token: str | None = Field(
+        default=None, description="PAD token name; default: the tokenizer's own or a common name.")
 
 
 class HfTokenizerConfig(_SpecialTokens):
@@ -216,37 +219,49 @@ class ServerSettings(_Strict):
     auth_tokens_file: str | None = Field(
         default=None, min_length=1, description="Bearer tokens, one per line: `TOKEN [dataset1,dataset2]`.")
     auth_tokens_env: str | None = Field(
-        default=None, min_length=1, description="Name of an environment variable holding tokens (same lines, or `;`-separated).")
+        default=None, min_length=1, description="Name of an environment variable holding tokens (same lines, or "
+        "`;`-separated).")
     metrics_token_file: str | None = Field(
         default=None, min_length=1, description="File holding the one bearer token /metrics requires (Prometheus: "
         "`authorization: {credentials_file: ...}`); unset: /metrics is open.")
     metrics_token_env: str | None = Field(
         default=None, min_length=1, description="Name of an environment variable holding the /metrics bearer token "
         "(instead of metrics_token_file).")
-    tls_cert: str | None = Field(default=None, min_length=1, description="PEM server certificate (chain); enables TLS.")
+    tls_cert: str | None = Field(
+        default=None, min_length=1, description="PEM server certificate (chain); enables TLS.")
     tls_key: str | None = Field(default=None, min_length=1, description="PEM private key of tls_cert.")
     tls_client_ca: str | None = Field(
-        default=None, min_length=1, description="PEM CA bundle; when set, clients must present a certificate it signed (mTLS).")
+        default=None, min_length=1, description="PEM CA bundle; when set, clients must present a certificate it "
+        "signed (mTLS).")
     data_roots: list[str] | None = Field(
-        default=None, min_length=1, description="When set, every file a dataset reads must resolve (symlinks too) under one of these.")
+        default=None, min_length=1, description="When set, every file a dataset reads must resolve (symlinks too) "
+        "under one of these.")
     shared_memory: bool = Field(
-        default=True, description="Write tokens into the shared-memory ring a client on this host offers (gRPC carries the rest).")
+        default=True, description="Write tokens into the shared-memory ring a client on this host offers (gRPC "
+        "carries the rest).")
     shared_memory_dir: str | None = Field(
-        default=None, min_length=1, description="Where clients' rings must be; unset: $TOKENFEED_SHM_DIR, else /dev/shm.")
+        default=None, min_length=1, description="Where clients' rings must be; unset: $TOKENFEED_SHM_DIR, else "
+        "/dev/shm.")
     # ---- limits ----
-    max_streams: int = Field(default=256, gt=0, description="Concurrent batch streams; more get RESOURCE_EXHAUSTED.")
+    max_streams: int = Field(
+        default=256, gt=0, description="Concurrent batch streams; more get RESOURCE_EXHAUSTED.")
     stream_memory_bytes: ByteSize = Field(
-        default=ByteSize(1 << 30), gt=0, description="Budget of what all open streams may hold (each is charged its largest "
-        "message, token-budget step and padded packed shard); resident memory stays within about 3x.")
+        default=ByteSize(1 << 30), gt=0, description="Budget of what all open streams may hold (each is charged "
+        "its largest message, token-budget step and padded packed shard); resident memory stays within about 3x.")
     max_rows_per_step: int = Field(
-        default=1 << 20, gt=0, description="Largest world_size x batch_size x step_stride a stream may ask for (bounds skipping).")
-    max_budget_pieces_per_step: int = Field(
-        default=16384, gt=0, description="Largest world_size x (max_tokens / seq_len) a token-budget stream may ask for: "
-        "every rank plans every step's pieces (about 20 us each), so this bounds a message's planning work.")
-    keepalive_time_s: float = Field(default=30.0, gt=0, description="Ping each client connection this often (finds dead clients).")
-    keepalive_timeout_s: float = Field(default=10.0, gt=0, description="Close a connection whose ping is unanswered this long.")
+        default=1 << 20, gt=0, description="Largest world_size x batch_size x step_stride a stream may ask for "
+        "(bounds skipping).")
+    max_budget_pieces_per_message: int = Field(
+        default=32768, gt=0, description="Largest world_size x (max_tokens / seq_len) x step_stride x "
+        "batches_per_message a token-budget stream may ask for: every rank plans every step's pieces (about 20 us "
+        "each), the steps of other workers included, so this bounds a message's planning work.")
+    keepalive_time_s: float = Field(
+        default=30.0, gt=0, description="Ping each client connection this often (finds dead clients).")
+    keepalive_timeout_s: float = Field(
+        default=10.0, gt=0, description="Close a connection whose ping is unanswered this long.")
     min_client_ping_interval_s: float = Field(
-        default=5.0, ge=0, description="Clients may ping this often without a too_many_pings GOAWAY (client default: 10 s).")
+        default=5.0, ge=0, description="Clients may ping this often without a too_many_pings GOAWAY (client "
+        "default: 10 s).")
     # ---- connections and probes (issue 17; README "Security and limits") ----
     max_connections: int = Field(
         default=4096, gt=0, description="Open client connections; more are closed at accept (lowered to fit the "

@@ -77,8 +77,8 @@ def packing_charge(params: StreamParams) -> int:
     if params.packing == "concat":
         return 0
     parts = params.dataset.components if isinstance(params.dataset, Mixture) else [params.dataset]
-    rows = max((docs + ds.shard_tokens.get(i, 0) // params.seq_len for ds in parts for i, docs in ds.shard_docs.items()),
-               default=0)
+    rows = max((docs + ds.shard_tokens.get(i, 0) // params.seq_len
+                for ds in parts for i, docs in ds.shard_docs.items()), default=0)
     return rows * (params.seq_len + 1) * params.dataset.dtype.itemsize
 
 
@@ -106,11 +106,13 @@ def check_request(params: StreamParams, settings: ServerSettings) -> int:
         raise InvalidArgument("world_size", f"world_size x {'max_tokens / seq_len' if p.max_tokens else 'batch_size'} "
                               f"x step_stride = {rows} rows per step, above the server's max_rows_per_step of "
                               f"{settings.max_rows_per_step}")
-    if p.max_tokens and p.world_size * per_rank > settings.max_budget_pieces_per_step:
-        raise InvalidArgument("world_size", f"world_size x max_tokens / seq_len = {p.world_size * per_rank} pieces per "
-                              f"token-budget step, above the server's max_budget_pieces_per_step of "
-                              f"{settings.max_budget_pieces_per_step} (every rank plans every step); use fixed-size "
-                              "batches at this scale, or raise server.max_budget_pieces_per_step")
+    planned = p.world_size * per_rank * stride * p.batches_per_message  # pieces planned per message
+    if p.max_tokens and planned > settings.max_budget_pieces_per_message:
+        raise InvalidArgument("world_size", f"world_size x max_tokens / seq_len x step_stride x batches_per_message = "
+                              f"{planned} pieces planned per token-budget message, above the server's "
+                              f"max_budget_pieces_per_message of {settings.max_budget_pieces_per_message} (every rank "
+                              "plans every step); ask for fewer batches per message, use fixed-size batches at this "
+                              "scale, or raise server.max_budget_pieces_per_message")
     start = p.start
     for field, value in [("row", start.row), ("epoch", start.epoch)] + [
             (f"components[{i}].{f}", getattr(loc, f)) for i, (_, loc) in enumerate(start.components)

@@ -20,7 +20,7 @@ from server.schedule import Locator
 from server.store import ShardStore
 from server.stream import Chunk, StreamParams, parse_request, stream_chunks
 from tokenfeed import shm, wire
-from tokenfeed.shm import ServerRing
+from tokenfeed.shm import RingBroken, ServerRing
 from tokenfeed.v1 import tokenfeed_pb2 as pb
 from tokenfeed.v1 import tokenfeed_pb2_grpc as pb_grpc
 
@@ -71,7 +71,9 @@ class TokenFeedService(pb_grpc.TokenFeedServicer):
                     else:
                         message, payload_bytes = encode_chunk(chunk, params)
                     meter.sent(chunk.tokens, payload_bytes)
-                    if chunk.shm_slot is not None:
+                    if chunk.shm_slot is not None:  # the tokens into the ring before the message naming their slot
+                        assert ring is not None
+                        ring.write(chunk.shm_slot, chunk.tokens.data)
                         shm_bytes.inc(payload_bytes)
                     yield message
                     meter.resumed()
@@ -80,6 +82,10 @@ class TokenFeedService(pb_grpc.TokenFeedServicer):
         except TokenfeedError as err:
             retry = ((RETRY_AFTER_KEY, "250"),) if isinstance(err, Overloaded) else ()
             await context.abort(status_of(err), str(err), trailing_metadata=retry)
+        except RingBroken as err:  # this client broke its own ring: its stream ends, no other
+            log.warning("stream for %s rank %d from %s ended: %s", request.dataset, request.rank, context.peer(), err)
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err),
+                                trailing_metadata=((shm.BROKEN_KEY, "1"),))
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as err:  # a bug must not take the server down; the client gets a reason
@@ -93,7 +99,8 @@ class TokenFeedService(pb_grpc.TokenFeedServicer):
 
     def _ring(self, request: pb.StreamRequest, params: StreamParams) -> ServerRing | None:
         """The shared-memory ring the client offers, if this server can write into it; a ring this
-        server cannot open (another host, another directory) means tokens go inline."""
+        server cannot open (another host, another directory, another user's file) means tokens go
+        inline."""
         if not request.HasField("shared_memory") or not self.settings.shared_memory or params.max_tokens:
             return None
         need = params.batches_per_message * params.batch_size * (params.seq_len + 1) * params.dataset.dtype.itemsize

@@ -132,7 +132,7 @@ class Chunk:
     provenance: list[np.ndarray] | None = None  # per batch: records sorted by (row, column)
     starts: list[list[int]] | None = None  # token-budget batches: columns where pieces start
     buffer: np.ndarray | None = None  # a message's bytes up to its header: ``tokens`` is its tail
-    shm_slot: int | None = None  # ``tokens`` is this slot of the stream's shared-memory ring
+    shm_slot: int | None = None  # ``tokens`` go to this slot of the stream's shared-memory ring (``ServerRing.write``)
 
 
 #: Waiting on a full ring: the first poll, and the bounds on the longest (see ``RingWriter``).
@@ -146,15 +146,24 @@ class RingWriter:
     about one message's time from now. So the server polls (doubling from 0.2 ms) up to half the
     time the client has been taking per message: the wake-ups follow the client's pace, a few per
     message, instead of a fixed rate per waiting stream (a slow trainer keeps its ring full).
+
+    A message is assembled in a buffer of this stream's own, never in the client's file (which the
+    client may truncate under a mapping: SIGBUS, the whole server gone); the caller copies it into
+    the slot with ``ServerRing.write`` before sending the message that names the slot. One buffer
+    per stream, of one message's bytes (what admission charged the stream; not the client-chosen
+    slot size), reused for every message: it stays in cache and is never faulted in again.
     """
 
     def __init__(self, ring: ServerRing) -> None:
         self.ring, self.message = ring, 0
         self._seen = (0, time.monotonic())  # (released count, when it was seen)
         self._per_message = 0.04  # seconds per message, until measured
+        self._buffer: np.ndarray | None = None
 
     async def tokens(self, shape: tuple[int, ...], dtype: np.dtype) -> tuple[np.ndarray, int]:
-        """The array where the next message's tokens go, and its slot."""
+        """The array where the next message's tokens go (valid until the next call) and the slot
+        they are to be written to, once the client has freed it. ``RingBroken`` if the client
+        broke its ring meanwhile."""
         ring, message = self.ring, self.message
         delay = RING_POLL_S[0]
         while not ring.writable(message):
@@ -163,7 +172,11 @@ class RingWriter:
             delay = min(delay * 2, max(RING_POLL_S[0], min(RING_POLL_S[1], self._per_message / 2)))
         self.message += 1
         nbytes = int(np.prod(shape)) * dtype.itemsize
-        return np.frombuffer(ring.slot(message, nbytes), dtype=dtype).reshape(shape), message % ring.slots
+        if nbytes > ring.slot_bytes:
+            raise ValueError(f"a message of {nbytes} bytes does not fit a slot of {ring.slot_bytes}")
+        if self._buffer is None or self._buffer.nbytes != nbytes:
+            self._buffer = np.empty(nbytes, dtype=np.uint8)
+        return self._buffer.view(dtype).reshape(shape), message % ring.slots
 
     def _observe(self) -> None:
         released, now = self.ring.released(), time.monotonic()
@@ -176,7 +189,7 @@ class RingWriter:
 async def stream_chunks(params: StreamParams, store: ShardStore, ring: ServerRing | None = None) -> AsyncIterator[Chunk]:
     """The rank's steps ``first_step, first_step + stride, ...`` counted from the start cursor.
     Step t is global rows ``R + (t*W + rank)*B ...`` and leaves the job at ``R + (t+1)*W*B``.
-    With ``ring``, the tokens are written into its slots (``Chunk.shm_slot``)."""
+    With ``ring``, a chunk's tokens are for its slot ``Chunk.shm_slot``: the caller writes them there."""
     p = params
     if p.max_tokens:
         from server.budget import budget_chunks  # it builds on this module

@@ -11,7 +11,6 @@ import grpc
 import pytest
 
 from client import StreamingDataset
-from client.errors import RequestError
 from tokenfeed.v1 import tokenfeed_pb2 as pb
 from tokenfeed.v1 import tokenfeed_pb2_grpc as pb_grpc
 
@@ -45,7 +44,7 @@ def test_a_huge_token_budget_job_is_refused_at_once(start_server):
                                                           max_tokens=64, batches_per_message=1), timeout=30)))
         assert time.monotonic() - t0 < 5
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "max_budget_pieces_per_step of 16384" in err.value.details()
+    assert "max_budget_pieces_per_message of 32768" in err.value.details()
 
 
 def test_planning_a_large_token_budget_step_leaves_other_streams_served(start_server):

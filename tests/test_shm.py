@@ -87,7 +87,8 @@ def test_a_slot_is_not_rewritten_until_the_client_is_done_with_it(start_server, 
     req = request()
     req.shared_memory.CopyFrom(ring.spec())
     channel = grpc.insecure_channel(server.address)
-    call = channel.unary_stream("/tokenfeed.v1.TokenFeed/StreamBatches", request_serializer=pb.StreamRequest.SerializeToString,
+    call = channel.unary_stream("/tokenfeed.v1.TokenFeed/StreamBatches",
+                                request_serializer=pb.StreamRequest.SerializeToString,
                                 response_deserializer=pb.BatchChunk.FromString)(req)
     pool = concurrent.futures.ThreadPoolExecutor(1)
     try:
@@ -156,7 +157,7 @@ def test_the_server_opens_only_the_clients_own_file(tmp_path):
     ring = ClientRing(2, 4096, str(tmp_path))
     directory = str(tmp_path)
     attached = ServerRing.attach(ring.spec(), directory)
-    attached.slot(0, 4)[:] = b"abcd"
+    attached.write(0, b"abcd")
     assert bytes(ring.view(0, 4)) == b"abcd"
     attached.close()
 
