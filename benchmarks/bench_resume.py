@@ -82,7 +82,8 @@ def main() -> None:
         config = write_config(Path(tmp))
         with Server(config) as server:
             states, shards, rows_epoch = states_at(server.address, fractions)
-            warm = {f: [first_batch_after_load(server.address, states[f]) for _ in range(args.repeats)] for f in fractions}
+            warm = {f: [first_batch_after_load(server.address, states[f]) for _ in range(args.repeats)]
+                    for f in fractions}
         cold: dict[float, list[float]] = {f: [] for f in fractions}
         for _ in range(args.repeats):
             for f in fractions:

@@ -66,9 +66,11 @@ def main() -> None:
             med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
             raw_mb = statistics.median(ceilings) / 1e6
             result["tokenfeed"][f"batches_per_message={per_msg}"] = {**med, "message_bytes": size, "runs": runs}
-            result["raw_grpc"][f"message_bytes={size}"] = {"mb_per_s": raw_mb, "runs_mb_per_s": [c / 1e6 for c in ceilings]}
-            print(f"batches/message {per_msg} ({size / 1024:.0f} KiB): tokenfeed {med['tokens_per_s'] / 1e6:.1f} M tokens/s "
-                  f"= {med['mb_per_s']:.0f} MB/s, batch p50 {med['batch_p50_ms']:.3f} ms p99 {med['batch_p99_ms']:.3f} ms; "
+            result["raw_grpc"][f"message_bytes={size}"] = {"mb_per_s": raw_mb,
+                                                           "runs_mb_per_s": [c / 1e6 for c in ceilings]}
+            print(f"batches/message {per_msg} ({size / 1024:.0f} KiB): tokenfeed "
+                  f"{med['tokens_per_s'] / 1e6:.1f} M tokens/s = {med['mb_per_s']:.0f} MB/s, "
+                  f"batch p50 {med['batch_p50_ms']:.3f} ms p99 {med['batch_p99_ms']:.3f} ms; "
                   f"raw gRPC {raw_mb:.0f} MB/s -> {med['mb_per_s'] / raw_mb:.0%} of the transport")
     print("saved", save("stream", result))
 

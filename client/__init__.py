@@ -4,4 +4,5 @@ from client.dataset import StreamingDataset
 from client.errors import DataLossError, RequestError, ServerUnavailable, TokenfeedError
 from client.loader import StreamingDataLoader
 
-__all__ = ["DataLossError", "RequestError", "ServerUnavailable", "StreamingDataLoader", "StreamingDataset", "TokenfeedError"]
+__all__ = ["DataLossError", "RequestError", "ServerUnavailable", "StreamingDataLoader", "StreamingDataset",
+           "TokenfeedError"]

@@ -267,7 +267,7 @@ class StreamingDataset(IterableDataset):
             req.cursor.CopyFrom(cursor)
         return req
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         if info is not None:  # tell the main process (a forked worker shares the mark with it)
             self._in_workers.mark()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.context
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.utils.data import DataLoader
@@ -43,8 +43,14 @@ class StreamingDataLoader(DataLoader):
         super().__init__(dataset, batch_size=None, num_workers=num_workers, **kwargs)
         self._state: dict[str, Any] | None = None
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        self.dataset._attach_state = True  # pickled into the workers this iterator starts
+    @property
+    def _stream(self) -> StreamingDataset:
+        """``dataset``, which ``__init__`` checked is a ``StreamingDataset`` (torch types it ``Dataset``)."""
+        return cast(StreamingDataset, self.dataset)
+
+    # torch types DataLoader.__iter__ as returning its own iterator class; this one is a generator.
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:  # type: ignore[override]
+        self._stream._attach_state = True  # pickled into the workers this iterator starts
         malloc.tune_for_client()  # this process makes the tensors of the workers' messages
         workers = max(1, self.num_workers)
         rounds: list[dict[str, Any]] = []  # a message from each worker, in the loader's worker order
@@ -74,9 +80,9 @@ class StreamingDataLoader(DataLoader):
         """The rank's position after the last batch this loader yielded. Before the first one, the
         dataset's own position (where it was made or loaded: current, even though workers iterate
         copies of it, which makes ``dataset.state_dict()`` refuse)."""
-        return self._state if self._state is not None else self.dataset._state()
+        return self._state if self._state is not None else self._stream._state()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume after the batch at which ``state`` was taken (before the next ``iter()``)."""
-        self.dataset.load_state_dict(state)
+        self._stream.load_state_dict(state)
         self._state = None

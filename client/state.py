@@ -74,12 +74,22 @@ def make_state(ident: Identity, pos: Position, *, rank: int, world_size: int, ba
     return {**body, "checksum": _checksum(body)}
 
 
+def _component(c: Any) -> tuple[str, int, int, int, int]:
+    """A mixture component's position from its state form ``[dataset, row, epoch, shard, shard_row]``."""
+    name, numbers = str(c[0]), [int(x) for x in c[1:5]]
+    if len(numbers) != 4:
+        raise ValueError("a component position needs 5 fields")
+    row, epoch, shard, shard_row = numbers
+    return name, row, epoch, shard, shard_row
+
+
 def parse_state(state: Any, ident: Identity) -> tuple[Position, dict[str, Any]]:
     """Validate a state for ``ident``; a mismatch or damage raises ``ValueError`` naming it."""
     if not isinstance(state, dict):
         raise ValueError(f"tokenfeed state must be a dict, got {type(state).__name__}")
     if state.get("version") != STATE_VERSION:
-        raise ValueError(f"tokenfeed state version {state.get('version')!r} is not supported (expected {STATE_VERSION})")
+        raise ValueError(f"tokenfeed state version {state.get('version')!r} is not supported "
+                         f"(expected {STATE_VERSION})")
     body = {k: v for k, v in state.items() if k != "checksum"}
     try:
         ok = state.get("checksum") == _checksum(body)
@@ -93,9 +103,7 @@ def parse_state(state: Any, ident: Identity) -> tuple[Position, dict[str, Any]]:
         if got != want:
             raise ValueError(f"tokenfeed state belongs to {field}={got!r}, but this dataset has {field}={want!r}")
     try:
-        parts = tuple((str(c[0]), *(int(x) for x in c[1:5])) for c in state.get("components", []))
-        if any(len(c) != 5 for c in parts):
-            raise ValueError("a component position needs 5 fields")
+        parts = tuple(_component(c) for c in state.get("components", []))
         pos = Position(**{k: int(state["position"][k]) for k in _POSITION_FIELDS},
                        fingerprint=str(state["fingerprint"]), components=parts)
         meta = {k: int(state[k]) for k in ("rank", "world_size", "batch_size", "steps", "worker_cycle")}

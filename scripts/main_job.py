@@ -81,7 +81,8 @@ def main() -> None:
     every, crash_after = 50, args.steps // 2
     with Server() as server:
         print(f"== data server on {server.address}, dataset 'stdlib' (the Python standard library)")
-        print(f"== phase 1: training on {args.ranks} ranks; the job is killed after the checkpoint at step {crash_after}")
+        print(f"== phase 1: training on {args.ranks} ranks; the job is killed after the checkpoint at step "
+              f"{crash_after}")
         job = torchrun(args.ranks, server.address, run_dir, args.steps, every)
         while crash_after not in checkpoints(run_dir):
             if job.poll() is not None:
@@ -100,7 +101,8 @@ def main() -> None:
                                          if s == 1 or s % 50 == 0 or s == args.steps))
     waits = [m["data_wait_fraction"] for m in rows]
     speeds = [m["tokens_per_s"] for m in rows]
-    print(f"== median data-wait fraction {statistics.median(waits):.2%}, median {statistics.median(speeds):,.0f} tokens/s")
+    print(f"== median data-wait fraction {statistics.median(waits):.2%}, "
+          f"median {statistics.median(speeds):,.0f} tokens/s")
     print("== sample from the exported model (greedy):")
     subprocess.run([sys.executable, "-m", "trainer.generate", "--model", str(run_dir / "final"),
                     "--prompt", "def ", "--greedy", "--max-new-tokens", "200"], cwd=ROOT, check=True)

@@ -157,7 +157,8 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
             token = bearer_token(details.invocation_metadata)
             if token is None:
                 refusal = (grpc.StatusCode.UNAUTHENTICATED,
-                           "this server requires a bearer token: pass StreamingDataset(token=...) or set TOKENFEED_TOKEN")
+                           "this server requires a bearer token: pass StreamingDataset(token=...) or set "
+                           "TOKENFEED_TOKEN")
             elif (found := self.tokens.authenticate(token)) is None:
                 refusal = (grpc.StatusCode.UNAUTHENTICATED, "the bearer token is not accepted by this server")
             else:

@@ -140,8 +140,10 @@ async def budget_chunks(params: StreamParams, store: ShardStore) -> AsyncIterato
     step, wanted = 0, p.first_step
     try:
         while True:
+            batch_starts: list[list[int]] = []
             chunk = Chunk(tokens=np.empty((p.batches_per_message, 1, p.max_tokens + 1), dtype=p.dataset.dtype),
-                          cursors=[], steps=[], epochs=[], provenance=[] if p.provenance else None, starts=[])
+                          cursors=[], steps=[], epochs=[], provenance=[] if p.provenance else None,
+                          starts=batch_starts)
             while len(chunk.steps) < p.batches_per_message:
                 pieces, owner, after = await planner.step()
                 if step == wanted:
@@ -150,7 +152,7 @@ async def budget_chunks(params: StreamParams, store: ShardStore) -> AsyncIterato
                     chunk.cursors.append(after)
                     chunk.steps.append(step)
                     chunk.epochs.append(pieces[0].epoch)
-                    chunk.starts.append(starts)
+                    batch_starts.append(starts)
                     if chunk.provenance is not None:
                         chunk.provenance.append(prov)
                     wanted += p.step_stride

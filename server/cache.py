@@ -263,7 +263,8 @@ class ShardCache:
         with self._lock:
             self._sweep()
             need = self._bytes + size - self.max_bytes
-            return size <= self.max_bytes and (need <= 0 or self.policy.victims(self._entries, int(need), slot) is not None)
+            return size <= self.max_bytes and (
+                need <= 0 or self.policy.victims(self._entries, int(need), slot) is not None)
 
     def _admit(self, key: str, blob: Blob, slot: Slot | None, prefetched: bool) -> bool:
         size = len(blob.data) + len(key) + ENTRY_OVERHEAD

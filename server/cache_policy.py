@@ -5,8 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import threading
-from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from typing import Protocol
 
 import numpy as np
@@ -31,7 +30,7 @@ class Policy(Protocol):
 
     name: str
 
-    def victims(self, entries: OrderedDict[str, Resident], need: int, slot: Slot | None) -> list[str] | None:
+    def victims(self, entries: Mapping[str, Resident], need: int, slot: Slot | None) -> list[str] | None:
         """Keys whose eviction frees at least ``need`` bytes for a newcomer of ``slot``, or ``None``
         to leave the newcomer out. ``entries`` is in least-recently-used-first order."""
         ...
@@ -57,7 +56,7 @@ class LRUPolicy:
     def on_remove(self, key: str) -> None:
         pass
 
-    def victims(self, entries: OrderedDict[str, Resident], need: int, slot: Slot | None) -> list[str] | None:
+    def victims(self, entries: Mapping[str, Resident], need: int, slot: Slot | None) -> list[str] | None:
         out, freed = [], 0
         for key, entry in entries.items():
             if freed >= need:
@@ -207,10 +206,11 @@ class SmartPolicy:
         if not group.keys:
             del self._groups[dataset]
 
-    def victims(self, entries: OrderedDict[str, Resident], need: int, slot: Slot | None) -> list[str] | None:
+    def victims(self, entries: Mapping[str, Resident], need: int, slot: Slot | None) -> list[str] | None:
         distance, nexts = self.future.snapshot(), self.future.arrays()
         groups = list(self._groups.values())
-        dist = np.concatenate([_distances(nexts.get(ds), g) for ds, g in self._groups.items()] or [np.empty(0)])
+        dist = np.concatenate([_distances(nexts.get(ds) if ds is not None else None, g)
+                               for ds, g in self._groups.items()] or [np.empty(0)])
         used = np.concatenate([g.used[: len(g.keys)] for g in groups] or [np.empty(0, np.int64)])
         size = np.concatenate([g.size[: len(g.keys)] for g in groups] or [np.empty(0, np.int64)])
         chosen = _furthest(dist, used, size, need)

@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 from server import metrics
-from server.config import DatasetConfig
+from server.config import DatasetConfig, SourceConfig
 from server.errors import ConfigError, DataLoss, FailedPrecondition, Unavailable
 from server.identity import FileChanged, FileIdentity, check_unchanged, common_root, identify_all
 from server.packing import TokenizedShard, tokenized_shard
@@ -40,13 +40,16 @@ class Dataset:
         field = f"datasets.{name}"
         self.name = name
         self.config = config
-        self.source = build_source(config.source, f"{field}.source")
+        if config.source is None:
+            raise ConfigError(f"{field}: a mixture, not a dataset with a source of its own")
+        self.source_config: SourceConfig = config.source
+        self.source = build_source(self.source_config, f"{field}.source")
         # A prepared (tokens) source carries its tokenizer: serving it tokenizes nothing.
         self.tokenizer: Tokenizer | None = None
         if isinstance(self.source, TokensSource):
             self.info = self.source.info
             if "tokenizer" in config.model_fields_set:
-                self._check_prepared_tokenizer(field)
+                self._check_prepared_tokenizer(self.source, field)
         else:
             self.tokenizer = build_tokenizer(config.tokenizer, f"{field}.tokenizer")
             self.info = self.tokenizer.info
@@ -73,12 +76,12 @@ class Dataset:
     def num_shards(self) -> int:
         return len(self.shards)
 
-    def _check_prepared_tokenizer(self, field: str) -> None:
+    def _check_prepared_tokenizer(self, source: TokensSource, field: str) -> None:
         """A tokenizer named next to a tokens source must be the one the data was prepared with."""
         configured = build_tokenizer(self.config.tokenizer, f"{field}.tokenizer").info
         if configured.identity != self.info.identity:
             raise ConfigError(
-                f"{field}.tokenizer: the prepared data at {self.source.path} was tokenized with "
+                f"{field}.tokenizer: the prepared data at {source.path} was tokenized with "
                 f"{self.info.name} (identity {self.info.identity}), not {configured.name} (identity "
                 f"{configured.identity}); remove the tokenizer entry or prepare the data again")
 
@@ -108,8 +111,7 @@ class Dataset:
 
     def document_settings(self) -> str:
         """The source settings that shape documents (not where the files are), as JSON."""
-        assert self.config.source is not None
-        return self.config.source.model_dump_json(exclude=LOCATION_FIELDS)
+        return self.source_config.model_dump_json(exclude=LOCATION_FIELDS)
 
     def _fingerprint(self) -> str:
         """Changes whenever the tokens this dataset serves, or their order, could change: the
@@ -151,7 +153,7 @@ class Dataset:
             # epoch, on every replica.
             bad = BadRecords()
             bad.add("broken_shard", sample=f"{self.shard_label(shard)}: {err}")
-            metrics.count_broken_shard(self.name, self.config.source.type, err)
+            metrics.count_broken_shard(self.name, self.source_config.type, err)
             result = empty_tokenized(self.dtype)
         self.bad.merge(bad)
         counts = bad.snapshot()
@@ -159,7 +161,7 @@ class Dataset:
             reason = next(iter(counts))
             log.warning("%s: skipped %s in %s; e.g. %s: %s", self.name, counts, shard.name, reason,
                         bad.sample_snapshot().get(reason, "?"))
-        metrics.observe_shard(self.name, self.config.source.type, self.info.name if self.tokenizer else None,
+        metrics.observe_shard(self.name, self.source_config.type, self.info.name if self.tokenizer else None,
                               shard.bytes, result.num_docs, result.num_tokens, time.perf_counter() - t0)
         known = (self.shard_docs.get(index), self.shard_tokens.get(index))
         if known != (result.num_docs, result.num_tokens):
@@ -197,18 +199,18 @@ class Dataset:
                 delay = min(retry.max_backoff_s, retry.backoff_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
                 what = f"{self.shard_label(shard)}: {type(err).__name__}: {err}"
                 if attempt == retry.attempts or time.monotonic() + delay > deadline:
-                    metrics.count_source_unavailable(self.name, self.config.source.type)
+                    metrics.count_source_unavailable(self.name, self.source_config.type)
                     log.error("%s: reading %s failed %d time(s); giving up (UNAVAILABLE)", self.name, what, attempt)
                     raise Unavailable(f"dataset {self.name!r}: cannot read {what} (after {attempt} attempt(s) in "
                                       f"{retry.deadline_s:g} s); reconnect from the cursor") from None
-                metrics.count_source_retry(self.name, self.config.source.type, err)
+                metrics.count_source_retry(self.name, self.source_config.type, err)
                 log.warning("%s: reading %s failed; retry %d of %d in %.2f s", self.name, what, attempt,
                             retry.attempts - 1, delay)
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
     def _read(self, shard: ShardSpec, bad: BadRecords) -> TokenizedShard:
-        if self.tokenizer is None:
+        if isinstance(self.source, TokensSource):  # (exactly the datasets without a tokenizer)
             return self.source.read_tokens(shard, bad, self.dtype)
         return self._tokenize(shard, self.source.read_shard(shard, bad), bad)
 

@@ -424,27 +424,20 @@ class ServerCollector(Collector):
         rows = CounterMetricFamily("tokenfeed_mixture_rows",
                                    "Rows served per mixture component; realised share = rate / sum of rates.",
                                    labels=["dataset", "source"])
+        from server.mixture import Mixture  # (here: server.mixture imports server.dataset, which imports this module)
+
         for name, ds in sorted(self.datasets.items()):
             shards.add_metric([name], ds.num_shards)
-            mix = _mixture(ds)
-            if mix is not None:  # no source of its own: its components' bad records count under their names
-                for part, served in zip(mix.components, list(mix.rows_served)):
+            if isinstance(ds, Mixture):  # no source of its own: its components' bad records count under their names
+                for part, served in zip(ds.components, list(ds.rows_served)):
                     rows.add_metric([name, part.name], served)
                 continue
             for reason, count in sorted(ds.bad.snapshot().items()):
                 if reason != "broken_shard":  # whole shards: tokenfeed_broken_shards_total
-                    bad.add_metric([name, ds.config.source.type, reason], count)
+                    bad.add_metric([name, ds.source_config.type, reason], count)
         yield bad
         yield shards
         yield rows
-
-
-def _mixture(ds: Dataset | Mixture) -> Mixture | None:
-    """``ds`` if it is a mixture (imported here: server.mixture imports server.dataset, which
-    imports this module)."""
-    from server.mixture import Mixture
-
-    return ds if isinstance(ds, Mixture) else None
 
 
 def _mixture_weight(mix: Mixture, component: int) -> float:
@@ -471,6 +464,8 @@ class MetricsExporter:
 
     def __init__(self, host: str, port: int, datasets: Mapping[str, Dataset | Mixture], store: ShardStore,
                  token: str | None = None) -> None:
+        from server.mixture import Mixture  # (here: server.mixture imports server.dataset, which imports this module)
+
         disable_created_metrics()  # no *_created series: they double the output and nobody graphs them
         self._weights: list[tuple[str, str]] = []  # (mixture, component): gauges read from a mixture
         for name, ds in datasets.items():  # series exist (at 0) from the start, not from the first event
@@ -480,13 +475,12 @@ class MetricsExporter:
             for packing in wire.PACKINGS:
                 SENT_TOKENS.labels(name, packing)
                 SENT_PAD_TOKENS.labels(name, packing)
-            mix = _mixture(ds)
-            if mix is not None:  # no source or tokenizer of its own; weights read at scrape time
-                for i, part in enumerate(mix.components):
-                    MIXTURE_WEIGHT.labels(name, part.name).set_function(functools.partial(_mixture_weight, mix, i))
+            if isinstance(ds, Mixture):  # no source or tokenizer of its own; weights read at scrape time
+                for i, part in enumerate(ds.components):
+                    MIXTURE_WEIGHT.labels(name, part.name).set_function(functools.partial(_mixture_weight, ds, i))
                     self._weights.append((name, part.name))
                 continue
-            source, tokenizer = ds.config.source.type, ds.info.name if ds.tokenizer else "none"
+            source, tokenizer = ds.source_config.type, ds.info.name if ds.tokenizer else "none"
             for reason in BROKEN_REASONS:
                 BROKEN_SHARDS.labels(name, source, reason)
             TOKENIZED_SHARDS.labels(name, source), SOURCE_BYTES.labels(name, source), SHARD_LOAD_SECONDS.labels(name)
@@ -533,9 +527,12 @@ def _serve_http(host: str, port: int, token: str | None) -> Any:
             """Scrapes are not logged (refusals are, by the guard)."""
 
     family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    server_class = type("MetricsHTTPServer", (ThreadingWSGIServer,), {"address_family": family})
+
+    class MetricsHTTPServer(ThreadingWSGIServer):
+        address_family = family
+
     app = require_bearer(make_wsgi_app(REGISTRY), token, realm="tokenfeed /metrics")
-    httpd = make_server(sockaddr[0], port, app, server_class, handler_class=Quiet)
+    httpd = make_server(str(sockaddr[0]), port, app, MetricsHTTPServer, handler_class=Quiet)
     threading.Thread(target=httpd.serve_forever, name="tokenfeed-metrics", daemon=True).start()
     return httpd
 

@@ -57,6 +57,7 @@ class PackedShard:
     @property
     def nbytes(self) -> int:
         rows = self.table if self.table is not None else self.stream
+        assert rows is not None  # every packing keeps one of them
         return int(rows.nbytes + self.segments.nbytes)
 
     def row_view(self, start: int, stop: int) -> np.ndarray:
@@ -125,7 +126,7 @@ def pack_concat(shard: TokenizedShard, order: np.ndarray, seq_len: int, pad_id: 
 
 def _pieces(shard: TokenizedShard, order: np.ndarray, seq_len: int) -> list[tuple[int, int, int]]:
     """(document, offset, length) pieces of at most ``seq_len`` tokens, in ``order``."""
-    out = []
+    out: list[tuple[int, int, int]] = []
     for doc in order.tolist():
         length = int(shard.offsets[doc + 1] - shard.offsets[doc])
         out.extend((doc, off, min(seq_len, length - off)) for off in range(0, length, seq_len))

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
+from typing import Any
 
 from server.config import Config, DatasetConfig, HfTokenizerConfig, TokensSourceConfig
 from server.dataset import Dataset
@@ -37,12 +38,17 @@ class PrepareResult:
 
 
 def dataset_config(config: Config, name: str) -> DatasetConfig:
-    """The named dataset's config, or a ``ConfigError`` listing the names there are."""
+    """The named dataset's config (one with a source), or a ``ConfigError`` listing the names
+    there are, or naming a mixture's components."""
     try:
-        return config.datasets[name]
+        ds = config.datasets[name]
     except KeyError:
         raise ConfigError(f"--dataset: the config has no dataset {name!r} "
                           f"(it has: {', '.join(sorted(config.datasets))})") from None
+    if ds.mixture is not None:
+        raise ConfigError(f"--dataset: {name!r} is a mixture; name one of its components instead "
+                          f"({', '.join(sorted(ds.mixture.weights))})")
+    return ds
 
 
 def prepare(config: Config, name: str, out: str, *, workers: int | None = None, max_shards: int | None = None,
@@ -198,7 +204,7 @@ def _finish(out: str, ds: Dataset, plan: dict, done: dict[int, dict]) -> None:
     for s in shards:
         for reason, n in s["bad"].items():
             bad[reason] = bad.get(reason, 0) + n
-    manifest = {**plan, "tokenizer_file": tokenizer_file, "source": ds.config.source.model_dump(mode="json"),
+    manifest = {**plan, "tokenizer_file": tokenizer_file, "source": ds.source_config.model_dump(mode="json"),
                 "totals": {"shards": len(shards), "docs": sum(s["docs"] for s in shards),
                            "tokens": sum(s["tokens"] for s in shards),
                            "input_bytes": sum(s["input_bytes"] for s in shards), "bad": bad},
@@ -255,6 +261,7 @@ def train_tokenizer(config: Config, name: str, vocab_size: int, out: str, *, min
         raise ConfigError(f"--vocab-size: must be at least {256 + len(special_tokens)} (256 bytes + "
                           f"{len(special_tokens)} special tokens), got {vocab_size}")
     # Only the source: the dataset's own tokenizer may be the file this run is about to write.
+    assert ds_config.source is not None  # (dataset_config refuses mixtures)
     source = build_source(ds_config.source, f"datasets.{name}.source")
     bad = BadRecords()
     stats = {"docs": 0, "chars": 0}
@@ -283,7 +290,8 @@ def train_tokenizer(config: Config, name: str, vocab_size: int, out: str, *, min
     tmp = f"{out}.tmp"
     tok.save(tmp)
     os.replace(tmp, out)
-    result = {**stats, "vocab_size": tok.get_vocab_size(), "seconds": round(seconds, 2), "bad": bad.snapshot()}
+    result: dict[str, Any] = {**stats, "vocab_size": tok.get_vocab_size(), "seconds": round(seconds, 2),
+                              "bad": bad.snapshot()}
     if result["vocab_size"] < vocab_size:
         log.warning("the corpus supports only %d of the %d tokens asked for (too little or too repetitive text)",
                     result["vocab_size"], vocab_size)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 import grpc
 from google.protobuf.message import Message
@@ -50,11 +50,13 @@ def status_of(err: TokenfeedError) -> grpc.StatusCode:
 class TokenFeedService(pb_grpc.TokenFeedServicer):
     """Serves ``StreamBatches`` and ``Describe`` for a set of datasets."""
 
-    def __init__(self, datasets: dict[str, Dataset], store: ShardStore, settings: ServerSettings) -> None:
+    def __init__(self, datasets: Mapping[str, Dataset | Mixture], store: ShardStore,
+                 settings: ServerSettings) -> None:
         self.datasets, self.store, self.settings = datasets, store, settings
         self.admission = Admission(settings.max_streams, int(settings.stream_memory_bytes))
 
-    async def StreamBatches(self, request: pb.StreamRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.BatchChunk]:
+    async def StreamBatches(self, request: pb.StreamRequest,
+                            context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         ticket = ring = None  # the admission slot and the ring, released however the stream ends
         try:
             params = parse_request(request, self.datasets, self.settings)
@@ -166,7 +168,7 @@ def encode_chunk(chunk: Chunk, params: StreamParams) -> tuple[bytes, int]:
         payload = wire.compress(chunk.tokens.data)
         return b"".join((wire.tokens_field(len(payload)), payload, header)), len(payload)
     if chunk.buffer is not None:
-        return b"".join((chunk.buffer, header)), chunk.tokens.nbytes
+        return b"".join((chunk.buffer.data, header)), chunk.tokens.nbytes
     return b"".join((wire.tokens_field(chunk.tokens.nbytes), chunk.tokens.data, header)), chunk.tokens.nbytes
 
 

@@ -33,6 +33,9 @@ def _shard_order(seed: int, epoch: int, num_shards: int) -> np.ndarray:
 
 #: Pack-aheads running at once, at most (each is a cache lookup and a packing in the executor).
 MAX_PACK_AHEAD = 16
+#: The hot tier's key of a packed shard: ("packed", dataset fingerprint, shard index, seed, epoch,
+#: seq_len, packing).
+PackedKey = tuple[str, str, int, int, int, int, str]
 
 
 class _Flight:
@@ -67,7 +70,7 @@ class ShardStore:
         self.executor = executor
         self._inflight: dict[Hashable, _Flight] = {}  # runs in the executor, by key
         self._reads, self._reads_lock = 0, threading.Lock()  # shards being read from their source now
-        self._packed: OrderedDict[Hashable, PackedShard] = OrderedDict()
+        self._packed: OrderedDict[PackedKey, PackedShard] = OrderedDict()
         self.hot_slots, self.hot_max_bytes, self._packed_bytes = packed_slots, packed_bytes, 0
         self._epoch_rows: OrderedDict[Hashable, tuple[int, list[int] | None]] = OrderedDict()
         self.packs = self.hot_evictions = 0  # shards packed (hot-tier misses), and packed shards dropped
@@ -253,7 +256,7 @@ class ShardStore:
 
         return build
 
-    def _keep_packed(self, key: Hashable, packed: PackedShard | None) -> None:
+    def _keep_packed(self, key: PackedKey, packed: PackedShard | None) -> None:
         """Put a packed shard in the hot tier (on the loop, as its run lands), evicting the oldest."""
         if packed is None or key in self._packed:
             return
@@ -296,7 +299,8 @@ class ShardStore:
             self._packed.move_to_end(key)
         return hit
 
-    def _packed_key(self, ds: Dataset, seed: int, epoch: int, ordinal: int, seq_len: int, packing: str) -> tuple:
+    def _packed_key(self, ds: Dataset, seed: int, epoch: int, ordinal: int, seq_len: int,
+                    packing: str) -> PackedKey:
         """The hot tier's key of shard ``ordinal`` of ``epoch``'s order; ``key[2]`` is its index."""
         return ("packed", ds.fingerprint, self.shard_index(ds, seed, epoch, ordinal), seed, epoch, seq_len, packing)
 
@@ -325,7 +329,11 @@ class ShardStore:
         cum = None
         if len(ds.shard_tokens) == ds.num_shards and known_rows(packing, 0, 0, seq_len) is not None:
             order = _shard_order(seed, epoch, ds.num_shards)
-            rows = [known_rows(packing, ds.shard_tokens[i], ds.shard_docs[i], seq_len) for i in order.tolist()]
+            rows: list[int] = []
+            for i in order.tolist():
+                n = known_rows(packing, ds.shard_tokens[i], ds.shard_docs[i], seq_len)
+                assert n is not None  # (this packing's rows follow from counts: checked above)
+                rows.append(n)
             cum = [0, *itertools.accumulate(rows)]
         self._epoch_rows[key] = (version, cum)
         while len(self._epoch_rows) > 64:

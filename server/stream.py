@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,13 +38,14 @@ class StreamParams:
     first_step: int
     step_stride: int
     batches_per_message: int
-    compression: int
+    compression: pb.Compression
     start: Locator
     provenance: bool = False
     max_tokens: int = 0  # token-budget batches when > 0
 
 
-def parse_request(req: pb.StreamRequest, datasets: dict[str, Dataset | Mixture], limits: ServerSettings) -> StreamParams:
+def parse_request(req: pb.StreamRequest, datasets: Mapping[str, Dataset | Mixture],
+                  limits: ServerSettings) -> StreamParams:
     """Check every field of a request; errors name the field and the allowed range."""
     ds = datasets.get(req.dataset)
     if ds is None:
@@ -94,7 +95,8 @@ def _check_cursor(req: pb.StreamRequest, ds: Dataset | Mixture, packing: str) ->
     """A cursor must belong to the requested sequence; a mismatch is refused, never ignored."""
     c = req.cursor
     if c.version != wire.CURSOR_VERSION:
-        raise FailedPrecondition(f"cursor version {c.version} is not supported (this server reads {wire.CURSOR_VERSION})")
+        raise FailedPrecondition(f"cursor version {c.version} is not supported (this server reads "
+                                 f"{wire.CURSOR_VERSION})")
     expected = {"dataset": ds.name, "seed": req.seed, "seq_len": req.seq_len, "packing": packing,
                 "fingerprint": ds.fingerprint}
     for field, want in expected.items():
@@ -186,7 +188,8 @@ class RingWriter:
             self._seen = (released, now)
 
 
-async def stream_chunks(params: StreamParams, store: ShardStore, ring: ServerRing | None = None) -> AsyncIterator[Chunk]:
+async def stream_chunks(params: StreamParams, store: ShardStore,
+                        ring: ServerRing | None = None) -> AsyncIterator[Chunk]:
     """The rank's steps ``first_step, first_step + stride, ...`` counted from the start cursor.
     Step t is global rows ``R + (t*W + rank)*B ...`` and leaves the job at ``R + (t+1)*W*B``.
     With ``ring``, a chunk's tokens are for its slot ``Chunk.shm_slot``: the caller writes them there."""
@@ -224,7 +227,7 @@ async def stream_chunks(params: StreamParams, store: ShardStore, ring: ServerRin
                 await walker.skip(origin + step * rows_per_step + p.rank * p.batch_size - walker.row)
                 records: list[np.ndarray] | None = [] if p.provenance else None
                 chunk.epochs.append(await walker.take(tokens[i], records))
-                if records is not None:
+                if records is not None and chunk.provenance is not None:
                     rec = np.concatenate(records) if records else np.empty((0, 7), dtype=np.int64)
                     chunk.provenance.append(rec[np.lexsort((rec[:, 1], rec[:, 0]))])
                 await walker.skip(origin + (step + 1) * rows_per_step - walker.row)

@@ -118,8 +118,10 @@ class HfTokenizer:
         self._special_ids = {i for i in specials.values() if i is not None}
         options = {"add_bos": config.add_bos, "specials": specials, "base": base, "v": 1}
         identity = hashlib.sha256(f"{name}|{digest}|{json.dumps(options, sort_keys=True)}".encode()).hexdigest()
-        self.info = TokenizerInfo(name=name, vocab_size=base + len(extra), eos_id=specials["eos"],
-                                  pad_id=specials["pad"], bos_id=specials["bos"], identity=identity[:16],
+        eos_id, pad_id = specials["eos"], specials["pad"]
+        assert eos_id is not None and pad_id is not None  # (found, or given an id past the vocabulary)
+        self.info = TokenizerInfo(name=name, vocab_size=base + len(extra), eos_id=eos_id,
+                                  pad_id=pad_id, bos_id=specials["bos"], identity=identity[:16],
                                   extra=tuple(extra))
         self._bos = np.array([specials["bos"]] if config.add_bos else [], dtype=np.uint32)
 

@@ -225,6 +225,7 @@ class Walker:
             filled += step
             self.shard_row += step
             self.row += step
+        assert first_epoch is not None, "take() needs at least one row"
         return int(first_epoch)
 
 
@@ -280,7 +281,7 @@ class MixtureWalker:
             out[rows] = tmp
             self.mix.rows_served[c] += len(rows)
             metrics.MIXTURE_TOKENS.labels(self.mix.name, part.ds.name).inc(len(rows) * (out.shape[1] - 1))
-            if recs:
+            if provenance is not None and recs:
                 rec = np.concatenate(recs)
                 rec[:, 0] = rows[rec[:, 0]]  # component-local row -> row in this batch
                 provenance.append(rec)

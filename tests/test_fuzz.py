@@ -19,7 +19,7 @@ from pathlib import Path
 import grpc
 import pytest
 import zstandard
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from client import StreamingDataset

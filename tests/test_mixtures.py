@@ -72,7 +72,8 @@ def test_curriculum_follows_its_schedule(mix_server):
 @pytest.mark.parametrize("dataset", ["mix", "curriculum"])
 def test_mixture_resume_and_elastic_resume_are_exact(mix_server, dataset):
     def make(world=2, rank=1, workers=0):
-        ds = StreamingDataset(mix_server.address, dataset, seq_len=SEQ, batch_size=16, seed=4, rank=rank, world_size=world)
+        ds = StreamingDataset(mix_server.address, dataset, seq_len=SEQ, batch_size=16, seed=4, rank=rank,
+                              world_size=world)
         return StreamingDataLoader(ds, num_workers=workers) if workers else ds
 
     ref = take(make(), 60)

@@ -281,7 +281,8 @@ async def test_a_walker_dropped_without_closing_still_lets_go(dataset: Dataset, 
     assert not prefetch_tasks()
 
 
-async def test_hot_tier_keeps_to_its_byte_budget_and_counts_packings(dataset: Dataset, pool: ThreadPoolExecutor) -> None:
+async def test_hot_tier_keeps_to_its_byte_budget_and_counts_packings(
+        dataset: Dataset, pool: ThreadPoolExecutor) -> None:
     """Packed shards are evicted by bytes (not only by count), and every packing is counted, so
     operators can see from tokenfeed_hot_packs_total whether the ranks spread wider than the tier."""
     seq_len = 32

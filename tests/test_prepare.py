@@ -21,7 +21,7 @@ from client import StreamingDataset
 from server.config import parse_config
 from server.dataset import Dataset
 from server.errors import ConfigError, DataLoss, Unavailable
-from server.prepare import prepare_shard
+from server.prepare import prepare, prepare_shard, train_tokenizer
 from tests.conftest import ROOT, make_documents, write_jsonl
 from tests.test_tokenizers import train_bpe
 
@@ -164,6 +164,21 @@ def test_prepare_refuses_mismatches(prepared, tmp_path):
     assert nope.returncode == 2 and "--dataset: the config has no dataset 'web' (it has: prep, raw)" in nope.stderr
     tokens = run_prepare(root, tmp_path / "y", dataset="prep")
     assert tokens.returncode == 2 and "datasets.prep.source: already tokens" in tokens.stderr
+
+
+def test_a_mixture_is_refused_naming_its_components(tmp_path):
+    """A mixture has no source of its own: prepare and train-tokenizer refuse it with a config
+    error naming its components (they crashed on the missing source before)."""
+    (tmp_path / "a.txt").write_text("some text")
+    config = parse_config({"datasets": {"a": {"source": {"type": "text", "paths": [str(tmp_path / "*.txt")]}},
+                                        "mix": {"mixture": {"a": 1.0}}}})
+    with pytest.raises(ConfigError, match=r"--dataset: 'mix' is a mixture; name one of its components instead \(a\)"):
+        prepare(config, "mix", str(tmp_path / "out"))
+    with pytest.raises(ConfigError, match="'mix' is a mixture"):
+        train_tokenizer(config, "mix", 300, str(tmp_path / "tokenizer.json"))
+    with pytest.raises(ConfigError, match="datasets.mix: a mixture, not a dataset with a source"):
+        Dataset("mix", config.datasets["mix"])
+    assert not (tmp_path / "out").exists() and not (tmp_path / "tokenizer.json").exists()
 
 
 def test_damaged_shard_is_data_loss_and_a_wrong_tokenizer_is_refused(prepared, tmp_path):

@@ -117,14 +117,14 @@ def test_elastic_resume_at_a_step_boundary(env, old, new):
     steps, after = 7, 5
     states, consumed = [], []
     for r in range(old):
-        batches, state = save_after(lambda: StreamingDataLoader(dataset(old, r), num_workers=r % 2), steps)
+        batches, state = save_after(lambda r=r: StreamingDataLoader(dataset(old, r), num_workers=r % 2), steps)
         consumed.append(batches)
         states.append(state)
     before = [consumed[b % old][b // old] for b in range(old * steps)]
     resumed = []
     for r in range(new):
         source = states[0] if r % 2 == 0 else states[-1]  # any old rank's state carries the job position
-        resumed.append(resume(lambda: StreamingDataLoader(dataset(new, r), num_workers=1), source, after))
+        resumed.append(resume(lambda r=r: StreamingDataLoader(dataset(new, r), num_workers=1), source, after))
     continued = [resumed[b % new][b // new] for b in range(new * after)]
     globally = reference(1, 0, old * steps + new * after)
     assert same_batches(before + continued, globally)

@@ -33,7 +33,8 @@ def write_source(kind: str, root) -> dict:
         return {"type": "jsonl", "paths": [str(root / "*.jsonl.gz")]}
     if kind == "jsonl.zst":
         for i in range(3):
-            (root / f"{i}.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(b"".join(lines.splitlines(True)[i::3])))
+            (root / f"{i}.jsonl.zst").write_bytes(
+                zstandard.ZstdCompressor().compress(b"".join(lines.splitlines(True)[i::3])))
         return {"type": "jsonl", "paths": [str(root / "*.jsonl.zst")]}
     if kind == "text":
         for i, d in enumerate(DOCS):

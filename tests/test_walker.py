@@ -18,7 +18,8 @@ from server.walker import Walker
 SEQ, SEED = 32, 5
 
 
-async def test_skipping_many_shards_lands_where_reading_every_row_does(dataset: Dataset, pool: ThreadPoolExecutor) -> None:
+async def test_skipping_many_shards_lands_where_reading_every_row_does(
+        dataset: Dataset, pool: ThreadPoolExecutor) -> None:
     store = ShardStore(ShardCache(64 << 20), pool)
     # The reference: every row of an epoch and a half, read in order.
     reader = Walker(store, dataset, SEED, SEQ, "concat", Locator())

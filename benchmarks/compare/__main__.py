@@ -35,7 +35,8 @@ def settings(args: argparse.Namespace, corpus: Corpus, corpus_json: str, logs: P
 
 def best_bpm(results: list[dict]) -> int:
     """batches_per_message of the fastest tokenfeed setting with num_workers=0 (default 4)."""
-    ok = [r for r in results if r.get("workers") == 0 and "tokens_per_s" in r and r.get("variant", "default") == "default"]
+    ok = [r for r in results
+          if r.get("workers") == 0 and "tokens_per_s" in r and r.get("variant", "default") == "default"]
     return max(ok, key=lambda r: r["tokens_per_s"])["batches_per_message"] if ok else 4
 
 

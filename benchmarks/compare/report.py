@@ -125,7 +125,8 @@ def _q1(res: dict, ev: dict) -> list[str]:
         "`position_ids` restarting at each document, `cu_seqlens`), about 30 us more CPU per batch. "
         "The `fields=tokens` rows ask tokenfeed for the peers' tensor: the like-for-like comparison.",
         "",
-        "| loader | num_workers | M tokens/s | trainer CPU s / M tokens | server CPU s / M tokens | runs (M tokens/s) |",
+        "| loader | num_workers | M tokens/s | trainer CPU s / M tokens | server CPU s / M tokens "
+        "| runs (M tokens/s) |",
         "|---|---|---|---|---|---|",
     ]
     for r in res.get("q1_peers", []) + res.get("q1_tokenfeed", []):
@@ -149,7 +150,8 @@ def _q1(res: dict, ev: dict) -> list[str]:
             "",
             "| target | figure | result |",
             "|---|---|---|",
-            f"| tokens/s >= best peer's | {_m(bt['tokens_per_s'])} vs {_m(bp['tokens_per_s'])} | {_met(q['speed_ok'])} |",
+            f"| tokens/s >= best peer's | {_m(bt['tokens_per_s'])} vs {_m(bp['tokens_per_s'])} "
+            f"| {_met(q['speed_ok'])} |",
             f"| ... with trainer CPU <= 0.5x the peer's ({_name(q['cheapest_fast'])}) "
             f"| {_m(q['cheapest_fast']['tokens_per_s'])} M tokens/s at {q['cheapest_fast']['cpu_s_per_m_tokens']:.4f} "
             f"vs 0.5 x {bp['cpu_s_per_m_tokens']:.4f} | {_met(q['cpu_ok'])} |",
@@ -188,7 +190,8 @@ def _q2(res: dict, ev: dict) -> list[str]:
         "",
         "| target | figure | result |",
         "|---|---|---|",
-        f"| epoch 2 >= 10x the recipe | {(e['tokenfeed'][1] or 0) / (e['recipe'][1] or 1):.1f}x | {_met(e['epoch2_ok'])} |",
+        f"| epoch 2 >= 10x the recipe | {(e['tokenfeed'][1] or 0) / (e['recipe'][1] or 1):.1f}x "
+        f"| {_met(e['epoch2_ok'])} |",
         f"| epoch 1 >= the recipe | {(e['tokenfeed'][0] or 0) / (e['recipe'][0] or 1):.2f}x | {_met(e['epoch1_ok'])} |",
         "",
     ]
@@ -280,7 +283,8 @@ def _q5(res: dict, ev: dict) -> list[str]:
         if "error" in r:
             lines.append(f"| {r['batches_per_message']} | {r['streams']} | failed: {r['error']} | | | | |")
         else:
-            gap = r["streams"] * r["batches_per_message"] * 16384 / r["tokens_per_s"] * 1e3 if r["tokens_per_s"] else None
+            gap = (r["streams"] * r["batches_per_message"] * 16384 / r["tokens_per_s"] * 1e3
+                   if r["tokens_per_s"] else None)
             lines.append(
                 f"| {r['batches_per_message']} | {r['streams']} | {_m(r['tokens_per_s'])} | {_f(gap, '.1f')} "
                 f"| {_f(r['batch_p50_ms'])} "

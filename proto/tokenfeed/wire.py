@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import zstandard
 
@@ -13,13 +15,13 @@ CURSOR_VERSION = 1
 PACKINGS = ("concat", "bfd", "pad", "split")
 DEFAULT_PACKING = "concat"
 
-_NP_DTYPES = {
+_NP_DTYPES: dict[int, np.dtype] = {
     pb.TOKEN_DTYPE_UINT16: np.dtype("<u2"),
     pb.TOKEN_DTYPE_UINT32: np.dtype("<u4"),
 }
 
 
-def wire_dtype(vocab_size: int) -> int:
+def wire_dtype(vocab_size: int) -> pb.TokenDtype:
     """The smallest wire dtype (a ``TokenDtype`` value) that holds every id of the vocabulary."""
     return pb.TOKEN_DTYPE_UINT16 if vocab_size <= 1 << 16 else pb.TOKEN_DTYPE_UINT32
 
@@ -69,7 +71,7 @@ class ReceivedChunk:
     def __init__(self, header: pb.BatchChunk, tokens: memoryview) -> None:
         self.header, self.tokens = header, tokens
 
-    def __getattr__(self, name: str) -> object:
+    def __getattr__(self, name: str) -> Any:
         return getattr(self.header, name)
 
 
@@ -93,7 +95,7 @@ def parse_chunk(data: bytes) -> pb.BatchChunk | ReceivedChunk:
     return pb.BatchChunk.FromString(data)
 
 
-def compress(payload: bytes, level: int = 1) -> bytes:
+def compress(payload: bytes | bytearray | memoryview, level: int = 1) -> bytes:
     """zstd-compress a token payload for the wire."""
     return zstandard.ZstdCompressor(level=level).compress(payload)
 
