@@ -2,88 +2,16 @@
 
 from __future__ import annotations
 
-import json
-import os
-import random
-import re
-import signal
-import subprocess
-import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-_LISTENING = re.compile(r"listening on (\S+):(\d+)")
+# The server process and corpus helpers are shared with the benchmarks (which run without pytest).
+from benchmarks._common import ROOT, ServerProcess, jsonl_config, make_documents, write_jsonl
 
-
-class ServerProcess:
-    """``python -m server serve`` in a subprocess; waits on its log line, never on a sleep."""
-
-    def __init__(self, config: dict[str, Any] | None, workdir: Path, extra_args: list[str] | None = None,
-                 env: dict[str, str] | None = None) -> None:
-        self.workdir = workdir
-        self.config_path: Path | None = None
-        if config is not None:
-            self.config_path = workdir / f"server-{os.getpid()}-{id(self)}.yaml"
-            self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-        self.extra_args = list(extra_args or [])
-        self.env = {**os.environ, **(env or {})}
-        self.port = 0
-        self.proc: subprocess.Popen | None = None
-        self.lines: list[str] = []
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 60.0) -> ServerProcess:
-        args = [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
-        if self.config_path is not None:
-            args += ["--config", str(self.config_path)]
-        self.proc = subprocess.Popen(args + self.extra_args, cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        ready = threading.Event()
-        threading.Thread(target=self._pump, args=(self.proc, ready), daemon=True).start()
-        if not ready.wait(timeout) or self.port == 0 or self.proc.poll() is not None:
-            self.stop()
-            raise RuntimeError("server did not start:\n" + "".join(self.lines[-30:]))
-        return self
-
-    def _pump(self, proc: subprocess.Popen, ready: threading.Event) -> None:
-        for line in proc.stderr:
-            self.lines.append(line)
-            m = _LISTENING.search(line)
-            if m and not ready.is_set():
-                self.port = int(m.group(2))
-                ready.set()
-        ready.set()  # output closed (the process is exiting): wake the waiter
-
-    def kill(self) -> None:
-        """SIGKILL: the crash case; nothing is flushed or drained."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(30)
-
-    def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM and wait; returns the exit code."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode
-
-    def log(self) -> str:
-        return "".join(self.lines)
+__all__ = ["ROOT", "ServerProcess", "jsonl_config", "make_documents", "write_jsonl"]
 
 
 def _servers(workdir: Path) -> Iterator:
@@ -104,45 +32,6 @@ def _servers(workdir: Path) -> Iterator:
 def start_server(tmp_path: Path) -> Iterator:
     """``start_server(config_dict | None, extra_args=None)`` -> a running ServerProcess."""
     yield from _servers(tmp_path)
-
-
-def make_documents(n: int, seed: int = 0, min_len: int = 20, max_len: int = 6000) -> list[str]:
-    """``n`` distinct documents of mixed lengths; each begins with its own id."""
-    rng = random.Random(seed)
-    words = ["alpha", "beta", "gamma", "delta", "tokens", "stream", "packing", "cursor", "épée", "日本"]
-    docs = []
-    for i in range(n):
-        length = int(min_len * (max_len / min_len) ** rng.random())  # log-uniform lengths
-        body = []
-        size = 0
-        while size < length:
-            w = rng.choice(words)
-            body.append(w)
-            size += len(w) + 1
-        docs.append(f"doc-{i:06d} " + " ".join(body))
-    return docs
-
-
-def write_jsonl(path: Path, docs: list[str], files: int = 1) -> list[Path]:
-    """Write documents round-robin into ``files`` JSONL files under ``path``."""
-    path.mkdir(parents=True, exist_ok=True)
-    outs = [path / f"part-{i:03d}.jsonl" for i in range(files)]
-    handles = [o.open("w") for o in outs]
-    for i, doc in enumerate(docs):
-        handles[i % files].write(json.dumps({"text": doc, "meta": {"i": i}}) + "\n")
-    for h in handles:
-        h.close()
-    return outs
-
-
-def jsonl_config(path: Path, name: str = "docs", shard_bytes: int = 64 << 10, **server: Any) -> dict[str, Any]:
-    config: dict[str, Any] = {"datasets": {name: {
-        "source": {"type": "jsonl", "paths": [str(path / "*.jsonl")], "text_field": "text",
-                   "shard_bytes": shard_bytes},
-        "tokenizer": {"type": "byte"}}}}
-    if server:
-        config["server"] = server
-    return config
 
 
 @pytest.fixture
