@@ -67,7 +67,13 @@ class Dataset:
         # other files by their size and a digest of their bytes, taken now.
         files = [] if isinstance(self.source, TokensSource) else self.source.files()
         self.root = self.source.path if isinstance(self.source, TokensSource) else common_root(files)
-        self._files: dict[str, FileIdentity] = identify_all(files, digest_cache_dir)
+        try:
+            self._files: dict[str, FileIdentity] = identify_all(files, digest_cache_dir)
+        except FileChanged:
+            raise  # outside server.data_roots: a ConfigError of its own
+        except OSError as err:
+            raise ConfigError(f"{field}.source: cannot read {err.filename or 'a file'} to identify its content: "
+                              f"{err.strerror or err}") from None
         self._all_files = hashlib.sha256(json.dumps(
             sorted([self.relpath(p), *i.content()] for p, i in self._files.items())).encode()).hexdigest()
         self.fingerprint = self._fingerprint()
