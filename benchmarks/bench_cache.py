@@ -57,8 +57,8 @@ async def _host(spec: dict[str, Any]) -> None:
 
     from server.app import build_datasets
     from server.config import parse_config
-    from server.service import TokenFeedService, add_to_server
-    from server.store import build_store
+    from server.serve.service import TokenFeedService, add_to_server
+    from server.supply.store import build_store
 
     config = parse_config(spec["config"])
     datasets = build_datasets(config)
@@ -186,7 +186,7 @@ def epoch_batches(cfg: dict[str, Any]) -> tuple[int, int]:
     """Batches per rank in one epoch, and the corpus's raw token bytes (uint16)."""
     from server.app import build_datasets
     from server.config import parse_config
-    from server.packing import concat_rows
+    from server.stages.packing import concat_rows
 
     (ds,) = build_datasets(parse_config(cfg)).values()
     tokens = [ds.tokenize_shard(i).num_tokens for i in range(ds.num_shards)]

@@ -16,11 +16,11 @@ import time
 import numpy as np
 
 from benchmarks.common import save
-from server.budget import greedy, imbalance, lpt
+from server.stream.budget import greedy, imbalance, lpt
 from server.config import default_config
-from server.dataset import Dataset
-from server.packing import pack
-from server.schedule import doc_order
+from server.stages.dataset import Dataset
+from server.stages.packing import pack
+from server.stages.order import doc_order
 
 
 def main() -> None:

@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED}
 #: A RESOURCE_EXHAUSTED carrying this trailing metadata key is a server at its stream limit: retried
 #: like UNAVAILABLE. Without it (e.g. a local message-size limit) it is raised.
-RETRY_AFTER_KEY = "tokenfeed-retry-after-ms"
 _LOOPBACK = ("127.", "localhost", "[::1]", "::1", "unix:")
 
 
@@ -39,7 +38,7 @@ def retryable(err: grpc.RpcError) -> bool:
         return True
     if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
         trailing = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
-        return any(key == RETRY_AFTER_KEY for key, _ in trailing or ())
+        return any(key == wire.RETRY_AFTER_KEY for key, _ in trailing or ())
     return False
 
 

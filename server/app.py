@@ -12,15 +12,16 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from server import metrics
-from server.auth import (AccessInterceptor, check_config_paths, check_dataset_files, install_guards, load_tokens,
-                         server_credentials)
 from server.config import Config
-from server.dataset import Dataset
-from server.limits import ProbeStreamLimit, connection_cap, raise_fd_limit, server_options
-from server.mixture import Mixture, build_mixture
-from server.service import SERVICE_NAME, TokenFeedService, add_to_server
-from server.store import build_store
+from server.exporter import start_exporter, watch_loop_lag
+from server.serve.auth import (AccessInterceptor, check_config_paths, check_dataset_files, install_guards, load_tokens,
+                               server_credentials)
+from server.serve.limits import ProbeStreamLimit, connection_cap, raise_fd_limit, server_options
+from server.serve.rpc_metrics import RpcMetricsInterceptor
+from server.serve.service import SERVICE_NAME, TokenFeedService, add_to_server
+from server.stages.dataset import Dataset
+from server.stages.mixture import Mixture, build_mixture
+from server.supply.store import build_store
 
 log = logging.getLogger("server")
 
@@ -42,7 +43,7 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
     """Serve until ``stop`` is set or SIGTERM/SIGINT arrives."""
     settings = config.server
     fd_limit = raise_fd_limit()  # before anything opens files or sockets
-    install_guards(settings)  # reads confined to data_roots from now on, /metrics behind its token
+    metrics_token = install_guards(settings)  # reads confined to data_roots from now on
     tokens = load_tokens(settings, config.datasets)
     credentials = server_credentials(settings)
     datasets = build_datasets(config)
@@ -58,7 +59,7 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
     # stays open has its own cap, refused with RETRY_AFTER_KEY: data streams server.max_streams
     # (Admission), health Watch and reflection server.max_health_watches; unary calls end at once.
     server = grpc.aio.server(
-        interceptors=[metrics.RpcMetricsInterceptor(), ProbeStreamLimit(settings.max_health_watches),
+        interceptors=[RpcMetricsInterceptor(), ProbeStreamLimit(settings.max_health_watches),
                       AccessInterceptor(SERVICE_NAME, tokens)],
         options=server_options(settings, connections))
     service = TokenFeedService(datasets, store, settings)
@@ -70,10 +71,10 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot listen on {settings.host}:{settings.port}")
-    exporter = metrics.start_exporter(settings.host, settings.metrics_port, datasets, store)
+    exporter = start_exporter(settings.host, settings.metrics_port, datasets, store, token=metrics_token)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
-    lag_watch = loop.create_task(metrics.watch_loop_lag(), name="tokenfeed-loop-lag")
+    lag_watch = loop.create_task(watch_loop_lag(), name="tokenfeed-loop-lag")
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await server.start()

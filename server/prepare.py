@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from server.config import Config, DatasetConfig, HfTokenizerConfig, TokensSourceConfig
-from server.dataset import Dataset
+from server.stages.dataset import Dataset
 from server.errors import ConfigError
-from server.sources import BadRecords, BrokenShard, build_source
-from server.sources.tokens import FORMAT, MANIFEST, VERSION, checksum, encode_shard
+from server.stages.sources import BadRecords, BrokenShard, build_source
+from server.stages.sources.tokens import FORMAT, MANIFEST, VERSION, checksum, encode_shard
 
 log = logging.getLogger(__name__)
 PLAN = "plan.json"          # what an unfinished preparation is making (checked on resume)

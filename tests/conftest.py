@@ -46,7 +46,7 @@ def corpus(tmp_path: Path) -> tuple[Path, list[str]]:
 def dataset(tmp_path: Path) -> Any:
     """A server-side ``Dataset`` of about 40 JSONL shards of a few KiB (for store and walker tests)."""
     from server.config import DatasetConfig
-    from server.dataset import Dataset
+    from server.stages.dataset import Dataset
 
     write_jsonl(tmp_path / "data", make_documents(160, seed=3), files=4)
     config = {"source": {"type": "jsonl", "paths": [str(tmp_path / "data" / "*.jsonl")], "shard_bytes": 4096}}

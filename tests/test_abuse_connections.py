@@ -23,7 +23,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from client import StreamingDataset
-from client.transport import RETRY_AFTER_KEY, retryable
+from client.transport import retryable
+from tokenfeed.wire import RETRY_AFTER_KEY
 from server.config import ServerSettings
 from tests.conftest import jsonl_config, make_documents, write_jsonl
 from tests.resume_helpers import same_batches, take

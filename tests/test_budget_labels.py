@@ -75,7 +75,7 @@ def test_to_batch_without_piece_starts_is_unchanged():
 
 @st.composite
 def budget_rows(draw: st.DrawFn) -> tuple[np.ndarray, list[int], np.ndarray, list[list[int]]]:
-    """A rank's budget row as ``server.budget.assemble`` lays it out: pieces (documents cut every
+    """A rank's budget row as ``server.stream.budget.assemble`` lays it out: pieces (documents cut every
     ``seq_len`` tokens), a subset of them in sequence order, back to back, then PAD."""
     seq_len = draw(st.integers(1, 12))
     budget = draw(st.integers(seq_len, 5 * seq_len))

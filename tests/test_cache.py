@@ -15,15 +15,15 @@ import numpy as np
 import pytest
 from conftest import make_documents, write_jsonl
 
-from server.cache import ENTRY_OVERHEAD, DiskTier, FutureIndex, ShardCache, shard_key
-from server.cache_disk import decode, encode
-from server.cache_policy import LRUPolicy, SmartPolicy, next_use
+from server.supply.cache import ENTRY_OVERHEAD, DiskTier, FutureIndex, ShardCache, shard_key
+from server.supply.cache_disk import decode, encode
+from server.supply.cache_policy import LRUPolicy, SmartPolicy, next_use
 from server.config import DatasetConfig
-from server.dataset import Dataset
+from server.stages.dataset import Dataset
 from server.errors import FailedPrecondition
-from server.packing import TokenizedShard, tokenized_shard
-from server.schedule import shard_order
-from server.store import ShardStore
+from server.stages.packing import TokenizedShard, tokenized_shard
+from server.stages.order import shard_order
+from server.supply.store import ShardStore
 
 EOS = 256
 
@@ -213,7 +213,7 @@ def test_corrupt_entry_is_detected_dropped_and_never_served() -> None:
 
 
 def test_truncated_blob_raises_rather_than_decoding() -> None:
-    from server.cache_disk import CorruptEntry
+    from server.supply.cache_disk import CorruptEntry
 
     blob = encode(shard(0), 3)
     with pytest.raises(CorruptEntry):
@@ -388,7 +388,7 @@ def test_policies_are_pluggable() -> None:
 
 
 def test_smart_victim_choice_matches_a_full_sort() -> None:
-    from server.cache_policy import _furthest
+    from server.supply.cache_policy import _furthest
 
     rng = np.random.default_rng(0)
     for _ in range(300):  # shortcuts taken for speed must not change the choice

@@ -19,7 +19,7 @@ import yaml
 
 from client import DataLossError, StreamingDataset
 from client.errors import RequestError
-from server.schedule import shard_order
+from server.stages.order import shard_order
 from conftest import ROOT, make_documents, write_jsonl
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]

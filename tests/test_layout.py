@@ -48,3 +48,71 @@ def test_server_runs_without_torch():
             "print('ok')")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+# ---- the server's wings -------------------------------------------------------------------------
+#: Imports run one way, app -> serve -> stream -> supply -> stages, with config, errors and metrics
+#: on the ground: a module may import its own wing and the wings below it, never one above.
+WINGS = {"config": 0, "errors": 0, "metrics": 0, "stages": 1, "supply": 2, "stream": 3, "serve": 4}
+TOP = 5  # app, exporter, prepare, __main__
+
+
+def wing_of(module: str) -> int:
+    parts = module.split(".")
+    return WINGS.get(parts[1], TOP) if parts[0] == "server" and len(parts) > 1 else TOP
+
+
+def server_imports() -> dict[str, set[str]]:
+    """Each server module (dotted) and the modules it imports, deferred imports included."""
+    found: dict[str, set[str]] = {}
+    for path in (ROOT / "server").rglob("*.py"):
+        name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        mods = found.setdefault(name, set())
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                mods.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                mods.add(node.module)
+                mods.update(f"{node.module}.{a.name}" for a in node.names)  # `from server import metrics`
+    return found
+
+
+def test_server_wings_import_downwards_only():
+    wrong = [f"{mod} -> {imp}" for mod, imports in server_imports().items() for imp in imports
+             if imp.startswith("server.") and wing_of(imp) > wing_of(mod)]
+    assert not wrong, f"imports that run back up: {wrong}"
+
+
+def test_inner_wings_know_no_grpc_and_stages_no_asyncio():
+    for mod, imports in server_imports().items():
+        roots = {i.split(".")[0] for i in imports}
+        if wing_of(mod) <= WINGS["stream"]:
+            assert not roots & {"grpc", "grpc_health", "grpc_reflection"}, f"{mod} imports gRPC"
+        if wing_of(mod) <= WINGS["stages"]:
+            assert "asyncio" not in roots, f"{mod} imports asyncio"
+
+
+def test_metrics_imports_nothing_of_ours():
+    imports = server_imports()["server.metrics"]
+    assert not {i for i in imports if i.split(".")[0] in ("server", "tokenfeed", "client", "trainer")}
+
+
+def test_server_modules_import_no_circles():
+    graph = {mod: {i for i in imports if i in server_imports_cache()} for mod, imports in server_imports().items()}
+    seen: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(mod: str, path: list[str]) -> None:
+        seen[mod] = 1
+        for nxt in sorted(graph[mod]):
+            assert seen.get(nxt) != 1, f"import circle: {' -> '.join(path + [mod, nxt])}"
+            if nxt not in seen:
+                visit(nxt, path + [mod])
+        seen[mod] = 2
+
+    for mod in sorted(graph):
+        if mod not in seen:
+            visit(mod, [])
+
+
+def server_imports_cache() -> set[str]:
+    return set(server_imports())

@@ -18,7 +18,8 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client import RequestError, StreamingDataset
-from client.transport import RETRY_AFTER_KEY, Keepalive
+from client.transport import Keepalive
+from tokenfeed.wire import RETRY_AFTER_KEY
 from server.config import ServerSettings, largest_batch_bytes
 from tests.conftest import ROOT, jsonl_config, make_documents, write_jsonl
 from tests.resume_helpers import same_batches, take

@@ -20,11 +20,11 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import ServerProcess, jsonl_config, make_documents, write_jsonl
-from server import metrics
-from server.cache import ShardCache
-from server.cache_disk import DiskTier
-from server.packing import tokenized_shard
-from server.store import ShardStore
+from server import exporter, metrics
+from server.supply.cache import ShardCache
+from server.supply.cache_disk import DiskTier
+from server.stages.packing import tokenized_shard
+from server.supply.store import ShardStore
 from tokenfeed import wire
 from tokenfeed.v1 import tokenfeed_pb2 as pb
 from tokenfeed.v1 import tokenfeed_pb2_grpc as pb_grpc
@@ -267,7 +267,7 @@ def test_label_cardinality_is_bounded(start_server, tmp_path):
 
 def _exported(store: ShardStore) -> Samples:
     """What the scrape-time collector exports for a real store (no dataset)."""
-    collector = metrics.ServerCollector({}, store)
+    collector = exporter.ServerCollector({}, store)
     return {(s.name, frozenset(s.labels.items())): s.value for f in collector.collect() for s in f.samples}
 
 
@@ -304,8 +304,8 @@ async def test_collector_exports_what_a_real_tiered_store_reports(dataset, pool,
     """A store as the server builds it (memory and disk tiers, hot tier, prefetcher) after real
     reads, an expiry and a second pass from disk: every exported number is the store's own."""
     from server.config import PrefetchSettings
-    from server.schedule import Locator
-    from server.walker import make_walker
+    from server.stages.order import Locator
+    from server.stream.walker import make_walker
 
     now = [0.0]
     disk = DiskTier(tmp_path / "disk", 64 << 20)
@@ -382,7 +382,7 @@ async def test_loop_lag_watch_sees_a_blocked_loop():
         if len(lags) >= 6:
             enough.set()
 
-    watch = asyncio.get_running_loop().create_task(metrics.watch_loop_lag(0.01, observe))
+    watch = asyncio.get_running_loop().create_task(exporter.watch_loop_lag(0.01, observe))
     await asyncio.sleep(0.03)  # a few samples of a loop that is free
     time.sleep(0.2)  # the loop is busy: no timer can run
     await enough.wait()

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.packing import PACKERS, known_rows, pack, tokenized_shard
+from server.stages.packing import PACKERS, known_rows, pack, tokenized_shard
 
 EOS, PAD = 256, 257
 

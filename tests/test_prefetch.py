@@ -16,15 +16,15 @@ import grpc
 import numpy as np
 import pytest
 
-from server import metrics
-from server.cache import ShardCache
+from server import exporter
+from server.supply.cache import ShardCache
 from server.config import PrefetchSettings, ServerSettings
-from server.dataset import Dataset
-from server.packing import TokenizedShard, concat_rows
-from server.schedule import shard_order
-from server.service import TokenFeedService, add_to_server
-from server.store import ShardStore
-from server.stream import parse_request, stream_chunks
+from server.stages.dataset import Dataset
+from server.stages.packing import TokenizedShard, concat_rows
+from server.stages.order import shard_order
+from server.serve.service import TokenFeedService, add_to_server
+from server.supply.store import ShardStore
+from server.stream.deal import parse_request, stream_chunks
 from tokenfeed.v1 import tokenfeed_pb2 as pb
 from tokenfeed.v1 import tokenfeed_pb2_grpc as pb_grpc
 
@@ -267,8 +267,8 @@ def test_caching_and_prefetch_never_change_what_clients_receive(start_server, tm
 async def test_a_walker_dropped_without_closing_still_lets_go(dataset: Dataset, pool: ThreadPoolExecutor) -> None:
     import gc
 
-    from server.schedule import Locator
-    from server.walker import make_walker
+    from server.stages.order import Locator
+    from server.stream.walker import make_walker
 
     store = make_store(pool, depth=2)
     walker = make_walker(store, dataset, 3, 32, "concat", Locator())
@@ -304,7 +304,7 @@ async def test_hot_tier_keeps_to_its_byte_budget_and_counts_packings(
     shards_read = int(np.searchsorted(ends, rows - 1, side="right")) + 1
     assert stats["hot_evictions"] > 0
     assert shards_read <= stats["hot_packs"] <= shards_read + 3  # each once, plus the pack-ahead past the end
-    exported = {s.name: s.value for f in metrics.ServerCollector({}, store).collect() for s in f.samples}
+    exported = {s.name: s.value for f in exporter.ServerCollector({}, store).collect() for s in f.samples}
     assert exported["tokenfeed_hot_packs_total"] == store.stats()["hot_packs"]
     assert exported["tokenfeed_hot_evictions_total"] == store.stats()["hot_evictions"]
     await store.close()
@@ -388,7 +388,7 @@ async def test_failed_pack_aheads_free_their_slots(dataset: Dataset, pool: Threa
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """A pack-ahead that fails is not an error until its shard is read, and it gives its slot back:
     more failures than there are slots do not stop the pack-aheads for good."""
-    import server.store as store_module
+    import server.supply.store as store_module
 
     seq_len, seed = 32, 6
     store = ShardStore(ShardCache(64 << 20), pool)

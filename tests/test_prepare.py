@@ -19,7 +19,7 @@ import zstandard
 
 from client import StreamingDataset
 from server.config import parse_config
-from server.dataset import Dataset
+from server.stages.dataset import Dataset
 from server.errors import ConfigError, DataLoss, Unavailable
 from server.prepare import prepare, prepare_shard, train_tokenizer
 from tests.conftest import ROOT, make_documents, write_jsonl

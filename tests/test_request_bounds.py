@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 
 from client import StreamingDataset
-from server.cache import ShardCache
+from server.supply.cache import ShardCache
 from server.config import DatasetConfig, MixtureConfig
-from server.dataset import Dataset
-from server.mixture import build_mixture
-from server.schedule import Locator
-from server.store import ShardStore
-from server.walker import MixtureWalker, Walker
+from server.stages.dataset import Dataset
+from server.stages.mixture import build_mixture
+from server.stages.order import Locator
+from server.supply.store import ShardStore
+from server.stream.walker import MixtureWalker, Walker
 from tests.conftest import jsonl_config, make_documents, write_jsonl
 from tokenfeed.v1 import tokenfeed_pb2 as pb
 from tokenfeed.v1 import tokenfeed_pb2_grpc as pb_grpc

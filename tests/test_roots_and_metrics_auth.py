@@ -24,12 +24,13 @@ import pytest
 import yaml
 
 from server.config import parse_config
-from server.dataset import Dataset
+from server.stages.dataset import Dataset
 from server.errors import FailedPrecondition
-from server.identity import FULL_HASH_BYTES, SAMPLE_BYTES, digest_file
+from server.stages.identity import FULL_HASH_BYTES, SAMPLE_BYTES, digest_file
 from server.prepare import prepare
-from server.sources import base
-from server.sources.base import BadRecords, OutsideDataRoots, confine_reads
+from server.stages import files
+from server.stages.files import OutsideDataRoots, confine_reads
+from server.stages.sources.base import BadRecords
 from tests.conftest import ROOT, ServerProcess, jsonl_config, make_documents, write_jsonl
 from tokenfeed import wire
 from tokenfeed.v1 import tokenfeed_pb2 as pb
@@ -47,7 +48,7 @@ def confined(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Pat
     root, outside = tmp_path / "root", tmp_path / "outside"
     root.mkdir()
     outside.mkdir()
-    monkeypatch.setattr(base, "_DATA_ROOTS", base.data_roots())  # restored after the test
+    monkeypatch.setattr(files, "_DATA_ROOTS", files.data_roots())  # restored after the test
     return root, outside
 
 

@@ -15,7 +15,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client import RequestError, ServerUnavailable, StreamingDataset
-from server.auth import check_config_paths, load_tokens
+from server.serve.auth import check_config_paths, load_tokens
 from server.config import ServerSettings, parse_config
 from server.errors import ConfigError
 from tests.certs import write_pki

@@ -16,7 +16,7 @@ import pytest
 import zstandard
 
 from server.config import parse_config
-from server.dataset import Dataset
+from server.stages.dataset import Dataset
 from server.errors import ConfigError
 from tests.conftest import make_documents, write_jsonl
 

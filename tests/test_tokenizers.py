@@ -13,9 +13,9 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from server.config import HfTokenizerConfig, TransformersTokenizerConfig, parse_config
-from server.dataset import Dataset
+from server.stages.dataset import Dataset
 from server.errors import ConfigError
-from server.tokenizers import ByteTokenizer, build_tokenizer
+from server.stages.tokenizers import ByteTokenizer, build_tokenizer
 from tests.conftest import ROOT, make_documents, write_jsonl
 
 TEXTS = ["hello world", "def f(x):\n    return x + 1\n", "épée 日本 tokens stream", "a"]
@@ -134,7 +134,7 @@ def test_transformers_missing_gives_an_install_hint(tmp_path):
     """Without the package (blocked in a fresh interpreter) the error says how to get it."""
     code = ("import sys; sys.modules['transformers'] = None\n"
             "from server.config import TransformersTokenizerConfig\n"
-            "from server.tokenizers import build_tokenizer\n"
+            "from server.stages.tokenizers import build_tokenizer\n"
             f"build_tokenizer(TransformersTokenizerConfig(type='transformers', path={str(tmp_path)!r}), 'x.tokenizer')")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0

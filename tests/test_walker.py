@@ -7,12 +7,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from server.cache import ShardCache
-from server.dataset import Dataset
-from server.packing import concat_rows
-from server.schedule import Locator
-from server.store import ShardStore
-from server.walker import Walker
+from server.supply.cache import ShardCache
+from server.stages.dataset import Dataset
+from server.stages.packing import concat_rows
+from server.stages.order import Locator
+from server.supply.store import ShardStore
+from server.stream.walker import Walker
 
 
 SEQ, SEED = 32, 5

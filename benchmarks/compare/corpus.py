@@ -122,7 +122,7 @@ def _jsonl(cache: Path) -> tuple[list[str], int]:
 def _token_stream(prepared: Path, manifest: dict) -> np.ndarray:
     """One pass over the prepared shards: every document's tokens (EOS included), in index order."""
     sys.path.insert(0, str(ROOT))
-    from server.sources.tokens import decode_shard  # the format's own reader
+    from server.stages.sources.tokens import decode_shard  # the format's own reader
 
     parts = []
     for entry in manifest["shards"]:

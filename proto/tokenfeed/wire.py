@@ -7,13 +7,13 @@ from typing import Any
 import numpy as np
 import zstandard
 
+from tokenfeed.constants import (CURSOR_VERSION, DEFAULT_PACKING, PACKINGS, PROVENANCE_FIELDS, RETRY_AFTER_KEY,
+                                 token_dtype)
 from tokenfeed.v1 import tokenfeed_pb2 as pb
 
-#: Version of the cursor layout; a cursor of another version is refused.
-CURSOR_VERSION = 1
-#: Packing modes a stream may ask for.
-PACKINGS = ("concat", "bfd", "pad", "split")
-DEFAULT_PACKING = "concat"
+__all__ = ["CURSOR_VERSION", "DEFAULT_PACKING", "PACKINGS", "PROVENANCE_FIELDS", "RETRY_AFTER_KEY", "ReceivedChunk",
+           "chunk_buffer", "compress", "decode_chunk", "decode_piece_starts", "decode_provenance", "dtype_enum",
+           "numpy_dtype", "parse_chunk", "token_dtype", "tokens_field", "wire_dtype"]
 
 _NP_DTYPES: dict[int, np.dtype] = {
     pb.TOKEN_DTYPE_UINT16: np.dtype("<u2"),
@@ -24,6 +24,15 @@ _NP_DTYPES: dict[int, np.dtype] = {
 def wire_dtype(vocab_size: int) -> pb.TokenDtype:
     """The smallest wire dtype (a ``TokenDtype`` value) that holds every id of the vocabulary."""
     return pb.TOKEN_DTYPE_UINT16 if vocab_size <= 1 << 16 else pb.TOKEN_DTYPE_UINT32
+
+
+def dtype_enum(dtype: np.dtype) -> pb.TokenDtype:
+    """The ``TokenDtype`` value of a numpy token dtype (``token_dtype``)."""
+    if dtype == _NP_DTYPES[pb.TOKEN_DTYPE_UINT16]:
+        return pb.TOKEN_DTYPE_UINT16
+    if dtype == _NP_DTYPES[pb.TOKEN_DTYPE_UINT32]:
+        return pb.TOKEN_DTYPE_UINT32
+    raise ValueError(f"no wire dtype for {dtype}")
 
 
 def numpy_dtype(dtype: int) -> np.dtype:
@@ -112,10 +121,6 @@ def decode_chunk(chunk: pb.BatchChunk | ReceivedChunk) -> np.ndarray:
     if arr.size != shape[0] * shape[1] * shape[2]:
         raise ValueError(f"chunk holds {arr.size} tokens, expected {shape}")
     return arr.reshape(shape)
-
-
-#: Fields of a provenance record (see ``BatchChunk.provenance``).
-PROVENANCE_FIELDS = ("row", "column", "length", "source", "shard", "document", "offset")
 
 
 def decode_provenance(chunk: pb.BatchChunk) -> list[np.ndarray]:

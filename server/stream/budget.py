@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server.schedule import Locator
-from server.store import ShardStore
-from server.stream import Chunk, StreamParams
-from server.walker import PROVENANCE_FIELDS, make_walker
+from server.stages.order import Locator
+from server.supply.store import ShardStore
+from server.stream.params import Chunk, StreamParams
+from server.stream.walker import PROVENANCE_FIELDS, make_walker
 
 
 #: Pieces planned between two turns given to the event loop.

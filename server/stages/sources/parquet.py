@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 
 from server.config import ParquetSourceConfig
 from server.errors import ConfigError
-from server.sources.arrow import check_text_column, table_texts
-from server.sources.base import (BadRecords, BrokenShard, FilePart, ShardSpec, path_field, resolve_paths,
+from server.stages.sources.arrow import check_text_column, table_texts
+from server.stages.sources.base import (BadRecords, BrokenShard, FilePart, ShardSpec, path_field, resolve_paths,
                                  safe_open, sniff_format)
 
 log = logging.getLogger(__name__)

@@ -15,10 +15,9 @@ from typing import Any
 
 import grpc
 
-from server import metrics
 from server.config import Config, ServerSettings
 from server.errors import ConfigError
-from server.sources.base import confine_reads
+from server.stages.files import confine_reads
 
 log = logging.getLogger(__name__)
 
@@ -303,14 +302,14 @@ def check_dataset_files(config: Config, files: dict[str, list[str]]) -> None:
 
 
 # ---- guards that act while serving ----------------------------------------------------------------
-def install_guards(settings: ServerSettings) -> None:
-    """Install the server process's run-time guards: every data file opened from now on is
+def install_guards(settings: ServerSettings) -> str | None:
+    """Install the server process's run-time guard: every data file opened from now on is
     confined to ``server.data_roots`` (the start-up checks cannot see a file or directory swapped
-    for a symlink later), and /metrics requires ``server.metrics_token_*``. Call once, before the
-    datasets are built; both are process-wide because what they guard (files opened in worker
-    threads, the exporter) sees no config."""
+    for a symlink later). Process-wide, because files are opened in worker threads that see no
+    config. Call once, before the datasets are built. Returns the bearer token /metrics requires
+    (``server.metrics_token_*``; None: open), read now so that a missing file stops the start."""
     confine_reads(_roots(settings))
-    metrics.require_scrape_token(load_metrics_token(settings))
+    return load_metrics_token(settings)
 
 
 def load_metrics_token(settings: ServerSettings) -> str | None:

@@ -13,7 +13,7 @@ import zstandard
 
 from server.config import JsonlSourceConfig
 from server.errors import ConfigError
-from server.sources.base import (BadRecords, BrokenShard, FilePart, ShardSpec, decode_utf8, path_field,
+from server.stages.sources.base import (BadRecords, BrokenShard, FilePart, ShardSpec, decode_utf8, path_field,
                                  resolve_paths, safe_open, sniff_format)
 
 _COMPRESSED = ("gzip", "zstd")

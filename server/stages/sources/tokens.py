@@ -18,9 +18,10 @@ import zstandard
 
 from server.config import TokensSourceConfig
 from server.errors import ConfigError
-from server.packing import TokenizedShard
-from server.sources.base import BadRecords, BrokenShard, FilePart, ShardSpec, safe_open
-from server.tokenizers import TokenizerInfo
+from server.stages.packing import TokenizedShard
+from server.stages.files import safe_open
+from server.stages.sources.base import BadRecords, BrokenShard, FilePart, ShardSpec
+from server.stages.tokenizers import TokenizerInfo
 
 MANIFEST = "manifest.json"
 FORMAT = "tokenfeed-tokens"

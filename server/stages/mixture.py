@@ -11,7 +11,7 @@ import json
 import numpy as np
 
 from server.config import MixtureConfig
-from server.dataset import Dataset
+from server.stages.dataset import Dataset
 from server.errors import ConfigError
 
 

@@ -18,11 +18,11 @@ import numpy as np
 from server import metrics
 from server.config import DatasetConfig, SourceConfig
 from server.errors import ConfigError, DataLoss, FailedPrecondition, Unavailable
-from server.identity import FileChanged, FileIdentity, check_unchanged, common_root, identify_all
-from server.packing import TokenizedShard, tokenized_shard
-from server.sources import BadRecords, BrokenShard, ShardSpec, TokensSource, build_source
-from server.sources.base import OutsideDataRoots
-from server.tokenizers import Tokenizer, build_tokenizer
+from server.stages.files import FileChanged, OutsideDataRoots, common_root
+from server.stages.identity import FileIdentity, check_unchanged, identify_all
+from server.stages.packing import TokenizedShard, tokenized_shard
+from server.stages.sources import BadRecords, BrokenShard, ShardSpec, TokensSource, build_source
+from server.stages.tokenizers import Tokenizer, build_tokenizer
 from tokenfeed import wire
 
 log = logging.getLogger(__name__)

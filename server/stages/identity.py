@@ -19,6 +19,8 @@ import tempfile
 import threading
 from dataclasses import dataclass
 
+from server.stages.files import FileChanged, safe_open
+
 log = logging.getLogger(__name__)
 
 #: Files up to this size are hashed whole; larger ones by samples (measured: blake2b runs at
@@ -55,17 +57,8 @@ class FileIdentity:
         return [self.size, self.digest]
 
 
-class FileChanged(Exception):
-    """A file's content is not what the server saw at start-up (rewritten, truncated, grown)."""
-
-    def __init__(self, path: str, what: str) -> None:
-        super().__init__(f"{path} {what}")
-        self.path = path
-
-
 def digest_file(path: str, size: int) -> str:
     """blake2b of the file's bytes (whole, or sampled past ``FULL_HASH_BYTES``) and its size."""
-    from server.sources.base import safe_open  # here: server.sources.base imports this module
 
     h = hashlib.blake2b(digest_size=16)
     h.update(size.to_bytes(8, "little"))
@@ -167,11 +160,3 @@ def check_unchanged(path: str, ident: FileIdentity) -> FileIdentity:
     if digest != ident.digest:
         raise FileChanged(path, "was rewritten (same size, other content)")
     return FileIdentity(ident.size, digest, now)
-
-
-def common_root(paths: list[str]) -> str:
-    """The directory that every path lies under (what identities and shard order are relative to)."""
-    if not paths:
-        return ""
-    root = os.path.commonpath(paths)
-    return os.path.dirname(root) if len(paths) == 1 or os.path.isfile(root) else root

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import zstandard
 
-from server.packing import TokenizedShard
+from server.stages.packing import TokenizedShard
 
 log = logging.getLogger(__name__)
 

@@ -14,13 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from server.cache_disk import Blob, CorruptEntry, DiskTier, decode, encode
-from server.cache_policy import FutureIndex, Policy, Slot, make_policy
-from server.packing import TokenizedShard
+from server.supply.cache_disk import Blob, CorruptEntry, DiskTier, decode, encode
+from server.supply.cache_policy import FutureIndex, Policy, Slot, make_policy
+from server.stages.packing import TokenizedShard
 from tokenfeed import malloc
 
 if TYPE_CHECKING:
-    from server.dataset import Dataset
+    from server.stages.dataset import Dataset
 
 __all__ = ["ShardCache", "DiskTier", "FutureIndex", "shard_key", "ENTRY_OVERHEAD"]
 

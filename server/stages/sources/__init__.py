@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from server.config import (HfSourceConfig, JsonlSourceConfig, ParquetSourceConfig, SourceConfig,
                            TextSourceConfig, TokensSourceConfig)
-from server.sources.base import BadRecords, BrokenShard, FilePart, ShardSpec, Source, resolve_paths
-from server.sources.jsonl import JsonlSource
-from server.sources.text import TextSource
-from server.sources.tokens import TokensSource
+from server.stages.sources.base import BadRecords, BrokenShard, FilePart, ShardSpec, Source, resolve_paths
+from server.stages.sources.jsonl import JsonlSource
+from server.stages.sources.text import TextSource
+from server.stages.sources.tokens import TokensSource
 
 __all__ = ["BadRecords", "BrokenShard", "FilePart", "ShardSpec", "Source", "TokensSource", "build_source",
            "resolve_paths"]
@@ -20,11 +20,11 @@ def build_source(config: SourceConfig, field: str) -> Source:
     if isinstance(config, JsonlSourceConfig):
         return JsonlSource(config, field)
     if isinstance(config, ParquetSourceConfig):
-        from server.sources.parquet import ParquetSource  # imports pyarrow: only when used
+        from server.stages.sources.parquet import ParquetSource  # imports pyarrow: only when used
 
         return ParquetSource(config, field)
     if isinstance(config, HfSourceConfig):
-        from server.sources.hf import HfSource  # imports `datasets` (~1 s): only when used
+        from server.stages.sources.hf import HfSource  # imports `datasets` (~1 s): only when used
 
         return HfSource(config, field)
     if isinstance(config, TokensSourceConfig):

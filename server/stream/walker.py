@@ -11,11 +11,11 @@ from typing import Any
 import numpy as np
 
 from server import metrics
-from server.dataset import Dataset
+from server.stages.dataset import Dataset
 from server.errors import FailedPrecondition
-from server.mixture import Mixture
-from server.schedule import Locator
-from server.store import ShardStore
+from server.stages.mixture import Mixture
+from server.stages.order import Locator
+from server.supply.store import ShardStore
 
 #: Provenance record fields (one int64 each): row in batch, column, length, source, shard,
 #: document in shard, offset in document.

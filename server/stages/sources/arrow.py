@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from server.errors import ConfigError
-from server.sources.base import BadRecords, decode_utf8
+from server.stages.sources.base import BadRecords, decode_utf8
 
 
 def check_text_column(schema: pa.Schema, text_field: str, field: str, origin: str) -> None:

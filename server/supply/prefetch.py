@@ -8,10 +8,10 @@ import logging
 from collections.abc import Awaitable, Callable, Hashable
 from typing import TYPE_CHECKING
 
-from server.cache_policy import FutureIndex, Slot
+from server.supply.cache_policy import FutureIndex, Slot
 
 if TYPE_CHECKING:
-    from server.dataset import Dataset
+    from server.stages.dataset import Dataset
 
 log = logging.getLogger(__name__)
 _ids = itertools.count()

@@ -6,42 +6,23 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
 
 import numpy as np
 
 from server.config import ServerSettings
-from server.dataset import Dataset
+from server.stages.dataset import Dataset
 from server.errors import FailedPrecondition, InvalidArgument, NotFound
-from server.mixture import Mixture
-from server.schedule import Locator
-from server.store import ShardStore
-from server.walker import Walker, make_walker
+from server.stages.mixture import Mixture
+from server.stages.order import Locator
+from server.supply.store import ShardStore
+from server.stream.budget import budget_chunks
+from server.stream.params import Chunk, StreamParams
+from server.stream.walker import Walker, make_walker
 from tokenfeed import wire
 from tokenfeed.shm import ServerRing
 from tokenfeed.v1 import tokenfeed_pb2 as pb
 
 MAX_BATCHES_PER_MESSAGE = 64
-
-
-@dataclass(frozen=True)
-class StreamParams:
-    """A validated stream request."""
-
-    dataset: Dataset | Mixture
-    seed: int
-    seq_len: int
-    batch_size: int
-    packing: str
-    rank: int
-    world_size: int
-    first_step: int
-    step_stride: int
-    batches_per_message: int
-    compression: pb.Compression
-    start: Locator
-    provenance: bool = False
-    max_tokens: int = 0  # token-budget batches when > 0
 
 
 def parse_request(req: pb.StreamRequest, datasets: Mapping[str, Dataset | Mixture],
@@ -123,20 +104,6 @@ def _locator(c: pb.Cursor | pb.ComponentCursor, ds: Dataset, field: str) -> Loca
     return Locator(row=c.row, epoch=c.epoch, shard=c.shard, shard_row=c.shard_row)
 
 
-@dataclass
-class Chunk:
-    """Consecutive batches of one stream and the job position after each."""
-
-    tokens: np.ndarray  # [num_batches, batch_size, seq_len + 1]
-    cursors: list[Locator]
-    steps: list[int]
-    epochs: list[int]
-    provenance: list[np.ndarray] | None = None  # per batch: records sorted by (row, column)
-    starts: list[list[int]] | None = None  # token-budget batches: columns where pieces start
-    buffer: np.ndarray | None = None  # a message's bytes up to its header: ``tokens`` is its tail
-    shm_slot: int | None = None  # ``tokens`` go to this slot of the stream's shared-memory ring (``ServerRing.write``)
-
-
 #: Waiting on a full ring: the first poll, and the bounds on the longest (see ``RingWriter``).
 RING_POLL_S = (0.0002, 0.25)
 
@@ -195,8 +162,6 @@ async def stream_chunks(params: StreamParams, store: ShardStore,
     With ``ring``, a chunk's tokens are for its slot ``Chunk.shm_slot``: the caller writes them there."""
     p = params
     if p.max_tokens:
-        from server.budget import budget_chunks  # it builds on this module
-
         async for chunk in budget_chunks(p, store):
             yield chunk
         return

@@ -17,9 +17,9 @@ from prometheus_client import Counter, Gauge
 from server.config import ServerSettings
 from server.errors import InvalidArgument, TokenfeedError
 from server.metrics import REGISTRY
-from server.mixture import Mixture
-from server.stream import StreamParams
-from server.walker import PROVENANCE_FIELDS
+from server.stages.mixture import Mixture
+from server.stream.params import StreamParams
+from server.stream.walker import PROVENANCE_FIELDS
 
 log = logging.getLogger(__name__)
 

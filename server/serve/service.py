@@ -12,13 +12,14 @@ from google.protobuf.message import Message
 
 from server import metrics
 from server.config import ServerSettings
-from server.dataset import Dataset
+from server.stages.dataset import Dataset
 from server.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, TokenfeedError, Unavailable
-from server.limits import RETRY_AFTER_KEY, Admission, Overloaded, ShuttingDown, check_request
-from server.mixture import Mixture
-from server.schedule import Locator
-from server.store import ShardStore
-from server.stream import Chunk, StreamParams, parse_request, stream_chunks
+from server.serve.limits import RETRY_AFTER_KEY, Admission, Overloaded, ShuttingDown, check_request
+from server.stages.mixture import Mixture
+from server.stages.order import Locator
+from server.supply.store import ShardStore
+from server.stream.deal import parse_request, stream_chunks
+from server.stream.params import Chunk, StreamParams
 from tokenfeed import shm, wire
 from tokenfeed.shm import RingBroken, ServerRing
 from tokenfeed.v1 import tokenfeed_pb2 as pb

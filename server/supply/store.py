@@ -15,12 +15,12 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from server.cache import DiskTier, ShardCache, fixed_mmap_threshold, shard_key
+from server.supply.cache import DiskTier, ShardCache, fixed_mmap_threshold, shard_key
 from server.config import Config, PrefetchSettings
-from server.dataset import Dataset
-from server.packing import PackedShard, TokenizedShard, known_rows, pack
-from server.prefetch import Follower, Prefetcher
-from server.schedule import doc_order, shard_order
+from server.stages.dataset import Dataset
+from server.stages.packing import PackedShard, TokenizedShard, known_rows, pack
+from server.supply.prefetch import Follower, Prefetcher
+from server.stages.order import doc_order, shard_order
 
 
 log = logging.getLogger(__name__)

@@ -11,8 +11,8 @@ import pyarrow as pa
 
 from server.config import HfSourceConfig
 from server.errors import ConfigError
-from server.sources.arrow import check_text_column, table_texts
-from server.sources.base import BadRecords, BrokenShard, FilePart, ShardSpec, resolve_paths
+from server.stages.sources.arrow import check_text_column, table_texts
+from server.stages.sources.base import BadRecords, BrokenShard, FilePart, ShardSpec, resolve_paths
 
 
 def import_datasets() -> ModuleType:

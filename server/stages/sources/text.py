@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from server.config import TextSourceConfig
-from server.sources.base import (BadRecords, ShardSpec, check_text_files, decode_utf8, group_files,
+from server.stages.sources.base import (BadRecords, ShardSpec, check_text_files, decode_utf8, group_files,
                                  resolve_paths, safe_open)
 
 

@@ -3,20 +3,18 @@ the one way a source opens a data file (confined to ``server.data_roots`` while 
 
 from __future__ import annotations
 
-import errno
 import glob
 import hashlib
 import logging
 import os
 import threading
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
-from typing import IO, Any, Protocol
+from typing import Protocol
 
 from server.errors import ConfigError
-from server.identity import FileChanged, common_root
+from server.stages.files import common_root, safe_open
 
 log = logging.getLogger(__name__)
 
@@ -82,92 +80,6 @@ class BrokenShard(Exception):
     """A whole shard's content does not decode (a truncated or corrupt file): a content fault,
     decided from the bytes alone. Never raise it for an I/O error (an ``OSError`` from opening or
     reading): those are environment faults, which the dataset retries."""
-
-
-# ---- data roots, enforced at every open ----------------------------------------------------------
-#: Real paths of ``server.data_roots`` while a server runs; empty: files open as they are. Set
-#: once by the server process at start (``server.auth.install_guards``), read by every thread.
-_DATA_ROOTS: tuple[str, ...] = ()
-
-
-class OutsideDataRoots(FileChanged, ConfigError):
-    """A data file whose real path is not under ``server.data_roots``: it, or a directory above
-    it, was swapped for a symlink after the start-up checks. A ``FileChanged``, not an ``OSError``:
-    retrying cannot help, so the dataset refuses the read at once (FAILED_PRECONDITION); during
-    start-up it is the ``ConfigError`` that the path checks would have raised. The message names
-    only the configured path: where the link points stays in the server's log."""
-
-    def __init__(self, path: str) -> None:
-        super().__init__(path, "resolves outside server.data_roots")
-
-
-def confine_reads(roots: Iterable[str]) -> None:
-    """Make ``safe_open`` refuse files outside ``roots`` (real, absolute directories); no roots:
-    plain opens. Process-wide, because files are opened deep in sources and worker threads, where
-    no config is at hand."""
-    global _DATA_ROOTS
-    _DATA_ROOTS = tuple(roots)
-
-
-def data_roots() -> tuple[str, ...]:
-    """The roots ``safe_open`` enforces now (empty when reads are not confined)."""
-    return _DATA_ROOTS
-
-
-def safe_open(path: str, mode: str = "rb", **kwargs: Any) -> IO[Any]:
-    """``open(path, mode, **kwargs)`` for reading a data file; every source opens files this way.
-
-    With data roots, the file is opened with ``O_NOFOLLOW`` (a symlink is followed only to a
-    target under a root, checked before anything outside is opened), then the open descriptor's
-    real path, which the kernel reports with every symlinked parent resolved, must lie under a
-    root, else ``OutsideDataRoots``. Checking the descriptor that will be read, not the path,
-    leaves no window for a swap between check and use."""
-    if any(c in mode for c in "wax+"):
-        raise ValueError(f"safe_open opens data files for reading only, not with mode {mode!r}")
-    roots = _DATA_ROOTS
-    if not roots:
-        return open(path, mode, **kwargs)
-    return open(path, mode, opener=lambda p, flags: _open_confined(p, flags, roots), **kwargs)
-
-
-def _open_confined(path: str, flags: int, roots: tuple[str, ...]) -> int:
-    """A descriptor of ``path`` whose real path is under ``roots``, or ``OutsideDataRoots``."""
-    nofollow = getattr(os, "O_NOFOLLOW", 0)
-    try:
-        fd = os.open(path, flags | nofollow)
-    except OSError as err:
-        if not nofollow or err.errno not in (errno.ELOOP, errno.EMLINK):
-            raise  # an environment fault (missing, EIO, EMFILE, ...): the dataset retries it
-        target = os.path.realpath(path)  # the file itself is a symlink: follow it only inside
-        if not _under(target, roots):
-            raise _escape(path, target, roots) from None
-        fd = os.open(target, flags | nofollow)
-    try:
-        real = _descriptor_path(fd, path)
-        if not _under(real, roots):
-            raise _escape(path, real, roots)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _descriptor_path(fd: int, path: str) -> str:
-    """Where an open descriptor really is, as the kernel resolved it (Linux ``/proc``); where
-    there is no ``/proc``, the path's realpath taken after the open (a narrow window remains)."""
-    try:
-        return os.readlink(f"/proc/self/fd/{fd}")
-    except OSError:
-        return os.path.realpath(path)
-
-
-def _under(real: str, roots: tuple[str, ...]) -> bool:
-    return any(real == root or real.startswith(root.rstrip(os.sep) + os.sep) for root in roots)
-
-
-def _escape(path: str, real: str, roots: tuple[str, ...]) -> OutsideDataRoots:
-    log.error("refused to read %s: it resolves to %s, outside server.data_roots (%s)", path, real, ", ".join(roots))
-    return OutsideDataRoots(path)
 
 
 class Source(Protocol):

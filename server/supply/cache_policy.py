@@ -10,7 +10,7 @@ from typing import Protocol
 
 import numpy as np
 
-from server.schedule import shard_order
+from server.stages.order import shard_order
 
 #: A cache entry's place in a dataset: ``(dataset fingerprint, shard index)``.
 Slot = tuple[str, int]

@@ -1,0 +1,3 @@
+"""The gRPC edge: request and message encoding, admission and limits, authentication, the
+service's handlers.
+"""

@@ -1,0 +1,47 @@
+"""A stream's validated request and the chunks it yields: plain data, shared by the dealing loop,
+the token-budget planner and the gRPC edge."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from server.stages.dataset import Dataset
+from server.stages.mixture import Mixture
+from server.stages.order import Locator
+from tokenfeed.v1 import tokenfeed_pb2 as pb
+
+
+@dataclass(frozen=True)
+class StreamParams:
+    """A validated stream request."""
+
+    dataset: Dataset | Mixture
+    seed: int
+    seq_len: int
+    batch_size: int
+    packing: str
+    rank: int
+    world_size: int
+    first_step: int
+    step_stride: int
+    batches_per_message: int
+    compression: pb.Compression
+    start: Locator
+    provenance: bool = False
+    max_tokens: int = 0  # token-budget batches when > 0
+
+
+@dataclass
+class Chunk:
+    """Consecutive batches of one stream and the job position after each."""
+
+    tokens: np.ndarray  # [num_batches, batch_size, seq_len + 1]
+    cursors: list[Locator]
+    steps: list[int]
+    epochs: list[int]
+    provenance: list[np.ndarray] | None = None  # per batch: records sorted by (row, column)
+    starts: list[list[int]] | None = None  # token-budget batches: columns where pieces start
+    buffer: np.ndarray | None = None  # a message's bytes up to its header: ``tokens`` is its tail
+    shm_slot: int | None = None  # ``tokens`` go to this slot of the stream's shared-memory ring (``ServerRing.write``)
