@@ -19,7 +19,7 @@ from server.errors import InvalidArgument, TokenfeedError
 from server.metrics import REGISTRY
 from server.stages.mixture import Mixture
 from server.stream.params import StreamParams
-from server.stream.walker import PROVENANCE_FIELDS
+from server.stream.walker import PROVENANCE_WIDTH
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def message_bound(params: StreamParams) -> int:
     rows, width = (1, params.max_tokens + 1) if params.max_tokens else (params.batch_size, params.seq_len + 1)
     per_batch = rows * width * params.dataset.dtype.itemsize
     if params.provenance:
-        per_batch += rows * (width // 2 + 1) * PROVENANCE_FIELDS * 8 + 8
+        per_batch += rows * (width // 2 + 1) * PROVENANCE_WIDTH * 8 + 8
     if params.max_tokens:  # a varint piece start per piece; split pieces may be 1 token long
         per_batch += 5 * width + 8
     components = len(params.dataset.components) if isinstance(params.dataset, Mixture) else 0

@@ -18,7 +18,7 @@ import numpy as np
 from server.stages.order import Locator
 from server.supply.store import ShardStore
 from server.stream.params import Chunk, StreamParams
-from server.stream.walker import PROVENANCE_FIELDS, make_walker
+from server.stream.walker import PROVENANCE_WIDTH, make_walker
 
 
 #: Pieces planned between two turns given to the event loop.
@@ -131,7 +131,7 @@ def assemble(pieces: list[Piece], owner: list[int], rank: int, out: np.ndarray,
             recs.append(rec)
         starts.append(col)
         col += len(piece.tokens)
-    prov = np.concatenate(recs) if recs else np.empty((0, PROVENANCE_FIELDS), dtype=np.int64)
+    prov = np.concatenate(recs) if recs else np.empty((0, PROVENANCE_WIDTH), dtype=np.int64)
     return prov, starts
 
 

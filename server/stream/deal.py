@@ -17,7 +17,7 @@ from server.stages.order import Locator
 from server.supply.store import ShardStore
 from server.stream.budget import budget_chunks
 from server.stream.params import Chunk, StreamParams
-from server.stream.walker import Walker, make_walker
+from server.stream.walker import PROVENANCE_WIDTH, Walker, make_walker
 from tokenfeed import wire
 from tokenfeed.shm import ServerRing
 from tokenfeed.v1 import tokenfeed_pb2 as pb
@@ -193,7 +193,7 @@ async def stream_chunks(params: StreamParams, store: ShardStore,
                 records: list[np.ndarray] | None = [] if p.provenance else None
                 chunk.epochs.append(await walker.take(tokens[i], records))
                 if records is not None and chunk.provenance is not None:
-                    rec = np.concatenate(records) if records else np.empty((0, 7), dtype=np.int64)
+                    rec = np.concatenate(records) if records else np.empty((0, PROVENANCE_WIDTH), dtype=np.int64)
                     chunk.provenance.append(rec[np.lexsort((rec[:, 1], rec[:, 0]))])
                 await walker.skip(origin + (step + 1) * rows_per_step - walker.row)
                 chunk.cursors.append(walker.locator())

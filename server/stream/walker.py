@@ -16,10 +16,10 @@ from server.errors import FailedPrecondition
 from server.stages.mixture import Mixture
 from server.stages.order import Locator
 from server.supply.store import ShardStore
+from tokenfeed.constants import PROVENANCE_FIELDS
 
-#: Provenance record fields (one int64 each): row in batch, column, length, source, shard,
-#: document in shard, offset in document.
-PROVENANCE_FIELDS = 7
+#: int64s per provenance record (``tokenfeed.constants.PROVENANCE_FIELDS`` names them).
+PROVENANCE_WIDTH = len(PROVENANCE_FIELDS)
 #: Rows a mixture assigns between two turns of the event loop (a few ms of work).
 ASSIGN_ON_LOOP_ROWS = 4096
 
@@ -215,7 +215,7 @@ class Walker:
             out[filled : filled + step] = packed.row_view(self.shard_row, self.shard_row + step)
             if provenance is not None:
                 seg = packed.row_segments(self.shard_row, self.shard_row + step)
-                rec = np.empty((len(seg), PROVENANCE_FIELDS), dtype=np.int64)
+                rec = np.empty((len(seg), PROVENANCE_WIDTH), dtype=np.int64)
                 rec[:, 0] = seg[:, 0] - self.shard_row + filled
                 rec[:, 1:3] = seg[:, 1:3]
                 rec[:, 3] = self.source
