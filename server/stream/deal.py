@@ -13,7 +13,7 @@ from server.config import ServerSettings
 from server.stages.dataset import Dataset
 from server.errors import FailedPrecondition, InvalidArgument, NotFound
 from server.stages.mixture import Mixture
-from server.stages.order import Locator
+from server.stages.order import Dealing, Locator
 from server.supply.store import ShardStore
 from server.stream.budget import budget_chunks
 from server.stream.params import Chunk, StreamParams
@@ -165,9 +165,9 @@ async def stream_chunks(params: StreamParams, store: ShardStore,
         async for chunk in budget_chunks(p, store):
             yield chunk
         return
-    origin, rows_per_step, step = p.start.row, p.world_size * p.batch_size, p.first_step
+    deal, step = Dealing(p.start.row, p.world_size, p.batch_size), p.first_step
     # keep packed ahead the rows of the next 16 messages (all ranks' rows: the walker passes them)
-    ahead = 16 * p.batches_per_message * p.step_stride * rows_per_step
+    ahead = 16 * p.batches_per_message * p.step_stride * deal.rows_per_step
     walker = make_walker(store, p.dataset, p.seed, p.seq_len, p.packing, p.start, ahead_rows=ahead)
     shape, writer = (p.batches_per_message, p.batch_size, p.seq_len + 1), RingWriter(ring) if ring else None
     try:  # however the stream ends (client gone, error, shutdown), its prefetches stop
@@ -180,8 +180,8 @@ async def stream_chunks(params: StreamParams, store: ShardStore,
                           buffer=buffer, shm_slot=slot)
             steps = [step + i * p.step_stride for i in range(p.batches_per_message)]
             if not p.provenance and isinstance(walker, Walker):  # whole chunk from one packed shard?
-                taken = walker.take_now(tokens, [origin + t * rows_per_step + p.rank * p.batch_size for t in steps],
-                                        [origin + (t + 1) * rows_per_step for t in steps])
+                taken = walker.take_now(tokens, [deal.first_row(t, p.rank) for t in steps],
+                                        [deal.end_of_step(t) for t in steps])
                 if taken is not None:  # each batch's epoch is its first row's, as on the slow path
                     chunk.cursors, chunk.epochs = taken
                     chunk.steps = steps
@@ -189,13 +189,13 @@ async def stream_chunks(params: StreamParams, store: ShardStore,
                     yield chunk
                     continue
             for i in range(p.batches_per_message):
-                await walker.skip(origin + step * rows_per_step + p.rank * p.batch_size - walker.row)
+                await walker.skip(deal.first_row(step, p.rank) - walker.row)
                 records: list[np.ndarray] | None = [] if p.provenance else None
                 chunk.epochs.append(await walker.take(tokens[i], records))
                 if records is not None and chunk.provenance is not None:
                     rec = np.concatenate(records) if records else np.empty((0, PROVENANCE_WIDTH), dtype=np.int64)
                     chunk.provenance.append(rec[np.lexsort((rec[:, 1], rec[:, 0]))])
-                await walker.skip(origin + (step + 1) * rows_per_step - walker.row)
+                await walker.skip(deal.end_of_step(step) - walker.row)
                 chunk.cursors.append(walker.locator())
                 chunk.steps.append(step)
                 step += p.step_stride

@@ -4,7 +4,6 @@ loads shards lazily, skips rows by their counts alone, and copies out the rows i
 from __future__ import annotations
 
 import asyncio
-import bisect
 import weakref
 from typing import Any
 
@@ -14,7 +13,7 @@ from server import metrics
 from server.stages.dataset import Dataset
 from server.errors import FailedPrecondition
 from server.stages.mixture import Mixture
-from server.stages.order import Locator
+from server.stages.order import Locator, locate
 from server.supply.store import ShardStore
 from tokenfeed.constants import PROVENANCE_FIELDS
 
@@ -148,29 +147,9 @@ class Walker:
         return locators, epochs
 
     def _locate(self, epoch: int, shard: int, offset: int) -> tuple[int, int, int, int] | None:
-        """The position ``offset`` rows after the start of shard ``shard`` of ``epoch``, found by
-        bisecting the epochs' cumulative row counts (the ranks of a large job skip most rows):
-        ``(epoch, shard, shard_row, rows)``, left at the end of a shard as ``skip`` leaves it.
-        None when a count on the way is not known yet."""
-        store = self.store
-        cum = store.epoch_rows(self.ds, self.seed, epoch, self.seq_len, self.packing)
-        if cum is None:
-            return None
-        x = cum[shard] + offset
-        if x > cum[-1]:
-            if cum[-1] == 0:
-                return None  # an epoch without rows: the slow path says so
-            # Every epoch holds the same rows (counts known from the counts alone do not depend on
-            # the order), so whole epochs are skipped by division, not one by one: a small dataset
-            # under a large job would otherwise walk thousands of epochs per message.
-            epochs = (x - 1) // cum[-1]
-            x -= epochs * cum[-1]
-            epoch += epochs
-            cum = store.epoch_rows(self.ds, self.seed, epoch, self.seq_len, self.packing)
-            if cum is None:
-                return None
-        s = bisect.bisect_left(cum, x) - 1
-        return epoch, s, x - cum[s], cum[s + 1] - cum[s]
+        """``order.locate`` over this walker's counts: the ranks of a large job skip most rows."""
+        store, ds, seed, seq_len, packing = self.store, self.ds, self.seed, self.seq_len, self.packing
+        return locate(lambda e: store.epoch_rows(ds, seed, e, seq_len, packing), epoch, shard, offset)
 
     def _pack_ahead(self) -> None:
         """On entering a shard, keep packing the shards that hold the next ``ahead_rows`` rows

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import itertools
 import logging
 import threading
 from collections import Counter, OrderedDict
@@ -13,22 +12,16 @@ from collections.abc import Callable, Hashable
 from concurrent.futures import CancelledError, Executor, Future
 from typing import Any, NamedTuple
 
-import numpy as np
 
 from server.supply.cache import DiskTier, ShardCache, fixed_mmap_threshold, shard_key
 from server.config import Config, PrefetchSettings
 from server.stages.dataset import Dataset
 from server.stages.packing import PackedShard, TokenizedShard, known_rows, pack
 from server.supply.prefetch import Follower, Prefetcher
-from server.stages.order import doc_order, shard_order
+from server.stages.order import cached_shard_order, doc_order, epoch_rows
 
 
 log = logging.getLogger(__name__)
-
-
-@functools.lru_cache(maxsize=256)
-def _shard_order(seed: int, epoch: int, num_shards: int) -> np.ndarray:
-    return shard_order(seed, epoch, num_shards)
 
 
 #: Pack-aheads running at once, at most (each is a cache lookup and a packing in the executor).
@@ -87,7 +80,7 @@ class ShardStore:
     @staticmethod
     def shard_index(ds: Dataset, seed: int, epoch: int, ordinal: int) -> int:
         """The shard at position ``ordinal`` of epoch ``epoch``'s order."""
-        return int(_shard_order(seed, epoch, ds.num_shards)[ordinal])
+        return int(cached_shard_order(seed, epoch, ds.num_shards)[ordinal])
 
     def follow(self, ds: Dataset, seed: int) -> Follower:
         """A handle through which a stream reports its position (``at(epoch, ordinal)``) so that
@@ -328,13 +321,9 @@ class ShardStore:
             return hit[1]
         cum = None
         if len(ds.shard_tokens) == ds.num_shards and known_rows(packing, 0, 0, seq_len) is not None:
-            order = _shard_order(seed, epoch, ds.num_shards)
-            rows: list[int] = []
-            for i in order.tolist():
-                n = known_rows(packing, ds.shard_tokens[i], ds.shard_docs[i], seq_len)
-                assert n is not None  # (this packing's rows follow from counts: checked above)
-                rows.append(n)
-            cum = [0, *itertools.accumulate(rows)]
+            rows = [known_rows(packing, ds.shard_tokens[i], ds.shard_docs[i], seq_len) or 0  # (known: checked)
+                    for i in range(ds.num_shards)]
+            cum = epoch_rows(seed, epoch, rows)
         self._epoch_rows[key] = (version, cum)
         while len(self._epoch_rows) > 64:
             self._epoch_rows.popitem(last=False)
