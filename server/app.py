@@ -20,23 +20,24 @@ from server.serve.limits import ProbeStreamLimit, connection_cap, raise_fd_limit
 from server.serve.rpc_metrics import RpcMetricsInterceptor
 from server.serve.service import SERVICE_NAME, TokenFeedService, add_to_server
 from server.stages.dataset import Dataset
-from server.stages.mixture import Mixture, build_mixture
+from server.stages.mixture import build_mixture
+from server.stages.served import Served
 from server.supply.store import build_store
 
 log = logging.getLogger("server")
 
 
-def build_datasets(config: Config) -> dict[str, Dataset | Mixture]:
+def build_datasets(config: Config) -> dict[str, Served]:
     """Resolve every dataset's files and shards; config errors surface here, at start-up.
     With ``server.data_roots`` nothing outside them is read (paths checked before and after)."""
     check_config_paths(config)
-    plain: dict[str, Dataset | Mixture] = {
-        name: Dataset(name, ds) for name, ds in config.datasets.items() if ds.mixture is None}
-    check_dataset_files(config, {name: ds.source.files() for name, ds in plain.items() if isinstance(ds, Dataset)})
+    plain = {name: Dataset(name, ds) for name, ds in config.datasets.items() if ds.mixture is None}
+    check_dataset_files(config, {name: ds.source.files() for name, ds in plain.items()})
+    served: dict[str, Served] = dict(plain)
     for name, ds in config.datasets.items():
         if ds.mixture is not None:
-            plain[name] = build_mixture(name, ds.mixture, plain)
-    return plain
+            served[name] = build_mixture(name, ds.mixture, plain)
+    return served
 
 
 async def serve(config: Config, stop: asyncio.Event | None = None) -> None:

@@ -21,8 +21,7 @@ from server.metrics import (ACTIVE_STREAMS, ASSEMBLY_SECONDS, BROKEN_REASONS, BR
                             SENT_PAD_TOKENS, SENT_ROWS, SENT_TOKENS, SHARD_LOAD_SECONDS, SOURCE_BYTES,
                             TOKENIZED_SHARDS, TOKENIZER_DOCUMENTS, TOKENIZER_TOKENS)
 from server.serve.auth import require_bearer
-from server.stages.dataset import Dataset
-from server.stages.mixture import Mixture
+from server.stages.served import Served
 from server.supply.store import ShardStore
 from tokenfeed import wire
 
@@ -108,7 +107,7 @@ class ServerCollector(Collector):
     """Reads the cache, the prefetcher, the datasets' bad-record counts and the mixtures' rows per
     component at scrape time, so the hot path pays nothing for them."""
 
-    def __init__(self, datasets: Mapping[str, Dataset | Mixture], store: ShardStore) -> None:
+    def __init__(self, datasets: Mapping[str, Served], store: ShardStore) -> None:
         self.datasets, self.store = datasets, store
 
     def describe(self) -> list[Metric]:
@@ -154,21 +153,22 @@ class ServerCollector(Collector):
                                    labels=["dataset", "source"])
         for name, ds in sorted(self.datasets.items()):
             shards.add_metric([name], ds.num_shards)
-            if isinstance(ds, Mixture):  # no source of its own: its components' bad records count under their names
-                for part, served in zip(ds.components, list(ds.rows_served)):
-                    rows.add_metric([name, part.name], served)
+            if ds.components:  # a mixture: no source of its own (its components' bad records count under theirs)
+                for source in ds.sources():
+                    rows.add_metric([name, source["name"]], source["rows_served"])
                 continue
-            for reason, count in sorted(ds.bad.snapshot().items()):
+            (plain,) = ds.parts
+            for reason, count in sorted(plain.bad.snapshot().items()):
                 if reason != "broken_shard":  # whole shards: tokenfeed_broken_shards_total
-                    bad.add_metric([name, ds.source_config.type, reason], count)
+                    bad.add_metric([name, plain.source_config.type, reason], count)
         yield bad
         yield shards
         yield rows
 
 
-def _mixture_weight(mix: Mixture, component: int) -> float:
+def _mixture_weight(mix: Served, component: int) -> float:
     """A component's scheduled weight at the mixture's rows served so far (what Describe reports)."""
-    return float(mix.schedule.weights_at(sum(mix.rows_served))[component])
+    return float(mix.sources()[component]["weight"])
 
 
 # ---- the /metrics endpoint -----------------------------------------------------------------------
@@ -176,7 +176,7 @@ class MetricsExporter:
     """The /metrics HTTP endpoint (a daemon thread) and the collector of one running server; with
     ``token``, a scrape without ``Authorization: Bearer <token>`` gets 401."""
 
-    def __init__(self, host: str, port: int, datasets: Mapping[str, Dataset | Mixture], store: ShardStore,
+    def __init__(self, host: str, port: int, datasets: Mapping[str, Served], store: ShardStore,
                  token: str | None = None) -> None:
         disable_created_metrics()  # no *_created series: they double the output and nobody graphs them
         self._weights: list[tuple[str, str]] = []  # (mixture, component): gauges read from a mixture
@@ -187,12 +187,13 @@ class MetricsExporter:
             for packing in wire.PACKINGS:
                 SENT_TOKENS.labels(name, packing)
                 SENT_PAD_TOKENS.labels(name, packing)
-            if isinstance(ds, Mixture):  # no source or tokenizer of its own; weights read at scrape time
+            if ds.components:  # a mixture: no source or tokenizer of its own; weights read at scrape time
                 for i, part in enumerate(ds.components):
                     MIXTURE_WEIGHT.labels(name, part.name).set_function(functools.partial(_mixture_weight, ds, i))
                     self._weights.append((name, part.name))
                 continue
-            source, tokenizer = ds.source_config.type, ds.info.name if ds.tokenizer else "none"
+            (plain,) = ds.parts
+            source, tokenizer = plain.source_config.type, plain.info.name if plain.tokenizer else "none"
             for reason in BROKEN_REASONS:
                 BROKEN_SHARDS.labels(name, source, reason)
             TOKENIZED_SHARDS.labels(name, source), SOURCE_BYTES.labels(name, source), SHARD_LOAD_SECONDS.labels(name)
@@ -248,7 +249,7 @@ def _serve_http(host: str, port: int, token: str | None) -> Any:
     return httpd
 
 
-def start_exporter(host: str, port: int | None, datasets: Mapping[str, Dataset | Mixture],
+def start_exporter(host: str, port: int | None, datasets: Mapping[str, Served],
                    store: ShardStore, token: str | None = None) -> MetricsExporter | None:
     """Serve /metrics on ``host:port`` (0 picks a free port); ``None`` when no port is configured.
     With ``token`` (``server.serve.auth.load_metrics_token``), a scrape must bear it."""

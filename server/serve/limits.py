@@ -17,7 +17,6 @@ from prometheus_client import Counter, Gauge
 from server.config import ServerSettings
 from server.errors import InvalidArgument, TokenfeedError
 from server.metrics import REGISTRY
-from server.stages.mixture import Mixture
 from server.stream.params import StreamParams
 from server.stream.walker import PROVENANCE_WIDTH
 
@@ -63,7 +62,7 @@ def message_bound(params: StreamParams) -> int:
         per_batch += rows * (width // 2 + 1) * PROVENANCE_WIDTH * 8 + 8
     if params.max_tokens:  # a varint piece start per piece; split pieces may be 1 token long
         per_batch += 5 * width + 8
-    components = len(params.dataset.components) if isinstance(params.dataset, Mixture) else 0
+    components = len(params.dataset.components)
     per_batch += _CURSOR_BYTES + components * _COMPONENT_BYTES + 24
     return params.batches_per_message * per_batch + 4096
 
@@ -76,7 +75,7 @@ def packing_charge(params: StreamParams) -> int:
     shard's once it was read). ``concat`` rows are a view of the shard's own tokens: not charged."""
     if params.packing == "concat":
         return 0
-    parts = params.dataset.components if isinstance(params.dataset, Mixture) else [params.dataset]
+    parts = params.dataset.parts
     rows = max((docs + ds.shard_tokens.get(i, 0) // params.seq_len
                 for ds in parts for i, docs in ds.shard_docs.items()), default=0)
     return rows * (params.seq_len + 1) * params.dataset.dtype.itemsize

@@ -12,10 +12,9 @@ from google.protobuf.message import Message
 
 from server import metrics
 from server.config import ServerSettings
-from server.stages.dataset import Dataset
 from server.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, TokenfeedError, Unavailable
 from server.serve.limits import RETRY_AFTER_KEY, Admission, Overloaded, ShuttingDown, check_request
-from server.stages.mixture import Mixture
+from server.stages.served import Served
 from server.stages.order import Locator
 from server.supply.store import ShardStore
 from server.stream.deal import parse_request, stream_chunks
@@ -51,7 +50,7 @@ def status_of(err: TokenfeedError) -> grpc.StatusCode:
 class TokenFeedService(pb_grpc.TokenFeedServicer):
     """Serves ``StreamBatches`` and ``Describe`` for a set of datasets."""
 
-    def __init__(self, datasets: Mapping[str, Dataset | Mixture], store: ShardStore,
+    def __init__(self, datasets: Mapping[str, Served], store: ShardStore,
                  settings: ServerSettings) -> None:
         self.datasets, self.store, self.settings = datasets, store, settings
         self.admission = Admission(settings.max_streams, int(settings.stream_memory_bytes))
@@ -129,11 +128,10 @@ class TokenFeedService(pb_grpc.TokenFeedServicer):
             ds = self.datasets[name]
             d = ds.describe()
             shards = [pb.ShardInfo(**s) for s in d.pop("shards")]
-            sources = ds.sources() if isinstance(ds, Mixture) else [
-                {"name": ds.name, "weight": 1.0, "tokens": d["tokens"], "rows_served": 0}]
-            infos.append(pb.DatasetInfo(**d, shards=shards, max_seq_len=self.settings.max_seq_len,
+            infos.append(pb.DatasetInfo(**d, shards=shards, dtype=wire.dtype_enum(ds.dtype),
+                                        max_seq_len=self.settings.max_seq_len,
                                         max_batch_size=self.settings.max_batch_size,
-                                        sources=[pb.SourceInfo(**x) for x in sources]))
+                                        sources=[pb.SourceInfo(**x) for x in ds.sources()]))
         return pb.DescribeResponse(datasets=infos, server_version=SERVER_VERSION)
 
 
@@ -154,7 +152,7 @@ def encode_chunk(chunk: Chunk, params: StreamParams) -> tuple[bytes, int]:
     twice more (into the message, then out of it when serialising)."""
     info = params.dataset.info
     header = pb.BatchChunk(
-        dtype=params.dataset.wire_dtype, compression=params.compression,
+        dtype=wire.dtype_enum(params.dataset.dtype), compression=params.compression,
         num_batches=len(chunk.steps), rows=chunk.tokens.shape[1], seq_len=chunk.tokens.shape[2] - 1,
         eos_id=info.eos_id, pad_id=info.pad_id,
         cursors=[cursor_message(c, params) for c in chunk.cursors], steps=chunk.steps, epochs=chunk.epochs,

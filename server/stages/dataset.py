@@ -23,7 +23,7 @@ from server.stages.identity import FileIdentity, check_unchanged, identify_all
 from server.stages.packing import TokenizedShard, tokenized_shard
 from server.stages.sources import BadRecords, BrokenShard, ShardSpec, TokensSource, build_source
 from server.stages.tokenizers import Tokenizer, build_tokenizer
-from tokenfeed import wire
+from tokenfeed.constants import token_dtype
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,7 @@ class Dataset:
             self.tokenizer = build_tokenizer(config.tokenizer, f"{field}.tokenizer")
             self.info = self.tokenizer.info
         self.shards: list[ShardSpec] = self.source.shards()
-        self.wire_dtype = wire.wire_dtype(self.info.vocab_size)
-        self.dtype = wire.numpy_dtype(self.wire_dtype)
+        self.dtype = token_dtype(self.info.vocab_size)
         self.bad = BadRecords()
         self.shard_docs: dict[int, int] = {}
         self.shard_tokens: dict[int, int] = {}
@@ -77,6 +76,13 @@ class Dataset:
         self._all_files = hashlib.sha256(json.dumps(
             sorted([self.relpath(p), *i.content()] for p, i in self._files.items())).encode()).hexdigest()
         self.fingerprint = self._fingerprint()
+
+    #: A dataset is no mixture: no components (``Served``), and it reads only its own shards.
+    components: tuple[()] = ()
+
+    @property
+    def parts(self) -> tuple[Dataset]:
+        return (self,)
 
     @property
     def num_shards(self) -> int:
@@ -237,6 +243,14 @@ class Dataset:
             bad.add("empty_document", len(tokens) - len(kept), sample=f"{shard.name}: a document has no tokens")
         return tokenized_shard(kept, self.info.eos_id, self.dtype) if kept else empty_tokenized(self.dtype)
 
+    def sources(self) -> list[dict]:
+        """Itself as the one source of its rows (``Served.sources``)."""
+        return [{"name": self.name, "weight": 1.0, "tokens": self.total_tokens(), "rows_served": 0}]
+
+    def total_tokens(self) -> int:
+        """Tokens of every shard, or -1 while a shard's count is not known yet."""
+        return sum(self.shard_tokens.values()) if len(self.shard_tokens) == self.num_shards else -1
+
     def describe(self) -> dict:
         """A plain summary (also the source of the Describe RPC)."""
         known = len(self.shard_tokens) == self.num_shards
@@ -257,7 +271,6 @@ class Dataset:
                 for s in self.shards
             ],
             "bad_records": self.bad.snapshot(),
-            "dtype": self.wire_dtype,
         }
 
 

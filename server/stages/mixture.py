@@ -77,7 +77,7 @@ class Mixture:
         self.components = components
         self.schedule = schedule
         first = components[0]
-        self.info, self.dtype, self.wire_dtype = first.info, first.dtype, first.wire_dtype
+        self.info, self.dtype = first.info, first.dtype
         self.rows_served = [0] * len(components)
         h = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
         for ds in components:
@@ -87,6 +87,10 @@ class Mixture:
     @property
     def shards(self) -> list:
         return [s for ds in self.components for s in ds.shards]
+
+    @property
+    def parts(self) -> list[Dataset]:
+        return self.components
 
     @property
     def num_shards(self) -> int:
@@ -104,12 +108,11 @@ class Mixture:
             "tokens": sum(p["tokens"] for p in parts) if known else -1,
             "shards": [s for p in parts for s in p["shards"]],
             "bad_records": {k: v for p in parts for k, v in p["bad_records"].items()},
-            "dtype": self.wire_dtype,
         }
 
     def sources(self) -> list[dict]:
         weights = self.schedule.weights_at(sum(self.rows_served))
-        return [{"name": ds.name, "weight": float(w), "tokens": ds.describe()["tokens"], "rows_served": n}
+        return [{"name": ds.name, "weight": float(w), "tokens": ds.total_tokens(), "rows_served": n}
                 for ds, w, n in zip(self.components, weights, self.rows_served)]
 
 

@@ -10,9 +10,8 @@ from collections.abc import AsyncIterator, Mapping
 import numpy as np
 
 from server.config import ServerSettings
-from server.stages.dataset import Dataset
 from server.errors import FailedPrecondition, InvalidArgument, NotFound
-from server.stages.mixture import Mixture
+from server.stages.served import Served
 from server.stages.order import Dealing, Locator
 from server.supply.store import ShardStore
 from server.stream.budget import budget_chunks
@@ -25,7 +24,7 @@ from tokenfeed.v1 import tokenfeed_pb2 as pb
 MAX_BATCHES_PER_MESSAGE = 64
 
 
-def parse_request(req: pb.StreamRequest, datasets: Mapping[str, Dataset | Mixture],
+def parse_request(req: pb.StreamRequest, datasets: Mapping[str, Served],
                   limits: ServerSettings) -> StreamParams:
     """Check every field of a request; errors name the field and the allowed range."""
     ds = datasets.get(req.dataset)
@@ -72,7 +71,7 @@ def _check_range(field: str, value: int, lo: int, hi: int) -> None:
         raise InvalidArgument(field, f"must be in [{lo}, {hi}], got {value}")
 
 
-def _check_cursor(req: pb.StreamRequest, ds: Dataset | Mixture, packing: str) -> Locator:
+def _check_cursor(req: pb.StreamRequest, ds: Served, packing: str) -> Locator:
     """A cursor must belong to the requested sequence; a mismatch is refused, never ignored."""
     c = req.cursor
     if c.version != wire.CURSOR_VERSION:
@@ -85,7 +84,7 @@ def _check_cursor(req: pb.StreamRequest, ds: Dataset | Mixture, packing: str) ->
         if got != want:
             hint = " (the dataset's content or tokenizer changed)" if field == "fingerprint" else ""
             raise FailedPrecondition(f"cursor was made for {field}={got!r}, this stream has {field}={want!r}{hint}")
-    if isinstance(ds, Mixture):
+    if ds.components:  # a mixture: one position per component
         names = [part.name for part in ds.components]
         if [p.dataset for p in c.components] != names:
             raise FailedPrecondition(f"cursor has components {[p.dataset for p in c.components]}, "
@@ -98,7 +97,7 @@ def _check_cursor(req: pb.StreamRequest, ds: Dataset | Mixture, packing: str) ->
     return _locator(c, ds, "cursor")
 
 
-def _locator(c: pb.Cursor | pb.ComponentCursor, ds: Dataset, field: str) -> Locator:
+def _locator(c: pb.Cursor | pb.ComponentCursor, ds: Served, field: str) -> Locator:
     if c.shard >= ds.num_shards:
         raise InvalidArgument(f"{field}.shard", f"must be below {ds.name!r}'s {ds.num_shards} shards, got {c.shard}")
     return Locator(row=c.row, epoch=c.epoch, shard=c.shard, shard_row=c.shard_row)

@@ -7,9 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server.stages.dataset import Dataset
-from server.stages.mixture import Mixture
 from server.stages.order import Locator
+from server.stages.served import Served
 from tokenfeed.v1 import tokenfeed_pb2 as pb
 
 
@@ -17,7 +16,7 @@ from tokenfeed.v1 import tokenfeed_pb2 as pb
 class StreamParams:
     """A validated stream request."""
 
-    dataset: Dataset | Mixture
+    dataset: Served
     seed: int
     seq_len: int
     batch_size: int

@@ -14,6 +14,7 @@ from server.stages.dataset import Dataset
 from server.errors import FailedPrecondition
 from server.stages.mixture import Mixture
 from server.stages.order import Locator, locate
+from server.stages.served import Served
 from server.supply.store import ShardStore
 from tokenfeed.constants import PROVENANCE_FIELDS
 
@@ -268,9 +269,12 @@ class MixtureWalker:
         return int(epoch or 0)
 
 
-def make_walker(store: ShardStore, ds: Dataset | Mixture, seed: int, seq_len: int, packing: str,
+def make_walker(store: ShardStore, ds: Served, seed: int, seq_len: int, packing: str,
                 start: Locator, ahead_rows: int = 0) -> Walker | MixtureWalker:
-    """A walker over ``ds`` from ``start``; ``ahead_rows``: how far ahead to keep shards packed."""
+    """A walker over ``ds`` from ``start``; ``ahead_rows``: how far ahead to keep shards packed.
+    The one place that tells a mixture from a dataset: their walks differ (a mixture interleaves
+    its components' walks by its weight schedule)."""
     if isinstance(ds, Mixture):
         return MixtureWalker(store, ds, seed, seq_len, packing, start)
-    return Walker(store, ds, seed, seq_len, packing, start, ahead_rows=ahead_rows)
+    (plain,) = ds.parts
+    return Walker(store, plain, seed, seq_len, packing, start, ahead_rows=ahead_rows)
