@@ -72,7 +72,7 @@ async def test_an_epoch_every_stream_has_left_leaves_the_hot_tier(dataset: Datas
     await ahead.take(out)
 
     def epochs() -> set[int]:
-        return {k[4] for k in store._packed}
+        return {k.epoch for k in store._packed}
 
     assert 0 in epochs() and 1 in epochs()  # the trailing stream still reads epoch 0
     before = store.stats()

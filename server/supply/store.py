@@ -4,6 +4,7 @@ the prefetcher that keeps every stream's next shards loading ahead."""
 from __future__ import annotations
 
 import asyncio
+import enum
 import functools
 import logging
 import threading
@@ -26,9 +27,33 @@ log = logging.getLogger(__name__)
 
 #: Pack-aheads running at once, at most (each is a cache lookup and a packing in the executor).
 MAX_PACK_AHEAD = 16
-#: The hot tier's key of a packed shard: ("packed", dataset fingerprint, shard index, seed, epoch,
-#: seq_len, packing).
-PackedKey = tuple[str, str, int, int, int, int, str]
+
+
+class PackedKey(NamedTuple):
+    """The hot tier's key of a packed shard: one shard of a dataset, packed for one epoch's
+    document order at one seq_len and packing. (A named tuple: hashed in C, on the hot path.)"""
+
+    fingerprint: str  # the dataset's
+    shard: int        # the shard's index (not its place in the epoch's order)
+    seed: int
+    epoch: int
+    seq_len: int
+    packing: str
+
+
+class TokensKey(NamedTuple):
+    """The single-flight key of a shard's tokens (read or looked up in the cache)."""
+
+    fingerprint: str
+    shard: int
+
+
+class Lookup(enum.Enum):
+    """What a blocking load of a shard's tokens may do (``ShardStore._load``)."""
+
+    GET = "get"            # from the cache, else read and tokenize it (and cache it)
+    PREFETCH = "prefetch"  # make sure it is cached; never decompress a cached one
+    CACHED = "cached"      # from the cache only: never read the source (pack-ahead leaves that to the prefetcher)
 
 
 class _Flight:
@@ -104,7 +129,7 @@ class ShardStore:
             del self._live_epochs[job]
         elif old is not None and old < min(live):
             below = min(live)
-            dead = [k for k in self._packed if k[1] == ds.fingerprint and k[3] == seed and k[4] < below]
+            dead = [k for k in self._packed if k.fingerprint == ds.fingerprint and k.seed == seed and k.epoch < below]
             for key in dead:
                 self._packed_bytes -= self._packed.pop(key).nbytes
             self.hot_evictions += len(dead)
@@ -156,20 +181,18 @@ class ShardStore:
         self._start(key, fn, then).waiters.append(waiter)
         return await waiter
 
-    def _load(self, ds: Dataset, index: int, mode: str) -> _Loaded:
-        """Blocking: the shard from the cache, else read, tokenize and cache it (``"get"``). A
-        ``"prefetch"`` only makes sure it is cached (no decompression when it already is); a
-        ``"cached"`` lookup never reads the source (pack-ahead leaves that to the prefetcher)."""
+    def _load(self, ds: Dataset, index: int, mode: Lookup) -> _Loaded:
+        """Blocking: a shard's tokens, as far as ``mode`` allows (see ``Lookup``)."""
         key, slot = shard_key(ds, index), (ds.fingerprint, index)
-        prefetch = mode == "prefetch"
+        prefetch = mode is Lookup.PREFETCH
         if prefetch:
             if self.cache.contains(key, slot):
                 return _Loaded(key, None, False)
-        elif mode == "cached" and not self.cache.contains(key, slot):
+        elif mode is Lookup.CACHED and not self.cache.contains(key, slot):
             return _Loaded(key, None, False)
         elif (hit := self.cache.get(key, slot)) is not None:
             return _Loaded(key, hit, False)
-        if mode == "cached":
+        if mode is Lookup.CACHED:
             return _Loaded(key, None, False)
         with self._reads_lock:
             self._reads += 1
@@ -183,14 +206,14 @@ class ShardStore:
 
     async def _warm(self, ds: Dataset, index: int) -> None:
         """The prefetcher's load: shares the single flight of requests for the same shard."""
-        await self._once(("tok", ds.fingerprint, index), functools.partial(self._load, ds, index, "prefetch"))
+        await self._once(TokensKey(ds.fingerprint, index), functools.partial(self._load, ds, index, Lookup.PREFETCH))
 
     async def tokenized(self, ds: Dataset, index: int, only_cached: bool = False) -> TokenizedShard | None:
         """A shard's tokens; with ``only_cached``, None unless the cache holds it."""
-        flight = ("tok", ds.fingerprint, index)
+        flight = TokensKey(ds.fingerprint, index)
         while True:
             loaded = await self._once(flight, functools.partial(self._load, ds, index,
-                                                                "cached" if only_cached else "get"))
+                                                                Lookup.CACHED if only_cached else Lookup.GET))
             if loaded.shard is not None:  # else we joined a prefetch that found it cached: look it up
                 break
             if only_cached:
@@ -218,7 +241,7 @@ class ShardStore:
                             packing: str, only_cached: bool) -> PackedShard | None:
         """``packed``; with ``only_cached``, None unless the shard's tokens are cached."""
         key = self._packed_key(ds, seed, epoch, ordinal, seq_len, packing)
-        index = key[2]
+        index = key.shard
         hit = self._packed.get(key)
         if hit is not None:
             self._packed.move_to_end(key)
@@ -242,7 +265,7 @@ class ShardStore:
         when the cache does not hold it)."""
 
         def build() -> PackedShard | None:
-            shard = tok if tok is not None else self._load(ds, index, "cached").shard
+            shard = tok if tok is not None else self._load(ds, index, Lookup.CACHED).shard
             if shard is None:
                 return None
             return pack(packing, shard, doc_order(seed, epoch, index, shard.num_docs), seq_len, ds.info.pad_id)
@@ -294,14 +317,14 @@ class ShardStore:
 
     def _packed_key(self, ds: Dataset, seed: int, epoch: int, ordinal: int, seq_len: int,
                     packing: str) -> PackedKey:
-        """The hot tier's key of shard ``ordinal`` of ``epoch``'s order; ``key[2]`` is its index."""
-        return ("packed", ds.fingerprint, self.shard_index(ds, seed, epoch, ordinal), seed, epoch, seq_len, packing)
+        """The hot tier's key of shard ``ordinal`` of ``epoch``'s order."""
+        return PackedKey(ds.fingerprint, self.shard_index(ds, seed, epoch, ordinal), seed, epoch, seq_len, packing)
 
     def rows_now(self, ds: Dataset, seed: int, epoch: int, ordinal: int, seq_len: int, packing: str) -> int | None:
         """A shard's rows in an epoch if they are known without waiting (from its counts, or from
         its packed rows in the hot tier), else None."""
         key = self._packed_key(ds, seed, epoch, ordinal, seq_len, packing)
-        index = key[2]
+        index = key.shard
         tokens, docs = ds.shard_tokens.get(index), ds.shard_docs.get(index)
         if tokens is not None and docs is not None:
             rows = known_rows(packing, tokens, docs, seq_len)
@@ -344,7 +367,7 @@ class ShardStore:
         if len(self._ahead) >= MAX_PACK_AHEAD:
             return False
         self._ahead.add(key)
-        self._start(key, self._packer(ds, seed, epoch, key[2], seq_len, packing, None),
+        self._start(key, self._packer(ds, seed, epoch, key.shard, seq_len, packing, None),
                     functools.partial(self._keep_packed, key))
         return True
 
