@@ -23,7 +23,7 @@ from server.metrics import (ACTIVE_STREAMS, ASSEMBLY_SECONDS, BROKEN_REASONS, BR
 from server.serve.auth import require_bearer
 from server.stages.served import Served
 from server.supply.store import ShardStore
-from tokenfeed import wire
+from tokenfeed.constants import PACKINGS
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ class MetricsExporter:
             for family in (ACTIVE_STREAMS, FIRST_BATCH_SECONDS, ASSEMBLY_SECONDS, SENT_MESSAGES, SENT_BATCHES,
                            SENT_ROWS, SENT_BYTES):
                 family.labels(name)
-            for packing in wire.PACKINGS:
+            for packing in PACKINGS:
                 SENT_TOKENS.labels(name, packing)
                 SENT_PAD_TOKENS.labels(name, packing)
             if ds.components:  # a mixture: no source or tokenizer of its own; weights read at scrape time

@@ -116,3 +116,12 @@ def test_server_modules_import_no_circles():
 
 def server_imports_cache() -> set[str]:
     return set(server_imports())
+
+
+def test_only_the_grpc_edge_touches_protobuf_and_the_ring():
+    wire_modules = ("tokenfeed.v1", "tokenfeed.wire", "tokenfeed.shm", "google.protobuf", "grpc")
+    for mod, imports in server_imports().items():
+        if wing_of(mod) >= WINGS["serve"]:  # the edge, and the process around it (app, CLI, exporter)
+            continue
+        touched = {i for i in imports if i.startswith(wire_modules) or i in ("tokenfeed.wire", "tokenfeed.shm")}
+        assert not touched, f"{mod} imports {sorted(touched)}: protobuf and the ring belong to server/serve"

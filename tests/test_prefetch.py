@@ -24,7 +24,8 @@ from server.stages.packing import TokenizedShard, concat_rows
 from server.stages.order import shard_order
 from server.serve.service import TokenFeedService, add_to_server
 from server.supply.store import ShardStore
-from server.stream.deal import parse_request, stream_chunks
+from server.serve.protocol import parse_request
+from server.stream.deal import stream_chunks
 from tokenfeed.v1 import tokenfeed_pb2 as pb
 from tokenfeed.v1 import tokenfeed_pb2_grpc as pb_grpc
 

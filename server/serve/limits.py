@@ -19,13 +19,16 @@ from server.errors import InvalidArgument, TokenfeedError
 from server.metrics import REGISTRY
 from server.stream.params import StreamParams
 from server.stream.walker import PROVENANCE_WIDTH
+# On a refusal worth retrying: the client may retry (with backoff) after about this many ms; other
+# RESOURCE_EXHAUSTED (a local message-size limit) carry no such key and are not retried.
+from tokenfeed.constants import RETRY_AFTER_KEY
 
 log = logging.getLogger(__name__)
 
 #: Trailing metadata key on a RESOURCE_EXHAUSTED admission refusal: the client may retry (with
 #: backoff) after about this many milliseconds. Other RESOURCE_EXHAUSTED (a local message-size
 #: limit) carry no such key and are not retried.
-RETRY_AFTER_KEY = "tokenfeed-retry-after-ms"
+
 #: Cursor positions beyond this are refused: far from any real job, and far enough from the
 #: uint64 limit that counting onwards cannot overflow a protobuf field.
 MAX_POSITION = 1 << 62

@@ -13,12 +13,13 @@ from google.protobuf.message import Message
 from server import metrics
 from server.config import ServerSettings
 from server.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, TokenfeedError, Unavailable
-from server.serve.limits import RETRY_AFTER_KEY, Admission, Overloaded, ShuttingDown, check_request
+from server.serve.limits import Admission, Overloaded, ShuttingDown, check_request
+from server.serve.protocol import MessageBuffers, dataset_info, encode_chunk, parse_request
+from server.serve.ring import RingWriter
 from server.stages.served import Served
-from server.stages.order import Locator
+from server.stream.deal import stream_chunks
+from server.stream.params import Buffers, StreamParams
 from server.supply.store import ShardStore
-from server.stream.deal import parse_request, stream_chunks
-from server.stream.params import Chunk, StreamParams
 from tokenfeed import shm, wire
 from tokenfeed.shm import RingBroken, ServerRing
 from tokenfeed.v1 import tokenfeed_pb2 as pb
@@ -67,8 +68,9 @@ class TokenFeedService(pb_grpc.TokenFeedServicer):
                      ", tokens through shared memory" if ring is not None else "")
             shm_bytes = metrics.SHARED_MEMORY_BYTES.labels(params.dataset.name)
             with metrics.StreamMeter(params.dataset.name, params.packing, params.dataset.info.pad_id) as meter:
-                async for chunk in stream_chunks(params, self.store, ring):
-                    if params.compression == pb.COMPRESSION_ZSTD:  # ~4 s per GiB: never on the loop
+                buffers: Buffers = RingWriter(ring) if ring is not None else MessageBuffers()
+                async for chunk in stream_chunks(params, self.store, buffers):
+                    if params.zstd:  # ~4 s per GiB: never on the loop
                         message, payload_bytes = await asyncio.to_thread(encode_chunk, chunk, params)
                     else:
                         message, payload_bytes = encode_chunk(chunk, params)
@@ -82,7 +84,7 @@ class TokenFeedService(pb_grpc.TokenFeedServicer):
                     if self.admission.draining:  # shutdown: this message was the stream's last
                         raise ShuttingDown("server is shutting down; reconnect from the cursor")
         except TokenfeedError as err:
-            retry = ((RETRY_AFTER_KEY, "250"),) if isinstance(err, Overloaded) else ()
+            retry = ((wire.RETRY_AFTER_KEY, "250"),) if isinstance(err, Overloaded) else ()
             await context.abort(status_of(err), str(err), trailing_metadata=retry)
         except RingBroken as err:  # this client broke its own ring: its stream ends, no other
             log.warning("stream for %s rank %d from %s ended: %s", request.dataset, request.rank, context.peer(), err)
@@ -123,52 +125,8 @@ class TokenFeedService(pb_grpc.TokenFeedServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown dataset {request.dataset!r}; "
                                 f"this server serves: {', '.join(sorted(self.datasets))}")
         names = [request.dataset] if request.dataset else sorted(self.datasets)
-        infos = []
-        for name in names:
-            ds = self.datasets[name]
-            d = ds.describe()
-            shards = [pb.ShardInfo(**s) for s in d.pop("shards")]
-            infos.append(pb.DatasetInfo(**d, shards=shards, dtype=wire.dtype_enum(ds.dtype),
-                                        max_seq_len=self.settings.max_seq_len,
-                                        max_batch_size=self.settings.max_batch_size,
-                                        sources=[pb.SourceInfo(**x) for x in ds.sources()]))
+        infos = [dataset_info(self.datasets[name], self.settings) for name in names]
         return pb.DescribeResponse(datasets=infos, server_version=SERVER_VERSION)
-
-
-def cursor_message(loc: Locator, params: StreamParams) -> pb.Cursor:
-    return pb.Cursor(
-        version=wire.CURSOR_VERSION, dataset=params.dataset.name, fingerprint=params.dataset.fingerprint,
-        seed=params.seed, seq_len=params.seq_len, packing=params.packing,
-        row=loc.row, epoch=loc.epoch, shard=loc.shard, shard_row=loc.shard_row,
-        components=[pb.ComponentCursor(dataset=name, row=c.row, epoch=c.epoch, shard=c.shard, shard_row=c.shard_row)
-                    for name, c in loc.components],
-    )
-
-
-def encode_chunk(chunk: Chunk, params: StreamParams) -> tuple[bytes, int]:
-    """A chunk as the bytes of a ``BatchChunk``, and the size of its token payload. The tokens
-    field comes first and the other fields, serialised by protobuf, after it; a chunk assembled
-    in a message buffer (``Chunk.buffer``) is joined as it is. Protobuf would copy the tokens
-    twice more (into the message, then out of it when serialising)."""
-    info = params.dataset.info
-    header = pb.BatchChunk(
-        dtype=wire.dtype_enum(params.dataset.dtype), compression=params.compression,
-        num_batches=len(chunk.steps), rows=chunk.tokens.shape[1], seq_len=chunk.tokens.shape[2] - 1,
-        eos_id=info.eos_id, pad_id=info.pad_id,
-        cursors=[cursor_message(c, params) for c in chunk.cursors], steps=chunk.steps, epochs=chunk.epochs,
-        provenance=b"".join(p.tobytes() for p in chunk.provenance) if chunk.provenance else b"",
-        provenance_counts=[len(p) for p in chunk.provenance] if chunk.provenance else [],
-        piece_starts=[c for s in chunk.starts for c in s] if chunk.starts else [],
-        piece_start_counts=[len(s) for s in chunk.starts] if chunk.starts else [],
-    ).SerializeToString()
-    if chunk.shm_slot is not None:  # the tokens are in the client's ring already
-        return pb.BatchChunk(shm_slot=chunk.shm_slot).SerializeToString() + header, chunk.tokens.nbytes
-    if params.compression == pb.COMPRESSION_ZSTD:
-        payload = wire.compress(chunk.tokens.data)
-        return b"".join((wire.tokens_field(len(payload)), payload, header)), len(payload)
-    if chunk.buffer is not None:
-        return b"".join((chunk.buffer.data, header)), chunk.tokens.nbytes
-    return b"".join((wire.tokens_field(chunk.tokens.nbytes), chunk.tokens.data, header)), chunk.tokens.nbytes
 
 
 def _serialize(message: bytes | Message) -> bytes:

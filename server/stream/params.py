@@ -4,12 +4,12 @@ the token-budget planner and the gRPC edge."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
 from server.stages.order import Locator
 from server.stages.served import Served
-from tokenfeed.v1 import tokenfeed_pb2 as pb
 
 
 @dataclass(frozen=True)
@@ -26,10 +26,10 @@ class StreamParams:
     first_step: int
     step_stride: int
     batches_per_message: int
-    compression: pb.Compression
     start: Locator
     provenance: bool = False
     max_tokens: int = 0  # token-budget batches when > 0
+    zstd: bool = False  # the tokens are zstd-compressed on the wire
 
 
 @dataclass
@@ -44,3 +44,26 @@ class Chunk:
     starts: list[list[int]] | None = None  # token-budget batches: columns where pieces start
     buffer: np.ndarray | None = None  # a message's bytes up to its header: ``tokens`` is its tail
     shm_slot: int | None = None  # ``tokens`` go to this slot of the stream's shared-memory ring (``ServerRing.write``)
+
+
+@dataclass
+class MessageSpace:
+    """Where one message's tokens are assembled: ``tokens`` (``[batches, rows, seq_len + 1]``),
+    inside ``buffer`` (the message's bytes up to its header) or bound for ``shm_slot``."""
+
+    tokens: np.ndarray
+    buffer: np.ndarray | None = None
+    shm_slot: int | None = None
+
+
+class Buffers(Protocol):
+    """Hands a stream the space for its next message's tokens (the gRPC edge decides where)."""
+
+    async def take(self, shape: tuple[int, ...], dtype: np.dtype) -> MessageSpace: ...
+
+
+class PlainBuffers:
+    """A fresh array per message (for callers that encode messages themselves)."""
+
+    async def take(self, shape: tuple[int, ...], dtype: np.dtype) -> MessageSpace:
+        return MessageSpace(np.empty(shape, dtype=dtype))

@@ -1,0 +1,153 @@
+"""The wire edge of the server: the only module that reads and writes protobuf messages. A
+``StreamRequest`` becomes ``StreamParams`` here (every field checked, errors naming it), a chunk
+becomes a ``BatchChunk``'s bytes, a ``Locator`` a ``Cursor`` and back, a served dataset its
+``DatasetInfo``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from server.config import ServerSettings
+from server.errors import FailedPrecondition, InvalidArgument, NotFound
+from server.stages.order import Locator
+from server.stages.served import Served
+from server.stream.params import Chunk, MessageSpace, StreamParams
+from tokenfeed import wire
+from tokenfeed.v1 import tokenfeed_pb2 as pb
+
+MAX_BATCHES_PER_MESSAGE = 64
+
+
+def parse_request(req: pb.StreamRequest, datasets: Mapping[str, Served],
+                  limits: ServerSettings) -> StreamParams:
+    """Check every field of a request; errors name the field and the allowed range."""
+    ds = datasets.get(req.dataset)
+    if ds is None:
+        known = ", ".join(sorted(datasets)) or "none"
+        raise NotFound(f"unknown dataset {req.dataset!r}; this server serves: {known}")
+    _check_range("seq_len", req.seq_len, 1, limits.max_seq_len)
+    _check_range("batch_size", req.batch_size, 1, limits.max_batch_size)
+    _check_range("world_size", req.world_size, 1, 1 << 20)
+    if req.rank >= req.world_size:
+        raise InvalidArgument("rank", f"must be in [0, world_size={req.world_size}), got {req.rank}")
+    packing = req.packing or wire.DEFAULT_PACKING
+    if packing not in wire.PACKINGS:
+        raise InvalidArgument("packing", f"must be one of {', '.join(wire.PACKINGS)}, got {packing!r}")
+    per_msg = req.batches_per_message or 1
+    _check_range("batches_per_message", per_msg, 1, MAX_BATCHES_PER_MESSAGE)
+    rows, width = req.batch_size, req.seq_len + 1
+    if req.max_tokens:
+        if req.packing not in ("", "split"):
+            raise InvalidArgument("packing", f"token-budget batches pack pieces ('split'), got {req.packing!r}")
+        packing = "split"
+        _check_range("max_tokens", req.max_tokens, req.seq_len, limits.max_seq_len * limits.max_batch_size)
+        rows, width = 1, req.max_tokens + 1
+    payload = per_msg * rows * width * ds.dtype.itemsize
+    if payload + 65536 > limits.max_message_bytes:
+        raise InvalidArgument(
+            "max_tokens" if req.max_tokens else "batch_size",
+            f"{per_msg} batch(es) of {rows} x {width - 1} tokens take {payload} bytes, "
+            f"above the server's max message size of {int(limits.max_message_bytes)} bytes",
+        )
+    if req.compression not in (pb.COMPRESSION_NONE, pb.COMPRESSION_ZSTD):
+        raise InvalidArgument("compression", f"unknown value {req.compression}")
+    start = _check_cursor(req, ds, packing) if req.HasField("cursor") else Locator()
+    return StreamParams(
+        dataset=ds, seed=req.seed, seq_len=req.seq_len, batch_size=req.batch_size, packing=packing,
+        rank=req.rank, world_size=req.world_size, first_step=req.first_step,
+        step_stride=req.step_stride or 1, batches_per_message=per_msg,
+        zstd=req.compression == pb.COMPRESSION_ZSTD, start=start, provenance=req.provenance, max_tokens=req.max_tokens,
+    )
+
+
+def _check_range(field: str, value: int, lo: int, hi: int) -> None:
+    if not lo <= value <= hi:
+        raise InvalidArgument(field, f"must be in [{lo}, {hi}], got {value}")
+
+
+def _check_cursor(req: pb.StreamRequest, ds: Served, packing: str) -> Locator:
+    """A cursor must belong to the requested sequence; a mismatch is refused, never ignored."""
+    c = req.cursor
+    if c.version != wire.CURSOR_VERSION:
+        raise FailedPrecondition(f"cursor version {c.version} is not supported (this server reads "
+                                 f"{wire.CURSOR_VERSION})")
+    expected = {"dataset": ds.name, "seed": req.seed, "seq_len": req.seq_len, "packing": packing,
+                "fingerprint": ds.fingerprint}
+    for field, want in expected.items():
+        got = getattr(c, field)
+        if got != want:
+            hint = " (the dataset's content or tokenizer changed)" if field == "fingerprint" else ""
+            raise FailedPrecondition(f"cursor was made for {field}={got!r}, this stream has {field}={want!r}{hint}")
+    if ds.components:  # a mixture: one position per component
+        names = [part.name for part in ds.components]
+        if [p.dataset for p in c.components] != names:
+            raise FailedPrecondition(f"cursor has components {[p.dataset for p in c.components]}, "
+                                     f"mixture {ds.name!r} has {names}")
+        parts = tuple((p.dataset, _locator(p, part, f"cursor.components[{i}]"))
+                      for i, (p, part) in enumerate(zip(c.components, ds.components)))
+        if sum(loc.row for _, loc in parts) != c.row:
+            raise FailedPrecondition("cursor's component rows do not add up to its mixture row")
+        return Locator(row=c.row, components=parts)
+    return _locator(c, ds, "cursor")
+
+
+def _locator(c: pb.Cursor | pb.ComponentCursor, ds: Served, field: str) -> Locator:
+    if c.shard >= ds.num_shards:
+        raise InvalidArgument(f"{field}.shard", f"must be below {ds.name!r}'s {ds.num_shards} shards, got {c.shard}")
+    return Locator(row=c.row, epoch=c.epoch, shard=c.shard, shard_row=c.shard_row)
+
+
+def cursor_message(loc: Locator, params: StreamParams) -> pb.Cursor:
+    return pb.Cursor(
+        version=wire.CURSOR_VERSION, dataset=params.dataset.name, fingerprint=params.dataset.fingerprint,
+        seed=params.seed, seq_len=params.seq_len, packing=params.packing,
+        row=loc.row, epoch=loc.epoch, shard=loc.shard, shard_row=loc.shard_row,
+        components=[pb.ComponentCursor(dataset=name, row=c.row, epoch=c.epoch, shard=c.shard, shard_row=c.shard_row)
+                    for name, c in loc.components],
+    )
+
+
+def encode_chunk(chunk: Chunk, params: StreamParams) -> tuple[bytes, int]:
+    """A chunk as the bytes of a ``BatchChunk``, and the size of its token payload. The tokens
+    field comes first and the other fields, serialised by protobuf, after it; a chunk assembled
+    in a message buffer (``Chunk.buffer``) is joined as it is. Protobuf would copy the tokens
+    twice more (into the message, then out of it when serialising)."""
+    info = params.dataset.info
+    header = pb.BatchChunk(
+        dtype=wire.dtype_enum(params.dataset.dtype),
+        compression=pb.COMPRESSION_ZSTD if params.zstd else pb.COMPRESSION_NONE,
+        num_batches=len(chunk.steps), rows=chunk.tokens.shape[1], seq_len=chunk.tokens.shape[2] - 1,
+        eos_id=info.eos_id, pad_id=info.pad_id,
+        cursors=[cursor_message(c, params) for c in chunk.cursors], steps=chunk.steps, epochs=chunk.epochs,
+        provenance=b"".join(p.tobytes() for p in chunk.provenance) if chunk.provenance else b"",
+        provenance_counts=[len(p) for p in chunk.provenance] if chunk.provenance else [],
+        piece_starts=[c for s in chunk.starts for c in s] if chunk.starts else [],
+        piece_start_counts=[len(s) for s in chunk.starts] if chunk.starts else [],
+    ).SerializeToString()
+    if chunk.shm_slot is not None:  # the tokens are in the client's ring already
+        return pb.BatchChunk(shm_slot=chunk.shm_slot).SerializeToString() + header, chunk.tokens.nbytes
+    if params.zstd:
+        payload = wire.compress(chunk.tokens.data)
+        return b"".join((wire.tokens_field(len(payload)), payload, header)), len(payload)
+    if chunk.buffer is not None:
+        return b"".join((chunk.buffer.data, header)), chunk.tokens.nbytes
+    return b"".join((wire.tokens_field(chunk.tokens.nbytes), chunk.tokens.data, header)), chunk.tokens.nbytes
+
+
+def dataset_info(ds: Served, settings: ServerSettings) -> pb.DatasetInfo:
+    """What Describe says of a served dataset, and the limits a stream of it must keep."""
+    d = ds.describe()
+    shards = [pb.ShardInfo(**s) for s in d.pop("shards")]
+    return pb.DatasetInfo(**d, shards=shards, dtype=wire.dtype_enum(ds.dtype), max_seq_len=settings.max_seq_len,
+                          max_batch_size=settings.max_batch_size, sources=[pb.SourceInfo(**x) for x in ds.sources()])
+
+
+class MessageBuffers:
+    """Inline messages: each chunk's tokens are written straight into the buffer of the message
+    that carries them (``wire.chunk_buffer``), so sending copies them once, into gRPC."""
+
+    async def take(self, shape: tuple[int, ...], dtype: np.dtype) -> MessageSpace:
+        buffer, tokens = wire.chunk_buffer(shape, dtype)
+        return MessageSpace(tokens, buffer=buffer)
