@@ -16,6 +16,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,3 +128,21 @@ def jsonl_config(path: Path, name: str = "docs", shard_bytes: int = 64 << 10, **
     if server:
         config["server"] = server
     return config
+
+
+# ---- token-budget baselines (what server.stream.budget.lpt is measured against) -------------------
+def greedy(lengths: list[int], ranks: int, budget: int) -> list[int]:
+    """The plain baseline: pieces in order, each rank filled up to the budget before the next."""
+    owner, r, load = [], 0, 0
+    for n in lengths:
+        if load + n > budget and r < ranks - 1:
+            r, load = r + 1, 0
+        owner.append(r)
+        load += n
+    return owner
+
+
+def imbalance(lengths: list[int], owner: list[int], ranks: int) -> float:
+    """max / mean tokens per rank in a step."""
+    loads = np.bincount(owner, weights=lengths, minlength=ranks)
+    return float(loads.max() / loads.mean()) if loads.sum() else 1.0

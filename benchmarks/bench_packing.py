@@ -16,7 +16,8 @@ import time
 import numpy as np
 
 from benchmarks.common import save
-from server.stream.budget import greedy, imbalance, lpt
+from benchmarks._common import greedy, imbalance
+from server.stream.budget import lpt
 from server.config import default_config
 from server.stages.dataset import Dataset
 from server.stages.packing import pack

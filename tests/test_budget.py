@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from client import StreamingDataLoader, StreamingDataset
-from server.stream.budget import greedy, imbalance, lpt
+from benchmarks._common import greedy, imbalance
+from server.stream.budget import lpt
 from tests.conftest import jsonl_config
 from tests.resume_helpers import check_resume, same_batches, save_after, take
 

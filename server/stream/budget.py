@@ -44,23 +44,6 @@ def lpt(lengths: list[int], ranks: int) -> list[int]:
     return owner
 
 
-def greedy(lengths: list[int], ranks: int, budget: int) -> list[int]:
-    """The plain baseline: pieces in order, each rank filled up to the budget before the next."""
-    owner, r, load = [], 0, 0
-    for n in lengths:
-        if load + n > budget and r < ranks - 1:
-            r, load = r + 1, 0
-        owner.append(r)
-        load += n
-    return owner
-
-
-def imbalance(lengths: list[int], owner: list[int], ranks: int) -> float:
-    """max / mean tokens per rank in a step."""
-    loads = np.bincount(owner, weights=lengths, minlength=ranks)
-    return float(loads.max() / loads.mean()) if loads.sum() else 1.0
-
-
 class StepPlanner:
     """Cuts the piece sequence into steps that fit ``ranks * budget`` tokens."""
 
