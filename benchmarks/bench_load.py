@@ -48,7 +48,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from benchmarks._common import ServerProcess, jsonl_config, make_documents, write_jsonl
 from benchmarks.common import percentiles, save
 from client import StreamingDataset
-from client.transport import RETRY_AFTER_KEY
+from tokenfeed.constants import RETRY_AFTER_KEY
 from tokenfeed import wire
 from tokenfeed.v1 import tokenfeed_pb2 as pb
 from tokenfeed.v1 import tokenfeed_pb2_grpc as pb_grpc
