@@ -130,7 +130,7 @@ def jsonl_config(path: Path, name: str = "docs", shard_bytes: int = 64 << 10, **
     return config
 
 
-# ---- token-budget baselines (what server.stream.budget.lpt is measured against) -------------------
+# ---- token-budget baselines (what server.stages.order.lpt is measured against) -------------------
 def greedy(lengths: list[int], ranks: int, budget: int) -> list[int]:
     """The plain baseline: pieces in order, each rank filled up to the budget before the next."""
     owner, r, load = [], 0, 0

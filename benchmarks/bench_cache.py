@@ -28,7 +28,6 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -53,34 +52,23 @@ def _delayed(read: Any, delay_s: float) -> Any:
 
 
 async def _host(spec: dict[str, Any]) -> None:
-    import grpc
-
-    from server.app import build_datasets
+    from server.app import build_datasets, start
     from server.config import parse_config
-    from server.serve.service import TokenFeedService, add_to_server
-    from server.supply.store import build_store
 
     config = parse_config(spec["config"])
     datasets = build_datasets(config)
     for ds in datasets.values():
         if spec.get("delay_s"):
             ds.source.read_shard = _delayed(ds.source.read_shard, spec["delay_s"])
-    executor = ThreadPoolExecutor(config.server.workers)
-    store = build_store(config, executor)
-    server = grpc.aio.server(options=[("grpc.max_send_message_length", 64 * MiB)])
-    add_to_server(TokenFeedService(datasets, store, config.server), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
+    running = await start(config, datasets)
     loop, lines = asyncio.get_running_loop(), asyncio.Queue()
     threading.Thread(target=lambda: [loop.call_soon_threadsafe(lines.put_nowait, line.strip())
                                      for line in sys.stdin], daemon=True).start()
-    print(json.dumps({"port": port, **_memory()}), flush=True)
+    print(json.dumps({"port": running.port, **_memory()}), flush=True)
     while (command := await lines.get()) != "quit":
         if command == "stats":
-            print(json.dumps({"stats": store.stats(), **_memory()}), flush=True)
-    await server.stop(1)
-    await store.close()
-    executor.shutdown(cancel_futures=True)
+            print(json.dumps({"stats": running.store.stats(), **_memory()}), flush=True)
+    await running.close()
 
 
 class Host:
@@ -178,7 +166,7 @@ class Ranks:
 def config(paths: list[str], shard_kib: int, cache: dict[str, Any], prefetch: dict[str, Any],
            workers: int = 2) -> dict[str, Any]:
     source = {"type": "text", "paths": paths, "exclude": ["**/site-packages/**"], "shard_bytes": shard_kib << 10}
-    return {"server": {"workers": workers}, "cache": cache, "prefetch": prefetch,
+    return {"server": {"workers": workers, "host": "127.0.0.1", "port": 0}, "cache": cache, "prefetch": prefetch,
             "datasets": {"corpus": {"source": source, "tokenizer": {"type": "byte"}}}}
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from benchmarks.common import save
 from benchmarks._common import greedy, imbalance
-from server.stream.budget import lpt
+from server.stages.order import lpt
 from server.config import default_config
 from server.stages.dataset import Dataset
 from server.stages.packing import pack

@@ -20,6 +20,12 @@ from client.transport import Backoff, Channel, Tls, is_loopback, make_ring, stre
 from tokenfeed import malloc, wire
 from tokenfeed.v1 import tokenfeed_pb2 as pb
 
+__all__ = ["DEFAULT_FIELDS", "FIELDS", "DatasetInfo", "StreamingDataset"]
+
+#: What ``StreamingDataset.describe()`` returns: the server's description of a dataset (name, vocab_size,
+#: eos_id, pad_id, tokenizer, num_shards, total_tokens, fingerprint, sources, ...).
+DatasetInfo = pb.DatasetInfo
+
 #: Key under which each batch carries its state when iterated by a ``StreamingDataLoader``.
 STATE_KEY = "_tokenfeed_state"
 #: Key of a message still in its wire form: a worker of a ``StreamingDataLoader`` sends each
@@ -250,7 +256,7 @@ class StreamingDataset(IterableDataset):
         """Close this process's channel (a later iteration opens a new one)."""
         self._channel.close()
 
-    def describe(self, timeout: float = 30.0) -> pb.DatasetInfo:
+    def describe(self, timeout: float = 30.0) -> DatasetInfo:
         """The server's description of this dataset (vocabulary size, EOS/PAD ids, shards); waits up
         to ``timeout`` seconds for the server to answer."""
         return self._channel.describe(self.identity.dataset, timeout=timeout).datasets[0]

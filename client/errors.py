@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import grpc
 
+__all__ = ["DataLossError", "RequestError", "ServerUnavailable", "TokenfeedError", "from_rpc_error"]
+
 
 class TokenfeedError(RuntimeError):
     """A stream or call failed; ``code`` is the gRPC status, ``details`` the server's message."""

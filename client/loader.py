@@ -13,6 +13,8 @@ from torch.utils.data import DataLoader
 from client.dataset import RAW_KEY, STATE_KEY, StreamingDataset, expand_raw
 from tokenfeed import malloc
 
+__all__ = ["StreamingDataLoader", "fork_safe_context"]
+
 
 def fork_safe_context() -> multiprocessing.context.BaseContext:
     """Workers forked from a clean server process: forking a process whose other threads are

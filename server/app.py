@@ -7,13 +7,14 @@ import logging
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from server.config import Config
-from server.exporter import start_exporter, watch_loop_lag
+from server.exporter import MetricsExporter, start_exporter, watch_loop_lag
 from server.serve.auth import (AccessInterceptor, check_config_paths, check_dataset_files, install_guards, load_tokens,
                                server_credentials)
 from server.serve.limits import ProbeStreamLimit, connection_cap, raise_fd_limit, server_options
@@ -22,7 +23,9 @@ from server.serve.service import SERVICE_NAME, TokenFeedService, add_to_server
 from server.stages.dataset import Dataset
 from server.stages.mixture import build_mixture
 from server.stages.served import Served
-from server.supply.store import build_store
+from server.supply.store import ShardStore, build_store
+
+__all__ = ["Running", "build_datasets", "serve", "start"]
 
 log = logging.getLogger("server")
 
@@ -40,14 +43,57 @@ def build_datasets(config: Config) -> dict[str, Served]:
     return served
 
 
-async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
-    """Serve until ``stop`` is set or SIGTERM/SIGINT arrives."""
+@dataclass
+class Running:
+    """A started server: its port, the store (for its counters) and what ``close`` shuts down."""
+
+    port: int
+    datasets: dict[str, Served]
+    store: ShardStore
+    grace_s: float
+    _server: grpc.aio.Server
+    _service: TokenFeedService
+    _health: health.aio.HealthServicer
+    _executor: ThreadPoolExecutor
+    _exporter: MetricsExporter | None
+    _lag_watch: asyncio.Task[None]
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self._exporter.port if self._exporter is not None else None
+
+    async def close(self) -> None:
+        """Health NOT_SERVING, then, in a fixed order: refuse new streams, let open ones send the
+        message they are assembling (then they end with UNAVAILABLE and their clients resume from
+        the cursor elsewhere) within the grace period, stop gRPC (cancelling what is left: streams
+        whose client stopped reading, health watches), then cancel prefetches."""
+        log.info("shutting down: health NOT_SERVING, draining streams for %.1fs", self.grace_s)
+        try:
+            await self._health.enter_graceful_shutdown()
+        finally:
+            admission = self._service.admission
+            t0, open_streams = time.monotonic(), admission.drain()
+            drained = await admission.wait_idle(self.grace_s)
+            await self._server.stop(min(1.0, self.grace_s))
+            log.info("drained %d stream(s) in %.2fs%s", open_streams, time.monotonic() - t0,
+                     "" if drained else f"; {admission.streams} cancelled after the grace period")
+            self._lag_watch.cancel()
+            await self.store.close()
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            if self._exporter is not None:
+                self._exporter.close()
+            log.info("stopped")
+
+
+async def start(config: Config, datasets: dict[str, Served] | None = None) -> Running:
+    """Start serving ``config`` (its datasets built here unless given) on its host and port (0
+    picks a free one: see ``Running.port``), /metrics too when a metrics port is set."""
     settings = config.server
     fd_limit = raise_fd_limit()  # before anything opens files or sockets
     metrics_token = install_guards(settings)  # reads confined to data_roots from now on
     tokens = load_tokens(settings, config.datasets)
     credentials = server_credentials(settings)
-    datasets = build_datasets(config)
+    datasets = build_datasets(config) if datasets is None else datasets
     executor = ThreadPoolExecutor(settings.workers, thread_name_prefix="tokenfeed-load")
     store = build_store(config, executor)
     connections = connection_cap(settings.max_connections, fd_limit)
@@ -73,11 +119,7 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
     if port == 0:
         raise OSError(f"cannot listen on {settings.host}:{settings.port}")
     exporter = start_exporter(settings.host, settings.metrics_port, datasets, store, token=metrics_token)
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    lag_watch = loop.create_task(watch_loop_lag(), name="tokenfeed-loop-lag")
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    lag_watch = asyncio.get_running_loop().create_task(watch_loop_lag(), name="tokenfeed-loop-lag")
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -87,23 +129,18 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
     log.info("tokenfeed listening on %s:%d (%s, %s)", settings.host, port,
              "mutual TLS" if settings.tls_client_ca else "TLS" if credentials else "plaintext",
              f"{len(tokens)} bearer token(s)" if tokens else "no authentication")
+    return Running(port, datasets, store, settings.shutdown_grace_s, server, service, health_servicer, executor,
+                   exporter, lag_watch)
+
+
+async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
+    """Serve until ``stop`` is set or SIGTERM/SIGINT arrives, then shut down (``Running.close``)."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    running = await start(config)
     try:
         await stop.wait()
-        log.info("shutting down: health NOT_SERVING, draining streams for %.1fs", settings.shutdown_grace_s)
-        await health_servicer.enter_graceful_shutdown()
     finally:
-        # Fixed order: refuse new streams, let open ones send the message they are assembling
-        # (then they end with UNAVAILABLE and their clients resume from the cursor elsewhere)
-        # within the grace period, stop gRPC (cancelling what is left: streams whose client
-        # stopped reading, health watches), then cancel prefetches.
-        t0, open_streams = time.monotonic(), service.admission.drain()
-        drained = await service.admission.wait_idle(settings.shutdown_grace_s)
-        await server.stop(min(1.0, settings.shutdown_grace_s))
-        log.info("drained %d stream(s) in %.2fs%s", open_streams, time.monotonic() - t0,
-                 "" if drained else f"; {service.admission.streams} cancelled after the grace period")
-        lag_watch.cancel()
-        await store.close()
-        executor.shutdown(wait=False, cancel_futures=True)
-        if exporter is not None:
-            exporter.close()
-        log.info("stopped")
+        await running.close()

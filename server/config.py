@@ -11,6 +11,10 @@ from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, mo
 
 from server.errors import ConfigError
 
+__all__ = ["Config", "DatasetConfig", "ServerSettings", "CacheSettings", "DiskCacheSettings", "PrefetchSettings",
+           "MixtureConfig", "SourceConfig", "TokenizerConfig", "default_config", "load_config", "parse_config",
+           "format_validation_error"]
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from client import StreamingDataLoader, StreamingDataset
 from benchmarks._common import greedy, imbalance
-from server.stream.budget import lpt
+from server.stages.order import lpt
 from tests.conftest import jsonl_config
 from tests.resume_helpers import check_resume, same_batches, save_after, take
 

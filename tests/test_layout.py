@@ -125,3 +125,37 @@ def test_only_the_grpc_edge_touches_protobuf_and_the_ring():
             continue
         touched = {i for i in imports if i.startswith(wire_modules) or i in ("tokenfeed.wire", "tokenfeed.shm")}
         assert not touched, f"{mod} imports {sorted(touched)}: protobuf and the ring belong to server/serve"
+
+
+def imports_of(folder: str) -> dict[str, set[str]]:
+    """Each file under ``folder`` and the dotted modules it imports (deferred imports included)."""
+    found: dict[str, set[str]] = {}
+    for path in (ROOT / folder).rglob("*.py"):
+        mods = found.setdefault(str(path.relative_to(ROOT)), set())
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                mods.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                mods.add(node.module)
+    return found
+
+
+#: What a benchmark may import of ours: the client, the wire package, the server's entry points
+#: (``server.app``: build and start a server in-process; ``server.config``) and its stages (the
+#: sync library that turns a corpus into rows: readers, tokenizers, packing, the global order).
+#: The supply, the streams and the gRPC edge are the server's inside; a benchmark measures them
+#: through a running server.
+BENCHMARK_API = ("client", "tokenfeed", "server.app", "server.config", "server.stages", "benchmarks")
+
+
+def test_benchmarks_use_public_apis_only():
+    ours = ("server", "client", "trainer", "tokenfeed", "tests", "benchmarks")
+    wrong = [f"{path}: {mod}" for path, mods in imports_of("benchmarks").items() for mod in sorted(mods)
+             if mod.split(".")[0] in ours and not any(mod == api or mod.startswith(api + ".") for api in BENCHMARK_API)]
+    assert not wrong, f"benchmarks import internals: {wrong}"
+
+
+def test_trainer_uses_the_client_not_the_wire():
+    wrong = [f"{path}: {mod}" for path, mods in imports_of("trainer").items() for mod in sorted(mods)
+             if mod.startswith(("tokenfeed.v1", "google.protobuf", "client."))]
+    assert not wrong, f"the trainer reaches past the client's public API: {wrong}"

@@ -9,8 +9,7 @@ from typing import cast
 
 import torch
 
-from client import RequestError, StreamingDataLoader, StreamingDataset, TokenfeedError
-from tokenfeed.v1 import tokenfeed_pb2 as pb
+from client import DatasetInfo, RequestError, StreamingDataLoader, StreamingDataset, TokenfeedError
 from trainer.config import ConfigError, TrainConfig
 
 
@@ -26,7 +25,7 @@ def _dataset(cfg: TrainConfig, name: str, seed: int, rank: int, world_size: int)
                             fields=("input_ids", "labels", "position_ids"))  # what the loop uses
 
 
-def describe(cfg: TrainConfig, rank: int, world_size: int) -> pb.DatasetInfo:
+def describe(cfg: TrainConfig, rank: int, world_size: int) -> DatasetInfo:
     """Ask the server about the training (and eval) dataset; fail fast, naming the address.
 
     Raises:

@@ -19,9 +19,9 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 
-from tokenfeed.v1 import tokenfeed_pb2 as pb
 from trainer import checkpoint
 from trainer.config import TrainConfig, to_yaml
+from client import DatasetInfo
 from trainer.data import batch_hash, eval_batches, train_loader
 from trainer.export import export
 from trainer.marker import MARKER
@@ -74,7 +74,7 @@ def _loss_sum(model: GPT, batch: dict[str, torch.Tensor], device: torch.device) 
 class Trainer:
     """One rank's share of a run. Build it after ``init_distributed``; ``run()`` returns the exit code."""
 
-    def __init__(self, cfg: TrainConfig, rt: Runtime, info: pb.DatasetInfo) -> None:
+    def __init__(self, cfg: TrainConfig, rt: Runtime, info: DatasetInfo) -> None:
         self.cfg, self.rt = cfg, rt
         self.meta = {"vocab_size": info.vocab_size, "eos_id": info.eos_id, "pad_id": info.pad_id,
                      "tokenizer": info.tokenizer, "dataset": cfg.data.dataset}

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+__all__ = ["CURSOR_VERSION", "DEFAULT_PACKING", "PACKINGS", "PROVENANCE_FIELDS", "RETRY_AFTER_KEY", "token_dtype"]
+
 #: Version of the cursor layout; a cursor of another version is refused.
 CURSOR_VERSION = 1
 #: Packing modes a stream may ask for.

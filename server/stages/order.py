@@ -1,5 +1,6 @@
 """The global order as arithmetic: seeded shard and document permutations per epoch, cumulative
-rows from counts, where a row lies (``locate``), and how a job's rows are dealt to its ranks.
+rows from counts, where a row lies (``locate``), and how a job's rows are dealt to its ranks (``Dealing``;
+``lpt`` for a token-budget step's pieces).
 
 Pure functions of counts and seeds: no files, cache, store or event loop. The walker
 (``server.stream.walker``) and the store (``server.supply.store``) compute with these, and
@@ -9,11 +10,15 @@ from __future__ import annotations
 
 import bisect
 import functools
+import heapq
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+__all__ = ["Dealing", "EpochRows", "Locator", "cached_shard_order", "cumulative_rows", "doc_order", "epoch_rows",
+           "locate", "lpt", "shard_order"]
 
 _SHARDS, _DOCS = 1, 2
 
@@ -113,3 +118,15 @@ class Dealing:
     def end_of_step(self, step: int) -> int:
         """The global row just after step ``step`` (what the job's cursor says after it)."""
         return self.origin + (step + 1) * self.rows_per_step
+
+
+def lpt(lengths: list[int], ranks: int) -> list[int]:
+    """Longest-processing-time: longest piece first, each to the least-loaded rank (ties: the
+    lowest rank). A heap of (load, rank): O(pieces x log ranks), not O(pieces x ranks)."""
+    owner = [0] * len(lengths)
+    heap = [(0, k) for k in range(ranks)]  # already a heap: sorted
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        load, r = heap[0]
+        owner[i] = r
+        heapq.heapreplace(heap, (load + lengths[i], r))
+    return owner

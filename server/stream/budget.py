@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server.stages.order import Locator
+from server.stages.order import Locator, lpt
 from server.supply.store import ShardStore
 from server.stream.params import Chunk, StreamParams
 from server.stream.walker import PROVENANCE_WIDTH, make_walker
@@ -30,18 +30,6 @@ class Piece:
     tokens: np.ndarray       # the piece's tokens (no PAD)
     records: np.ndarray | None  # provenance records (row 0, columns within the piece)
     epoch: int
-
-
-def lpt(lengths: list[int], ranks: int) -> list[int]:
-    """Longest-processing-time: longest piece first, each to the least-loaded rank (ties: the
-    lowest rank). A heap of (load, rank): O(pieces x log ranks), not O(pieces x ranks)."""
-    owner = [0] * len(lengths)
-    heap = [(0, k) for k in range(ranks)]  # already a heap: sorted
-    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        load, r = heap[0]
-        owner[i] = r
-        heapq.heapreplace(heap, (load + lengths[i], r))
-    return owner
 
 
 class StepPlanner:
