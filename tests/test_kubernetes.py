@@ -55,16 +55,21 @@ def install_kubectl() -> str:
     return found
 
 
+def kustomize(kubectl: str, path: Path) -> list[Obj]:
+    result = subprocess.run([kubectl, "kustomize", str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, f"kubectl kustomize {path}:\n{result.stderr}"
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
 @pytest.fixture(scope="module")
-def rendered() -> Iterator[dict[str, list[Obj]]]:
+def kubectl() -> str:
+    return install_kubectl()
+
+
+@pytest.fixture(scope="module")
+def rendered(kubectl: str) -> Iterator[dict[str, list[Obj]]]:
     """Every variant's objects, as ``kubectl kustomize`` renders them."""
-    kubectl = install_kubectl()
-    out = {}
-    for name, path in VARIANTS.items():
-        result = subprocess.run([kubectl, "kustomize", str(path)], capture_output=True, text=True, timeout=60)
-        assert result.returncode == 0, f"kubectl kustomize {path}:\n{result.stderr}"
-        out[name] = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
-    yield out
+    yield {name: kustomize(kubectl, path) for name, path in VARIANTS.items()}
 
 
 def one(objects: list[Obj], kind: str) -> Obj:
@@ -162,6 +167,19 @@ def test_the_schema_check_rejects_broken_objects(rendered: dict[str, list[Obj]])
     wrong["spec"]["ports"][0]["port"] = "fifty"
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(wrong, K8S_VERSIONS[-1])
+
+
+def test_image_is_composes_and_a_users_overlay_can_replace_it(kubectl: str, tmp_path: Path) -> None:
+    """The pods run the image compose.yaml builds; an overlay of the user's own points them at a registry."""
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    for variant in VARIANTS.values():
+        assert container(kustomize(kubectl, variant))["image"] == compose["services"]["data-server"]["image"]
+    shutil.copytree(ROOT / "deploy", tmp_path / "deploy")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "kustomization.yaml").write_text(
+        "bases: [../deploy/kubernetes/overlays/stateful-cache]\n"
+        "images: [{name: tokenfeed/data-server, newName: registry.example/tf/data-server, newTag: '1.2'}]\n")
+    assert container(kustomize(kubectl, tmp_path / "mine"))["image"] == "registry.example/tf/data-server:1.2"
 
 
 def test_service_monitor_scrapes_every_replica_with_the_metrics_token(rendered: dict[str, list[Obj]]) -> None:
