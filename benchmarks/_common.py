@@ -39,6 +39,7 @@ class ServerProcess:
         self.port = 0
         self.proc: subprocess.Popen | None = None
         self.lines: list[str] = []
+        self._new_line = threading.Condition()
 
     @property
     def address(self) -> str:
@@ -59,7 +60,9 @@ class ServerProcess:
 
     def _pump(self, proc: subprocess.Popen, ready: threading.Event) -> None:
         for line in proc.stderr:
-            self.lines.append(line)
+            with self._new_line:
+                self.lines.append(line)
+                self._new_line.notify_all()
             m = _LISTENING.search(line)
             if m and not ready.is_set():
                 self.port = int(m.group(2))
@@ -87,6 +90,12 @@ class ServerProcess:
 
     def log(self) -> str:
         return "".join(self.lines)
+
+    def wait_log(self, *texts: str, timeout: float = 30.0) -> bool:
+        """Wait until every one of ``texts`` is in the log (a line logged just before a status was
+        sent may still be in the pipe when the client has the status); False at the deadline."""
+        with self._new_line:
+            return self._new_line.wait_for(lambda: all(t in self.log() for t in texts), timeout)
 
 
 def make_documents(n: int, seed: int = 0, min_len: int = 20, max_len: int = 6000) -> list[str]:

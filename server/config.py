@@ -62,10 +62,12 @@ class TextSourceConfig(_Strict):
     """Plain text files: one document per file, or documents split by a delimiter."""
 
     type: Literal["text"]
-    paths: list[str] = Field(min_length=1, description="Globs of files to read (`**` recurses).")
+    paths: list[str] = Field(min_length=1, description="Globs of files or URLs to read (`**` recurses).")
     exclude: list[str] = Field(default_factory=list, description="Globs of paths to leave out.")
     delimiter: str | None = Field(default=None, min_length=1, description="Split files into documents on this string.")
     shard_bytes: ByteSize = Field(default=ByteSize(1 << 20), gt=0, description="Target shard size.")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options for URL paths (endpoint_url, anon, profile, ...).")
 
 
 class JsonlSourceConfig(_Strict):
@@ -73,19 +75,23 @@ class JsonlSourceConfig(_Strict):
     field. Plain files are split into byte ranges; a compressed file is one shard."""
 
     type: Literal["jsonl"]
-    paths: list[str] = Field(min_length=1, description="Globs of files to read (`**` recurses).")
+    paths: list[str] = Field(min_length=1, description="Globs of files or URLs to read (`**` recurses).")
     exclude: list[str] = Field(default_factory=list, description="Globs of paths to leave out.")
     text_field: str = Field(default="text", min_length=1, description="Field holding the text; dots for nesting.")
     shard_bytes: ByteSize = Field(default=ByteSize(1 << 20), gt=0, description="Target shard size.")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options for URL paths (endpoint_url, anon, profile, ...).")
 
 
 class ParquetSourceConfig(_Strict):
     """Parquet files read with pyarrow; each row group is a shard."""
 
     type: Literal["parquet"]
-    paths: list[str] = Field(min_length=1, description="Globs of files to read (`**` recurses).")
+    paths: list[str] = Field(min_length=1, description="Globs of files or URLs to read (`**` recurses).")
     exclude: list[str] = Field(default_factory=list, description="Globs of paths to leave out.")
     text_field: str = Field(default="text", min_length=1, description="Text column; dots for struct fields.")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options for URL paths (endpoint_url, anon, profile, ...).")
 
 
 class HfSourceConfig(_Strict):
@@ -115,7 +121,9 @@ class TokensSourceConfig(_Strict):
     """Token shards made by ``data-server prepare``; served without tokenizing."""
 
     type: Literal["tokens"]
-    path: str = Field(min_length=1, description="Directory holding manifest.json and the shards.")
+    path: str = Field(min_length=1, description="Directory (or URL) holding manifest.json and the shards.")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options for URL paths (endpoint_url, anon, profile, ...).")
 
 
 SourceConfig = Annotated[

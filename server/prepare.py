@@ -204,7 +204,9 @@ def _finish(out: str, ds: Dataset, plan: dict, done: dict[int, dict]) -> None:
     for s in shards:
         for reason, n in s["bad"].items():
             bad[reason] = bad.get(reason, 0) + n
-    manifest = {**plan, "tokenizer_file": tokenizer_file, "source": ds.source_config.model_dump(mode="json"),
+    # (never the storage options: they may hold credentials)
+    source = ds.source_config.model_dump(mode="json", exclude={"storage_options"})
+    manifest = {**plan, "tokenizer_file": tokenizer_file, "source": source,
                 "totals": {"shards": len(shards), "docs": sum(s["docs"] for s in shards),
                            "tokens": sum(s["tokens"] for s in shards),
                            "input_bytes": sum(s["input_bytes"] for s in shards), "bad": bad},

@@ -185,7 +185,7 @@ def test_a_symlink_swapped_in_after_start_up_is_refused_not_served(start_server:
     assert str(outside) not in err.details()  # where the link points is for the server's log only
     # Refused at once, not retried as an I/O fault; the server stays up and serves the rest.
     assert "failed; retry" not in server.log() and "Traceback" not in server.log()
-    assert f"resolves to {outside.resolve()}" in server.log() and f"data_roots ({root.resolve()})" in server.log()
+    assert server.wait_log(f"resolves to {outside.resolve()}", f"data_roots ({root.resolve()})"), server.log()
     assert server.proc.poll() is None
     other, err = read_epoch(server.address, "other")
     assert other and err is None

@@ -17,7 +17,7 @@ import grpc
 
 from server.config import Config, ServerSettings
 from server.errors import ConfigError
-from server.stages.files import confine_reads
+from server.stages.files import confine_reads, is_url
 
 log = logging.getLogger(__name__)
 
@@ -277,6 +277,8 @@ def check_config_paths(config: Config) -> None:
         return
     allowed = ", ".join(roots)
     for field, value, is_glob in _config_paths(config):
+        if is_url(value):  # an object store: not the server's disk (its access is the store's credentials)
+            continue
         path = os.path.expanduser(value)  # as the sources use it: globbed, never normalised
         parts = path.split(os.sep)
         if ".." in parts:  # '..' after a symlink or a wildcard is not what it looks like: refuse it
@@ -296,7 +298,7 @@ def check_dataset_files(config: Config, files: dict[str, list[str]]) -> None:
     roots = _roots(config.server)
     for name, paths in files.items() if roots else ():
         for path in paths:
-            if not _inside(path, roots):
+            if not is_url(path) and not _inside(path, roots):
                 raise ConfigError(f"datasets.{name}.source: {path} resolves to {os.path.realpath(path)}, "
                                   f"outside server.data_roots ({', '.join(roots)})")
 

@@ -18,10 +18,11 @@ import numpy as np
 from server import metrics
 from server.config import DatasetConfig, SourceConfig
 from server.errors import ConfigError, DataLoss, FailedPrecondition, Unavailable
-from server.stages.files import FileChanged, OutsideDataRoots, common_root
-from server.stages.identity import FileIdentity, check_unchanged, identify_all
+from server.stages.files import FileChanged, OutsideDataRoots, common_root, is_url, relative
+from server.stages.identity import FileIdentity, FileStat, check_unchanged, identify_all
 from server.stages.packing import TokenizedShard, tokenized_shard
 from server.stages.sources import BadRecords, BrokenShard, ShardSpec, TokensSource, build_source
+from server.stages.storage import ObjectStat, Storage
 from server.stages.tokenizers import Tokenizer, build_tokenizer
 from tokenfeed.constants import token_dtype
 
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 
 #: Source settings that say where files are, not what they hold: copies of a corpus at other
 #: paths are the same dataset (their files' content identities pin what is read).
-LOCATION_FIELDS = {"paths", "exclude", "path", "data_files", "cache_dir"}
+LOCATION_FIELDS = {"paths", "exclude", "path", "data_files", "cache_dir", "storage_options"}
 _IDENTITY_VERSION = "tokenfeed-dataset-v2"
 
 
@@ -66,13 +67,19 @@ class Dataset:
         # other files by their size and a digest of their bytes, taken now.
         files = [] if isinstance(self.source, TokensSource) else self.source.files()
         self.root = self.source.path if isinstance(self.source, TokensSource) else common_root(files)
+        self.storage: Storage = self.source.storage
         try:
-            self._files: dict[str, FileIdentity] = identify_all(files, digest_cache_dir)
+            self._files: dict[str, FileIdentity] = identify_all([p for p in files if not is_url(p)],
+                                                                digest_cache_dir)
         except FileChanged:
             raise  # outside server.data_roots: a ConfigError of its own
         except OSError as err:
             raise ConfigError(f"{field}.source: cannot read {err.filename or 'a file'} to identify its content: "
                               f"{err.strerror or err}") from None
+        # Objects in a store: their size and version (ETag, generation) from the start-up listing.
+        for path in (p for p in files if is_url(p)):
+            seen = self.storage.listed(path)
+            self._files[path] = FileIdentity(seen.size, seen.version, FileStat(seen.size, 0, 0))
         self._all_files = hashlib.sha256(json.dumps(
             sorted([self.relpath(p), *i.content()] for p, i in self._files.items())).encode()).hexdigest()
         self.fingerprint = self._fingerprint()
@@ -99,6 +106,8 @@ class Dataset:
 
     def relpath(self, path: str) -> str:
         """``path`` relative to the dataset's root (what identities and messages name)."""
+        if is_url(path):
+            return relative(path, self.root)
         return os.path.relpath(path, self.root) if self.root and os.path.isabs(path) else path
 
     def shard_label(self, shard: ShardSpec) -> str:
@@ -106,7 +115,8 @@ class Dataset:
         never an absolute server path (a prepared shard: its file in the prepared directory)."""
         if isinstance(self.source, TokensSource):
             return self.relpath(shard.parts[0].path)
-        inside = self.root and shard.name.startswith(self.root.rstrip(os.sep) + os.sep)
+        sep = "/" if is_url(self.root) else os.sep
+        inside = self.root and shard.name.startswith(self.root.rstrip(sep) + sep)
         return self.relpath(shard.name) if inside else os.path.basename(shard.name.split(":", 1)[-1])
 
     def shard_content(self, index: int) -> list:
@@ -144,7 +154,11 @@ class Dataset:
     def _check_files(self, shard: ShardSpec) -> None:
         """Raise ``FileChanged`` if a file of ``shard`` no longer holds what start-up saw."""
         for path in self._shard_files(shard):
-            self._files[path] = check_unchanged(path, self._files[path])
+            ident = self._files[path]
+            if is_url(path):  # one metadata request: size and version as at start-up
+                self.storage.check_unchanged(path, ObjectStat(ident.size, ident.digest))
+            else:
+                self._files[path] = check_unchanged(path, ident)
 
     def tokenize_shard(self, index: int) -> TokenizedShard:
         """Read and tokenize one shard (blocking; call it off the event loop). Bad records are

@@ -107,9 +107,39 @@ def _escape(path: str, real: str, roots: tuple[str, ...]) -> OutsideDataRoots:
     return OutsideDataRoots(path)
 
 
+def is_url(path: str) -> bool:
+    """True for ``proto://...`` paths (an object store) other than ``file://``."""
+    head, sep, _ = path.partition("://")
+    return bool(sep) and head.isidentifier() and head != "file"
+
+
 def common_root(paths: list[str]) -> str:
-    """The directory that every path lies under (what identities and shard order are relative to)."""
+    """The directory (or URL prefix) that every path lies under (what identities and shard order
+    are relative to)."""
     if not paths:
         return ""
+    if any(is_url(p) for p in paths):
+        return _url_root(paths)
     root = os.path.commonpath(paths)
     return os.path.dirname(root) if len(paths) == 1 or os.path.isfile(root) else root
+
+
+def _url_root(paths: list[str]) -> str:
+    """The longest common ``/``-prefix of URLs (``s3://b/x/a``, ``s3://b/x/c/d`` -> ``s3://b/x``)."""
+    split = [p.rstrip("/").split("/") for p in paths]
+    common: list[str] = []
+    for parts in zip(*split):
+        if len(set(parts)) != 1:
+            break
+        common.append(parts[0])
+    if common == split[0] or common == split[-1]:  # one object's own path: its "directory"
+        common = common[:-1]
+    return "/".join(common)
+
+
+def relative(path: str, root: str) -> str:
+    """``path`` relative to ``root`` (a directory or URL prefix from ``common_root``)."""
+    if is_url(path) or is_url(root):
+        prefix = root.rstrip("/") + "/"
+        return path[len(prefix):] if root and path.startswith(prefix) else path
+    return os.path.relpath(path, root) if root else path

@@ -1,9 +1,9 @@
-"""What every source shares: shard specs, path resolution, bad-record counting, and ``safe_open``,
-the one way a source opens a data file (confined to ``server.data_roots`` while serving)."""
+"""What every source shares: shard specs, path resolution (local globs and URLs), bad-record
+counting, and format sniffing. Sources read files through their ``Storage`` (``server.stages.storage``):
+local files by ``safe_open`` (confined to ``server.data_roots`` while serving), URLs by fsspec."""
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import logging
 import os
@@ -14,7 +14,8 @@ from fnmatch import fnmatch
 from typing import Protocol
 
 from server.errors import ConfigError
-from server.stages.files import common_root, safe_open
+from server.stages.files import common_root, relative
+from server.stages.storage import Storage, is_url
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,8 @@ class Source(Protocol):
     shard are counted in ``bad`` and skipped.
     """
 
+    storage: Storage
+
     def shards(self) -> list[ShardSpec]: ...
 
     def files(self) -> list[str]: ...
@@ -98,22 +101,30 @@ class Source(Protocol):
     def read_shard(self, shard: ShardSpec, bad: BadRecords) -> list[str]: ...
 
 
-def resolve_paths(patterns: list[str], exclude: list[str], field: str, key: str = "paths") -> list[str]:
-    """Sorted, de-duplicated files matching ``patterns``; a pattern matching nothing is an error
-    naming ``{field}.{key}[i]``."""
+def resolve_paths(patterns: list[str], exclude: list[str], field: str, key: str = "paths",
+                  storage: Storage | None = None) -> list[str]:
+    """Sorted, de-duplicated files matching ``patterns`` (local globs or URLs); a pattern matching
+    nothing, or a store that cannot be listed (no bucket, denied credentials), is an error naming
+    ``{field}.{key}[i]``."""
+    storage = storage or Storage()
     found: set[str] = set()
     for i, pattern in enumerate(patterns):
-        matches = [
-            p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
-            if os.path.isfile(p) and not any(fnmatch(p, x) for x in exclude)
-        ]
+        where = f"{field}.{key}[{i}]"
+        try:
+            matches = storage.glob(pattern, exclude)
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from None
+        except FileNotFoundError:
+            matches = []
+        except Exception as err:  # noqa: BLE001 - an object store's client errors (denied, no bucket, ...)
+            raise ConfigError(f"{where}: cannot list {pattern}: {type(err).__name__}: {err}") from None
         if not matches:
-            raise ConfigError(f"{field}.{key}[{i}]: {pattern!r} matches no file")
-        found.update(os.path.abspath(p) for p in matches)
+            raise ConfigError(f"{where}: {pattern!r} matches no {'object' if is_url(pattern) else 'file'}")
+        found.update(matches)
     return sorted(found)
 
 
-def group_files(paths: list[str], shard_bytes: int) -> list[ShardSpec]:
+def group_files(paths: list[str], shard_bytes: int, storage: Storage | None = None) -> list[ShardSpec]:
     """Files grouped into shards of about ``shard_bytes`` each. Files are taken in the order of a
     hash of their path, not sorted: neighbours in a directory tend to be alike (one package, one
     crawl), and a shard is the unit that a trainer reads for a while, so each shard should be a
@@ -123,13 +134,14 @@ def group_files(paths: list[str], shard_bytes: int) -> list[ShardSpec]:
     group: list[FilePart] = []
     size = 0
     root = common_root(paths)
+    storage = storage or Storage()
 
     def order(path: str) -> bytes:
-        return hashlib.blake2b(os.path.relpath(path, root).encode(), digest_size=8).digest()
+        return hashlib.blake2b(relative(path, root).encode(), digest_size=8).digest()
 
     for path in sorted(paths, key=order):
         group.append(FilePart(path))
-        size += os.path.getsize(path)
+        size += storage.size(path)
         if size >= shard_bytes:
             shards.append(_shard(len(shards), group, size))
             group, size = [], 0
@@ -157,11 +169,12 @@ _MAGIC = {b"PAR1": "parquet", b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd", 
           b"PK\x03\x04": "zip", b"\xff\xff\xff\xff": "arrow stream"}
 
 
-def sniff_format(path: str) -> str | None:
+def sniff_format(path: str, storage: Storage | None = None) -> str | None:
     """The binary format a file's first bytes announce (``parquet``, ``gzip``, ``zstd``, ...),
     ``binary`` for other files with NUL bytes near the start, or ``None`` for text."""
-    with safe_open(path) as f:
-        head = f.read(4096)
+    storage = storage or Storage()
+    size = storage.size(path)
+    head = storage.read(path, 0, min(size, 4096)) if size else b""
     for magic, name in _MAGIC.items():
         if head.startswith(magic):
             return name
@@ -169,10 +182,10 @@ def sniff_format(path: str) -> str | None:
 
 
 def check_text_files(paths: list[str], patterns: list[str], field: str, kind: str,
-                     allowed: tuple[str, ...] = ()) -> None:
+                     allowed: tuple[str, ...] = (), storage: Storage | None = None) -> None:
     """Refuse (at start-up) files whose content is not ``kind``, naming the config entry."""
     for path in paths:
-        fmt = sniff_format(path)
+        fmt = sniff_format(path, storage)
         if fmt is not None and fmt not in allowed:
             raise ConfigError(f"{path_field(path, patterns, field)}: {path} is a {fmt} file, not {kind} "
                               f"(set the source's `type` to match the data)")
@@ -181,6 +194,6 @@ def check_text_files(paths: list[str], patterns: list[str], field: str, kind: st
 def path_field(path: str, patterns: list[str], field: str, key: str = "paths") -> str:
     """``{field}.{key}[i]`` for the first pattern that matches ``path`` (for error messages)."""
     for i, pattern in enumerate(patterns):
-        if fnmatch(path, os.path.abspath(os.path.expanduser(pattern))):
+        if fnmatch(path, pattern if is_url(pattern) else os.path.abspath(os.path.expanduser(pattern))):
             return f"{field}.{key}[{i}]"
     return f"{field}.{key}"

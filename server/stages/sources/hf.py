@@ -13,6 +13,7 @@ from server.config import HfSourceConfig
 from server.errors import ConfigError
 from server.stages.sources.arrow import check_text_column, table_texts
 from server.stages.sources.base import BadRecords, BrokenShard, FilePart, ShardSpec, resolve_paths
+from server.stages.storage import Storage
 
 
 def import_datasets() -> ModuleType:
@@ -34,6 +35,7 @@ class HfSource:
 
     def __init__(self, config: HfSourceConfig, field: str) -> None:
         self.config = config
+        self.storage = Storage()  # local files only (a save_to_disk directory, data files)
         hf = import_datasets()
         if config.path is not None:
             ds, self.origin, self._files = self._from_disk(hf, config.path, field)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import zlib
 from collections.abc import Iterator
 
@@ -14,7 +13,8 @@ import zstandard
 from server.config import JsonlSourceConfig
 from server.errors import ConfigError
 from server.stages.sources.base import (BadRecords, BrokenShard, FilePart, ShardSpec, decode_utf8, path_field,
-                                 resolve_paths, safe_open, sniff_format)
+                                        resolve_paths, sniff_format)
+from server.stages.storage import Storage
 
 _COMPRESSED = ("gzip", "zstd")
 
@@ -24,10 +24,11 @@ class JsonlSource:
 
     def __init__(self, config: JsonlSourceConfig, field: str) -> None:
         self.config = config
-        self.paths = resolve_paths(config.paths, config.exclude, field)
+        self.storage = Storage(config.storage_options)
+        self.paths = resolve_paths(config.paths, config.exclude, field, storage=self.storage)
         self.formats: dict[str, str | None] = {}
         for path in self.paths:
-            fmt = sniff_format(path)
+            fmt = sniff_format(path, self.storage)
             if fmt is not None and fmt not in _COMPRESSED:
                 raise ConfigError(f"{path_field(path, config.paths, field)}: {path} is a {fmt} file, not "
                                   "JSON Lines (plain, gzip or zstd); set the source's `type` to match the data")
@@ -38,9 +39,9 @@ class JsonlSource:
         shards: list[ShardSpec] = []
         target = int(self.config.shard_bytes)
         for path in self.paths:
-            size = os.path.getsize(path)
+            size = self.storage.size(path)
             # A compressed stream cannot seek: the whole file is one shard.
-            ranges = [(0, size)] if self.formats[path] else _line_ranges(path, target)
+            ranges = [(0, size)] if self.formats[path] else _line_ranges(self.storage, path, size, target)
             for start, end in ranges:
                 name = path if (start, end) == (0, size) else f"{path}[{start}:{end}]"
                 shards.append(ShardSpec(len(shards), name, (FilePart(path, start, end),), end - start))
@@ -61,11 +62,9 @@ class JsonlSource:
 
     def _read(self, part: FilePart) -> bytes:
         fmt = self.formats[part.path]
-        with safe_open(part.path) as f:
-            if fmt is None:
-                f.seek(part.start)
-                return f.read(part.end - part.start)
-            data = f.read()
+        if fmt is None:  # a byte range: one ranged request from an object store
+            return self.storage.read(part.path, part.start, part.end)
+        data = self.storage.read(part.path)
         try:
             return _gunzip(data) if fmt == "gzip" else b"".join(_unzstd(data))
         except (EOFError, OSError, zlib.error, zstandard.ZstdError) as err:
@@ -110,11 +109,11 @@ def _unzstd(data: bytes) -> Iterator[bytes]:
         data = dobj.unused_data
 
 
-def _line_ranges(path: str, target: int) -> list[tuple[int, int]]:
-    """Byte ranges of about ``target`` bytes that start and end on line boundaries."""
-    size = os.path.getsize(path)
+def _line_ranges(storage: Storage, path: str, size: int, target: int) -> list[tuple[int, int]]:
+    """Byte ranges of about ``target`` bytes that start and end on line boundaries (reading only
+    the line at each cut: a block per shard from an object store, never the whole object)."""
     ranges, start = [], 0
-    with safe_open(path) as f:
+    with storage.open(path) as f:
         while start < size:
             end = min(start + target, size)
             if end < size:

@@ -11,7 +11,8 @@ from server.config import ParquetSourceConfig
 from server.errors import ConfigError
 from server.stages.sources.arrow import check_text_column, table_texts
 from server.stages.sources.base import (BadRecords, BrokenShard, FilePart, ShardSpec, path_field, resolve_paths,
-                                 safe_open, sniff_format)
+                                        sniff_format)
+from server.stages.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -21,16 +22,17 @@ class ParquetSource:
 
     def __init__(self, config: ParquetSourceConfig, field: str) -> None:
         self.config = config
-        self.paths = resolve_paths(config.paths, config.exclude, field)
+        self.storage = Storage(config.storage_options)
+        self.paths = resolve_paths(config.paths, config.exclude, field, storage=self.storage)
         self._shards: list[ShardSpec] = []
         for path in self.paths:
             where = path_field(path, config.paths, field)
-            fmt = sniff_format(path)
+            fmt = sniff_format(path, self.storage)
             if fmt != "parquet":
                 raise ConfigError(f"{where}: {path} is {'a ' + fmt if fmt else 'a text'} file, not Parquet "
                                   "(set the source's `type` to match the data)")
             try:
-                with _Watched(path) as f:
+                with _Watched(self.storage, path) as f:
                     meta = f.parquet().metadata
             except _ReadFailed as err:
                 raise ConfigError(f"{where}: cannot read {path}: {err.__cause__}") from None
@@ -59,7 +61,7 @@ class ParquetSource:
         column = self.config.text_field.split(".")[0]
         for part in shard.parts:
             try:
-                with _Watched(part.path) as f:
+                with _Watched(self.storage, part.path) as f:
                     table = f.parquet().read_row_group(part.start, columns=[column])
             except _ReadFailed as err:
                 assert isinstance(err.__cause__, OSError)
@@ -78,13 +80,13 @@ class _Watched:
     """A Parquet file opened by us, so that an I/O error (an environment fault, retried) is told
     apart from content that pyarrow cannot parse (which it also reports as ``OSError``)."""
 
-    def __init__(self, path: str) -> None:
-        self.path = path
+    def __init__(self, storage: Storage, path: str) -> None:
+        self.storage, self.path = storage, path
         self.error: OSError | None = None
 
     def __enter__(self) -> _Watched:
         try:
-            self._file = safe_open(self.path)
+            self._file = self.storage.open(self.path)
         except OSError as err:
             raise _ReadFailed() from err
         return self

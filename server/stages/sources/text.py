@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from server.config import TextSourceConfig
 from server.stages.sources.base import (BadRecords, ShardSpec, check_text_files, decode_utf8, group_files,
-                                 resolve_paths, safe_open)
+                                        resolve_paths)
+from server.stages.storage import Storage
 
 
 class TextSource:
@@ -12,11 +13,12 @@ class TextSource:
 
     def __init__(self, config: TextSourceConfig, field: str) -> None:
         self.config = config
-        self.paths = resolve_paths(config.paths, config.exclude, field)
-        check_text_files(self.paths, config.paths, field, "text")
+        self.storage = Storage(config.storage_options)
+        self.paths = resolve_paths(config.paths, config.exclude, field, storage=self.storage)
+        check_text_files(self.paths, config.paths, field, "text", storage=self.storage)
 
     def shards(self) -> list[ShardSpec]:
-        return group_files(self.paths, int(self.config.shard_bytes))
+        return group_files(self.paths, int(self.config.shard_bytes), self.storage)
 
     def files(self) -> list[str]:
         return list(self.paths)
@@ -25,8 +27,7 @@ class TextSource:
         docs: list[str] = []
         delimiter = None if self.config.delimiter is None else self.config.delimiter.encode("utf-8")
         for part in shard.parts:
-            with safe_open(part.path) as f:
-                data = f.read()
+            data = self.storage.read(part.path)
             # Split before decoding (UTF-8 is self-synchronising), so one bad document costs only itself.
             pieces = [data] if delimiter is None else data.split(delimiter)
             if len(pieces) > 1 and not pieces[-1].strip():

@@ -19,8 +19,8 @@ import zstandard
 from server.config import TokensSourceConfig
 from server.errors import ConfigError
 from server.stages.packing import TokenizedShard
-from server.stages.files import safe_open
 from server.stages.sources.base import BadRecords, BrokenShard, FilePart, ShardSpec
+from server.stages.storage import Storage, is_url, join
 from server.stages.tokenizers import TokenizerInfo
 
 MANIFEST = "manifest.json"
@@ -64,17 +64,22 @@ def decode_shard(data: bytes, dtype: np.dtype) -> TokenizedShard:
     return TokenizedShard(tokens=ids.astype(dtype, copy=False), offsets=offsets)
 
 
-def read_manifest(path: str, field: str) -> dict:
-    """The manifest of a prepared directory; ``ConfigError`` naming ``field`` when there is none."""
-    manifest = os.path.join(path, MANIFEST)
-    if not os.path.isdir(path):
+def read_manifest(path: str, field: str, storage: Storage | None = None) -> dict:
+    """The manifest of a prepared directory (local or a URL); ``ConfigError`` naming ``field``
+    when there is none."""
+    storage = storage or Storage()
+    manifest = join(path, MANIFEST)
+    if not is_url(path) and not os.path.isdir(path):
         raise ConfigError(f"{field}: {path} is not a directory")
-    if not os.path.isfile(manifest):
+    try:
+        present = storage.isfile(manifest)
+    except Exception as err:  # noqa: BLE001 - an object store's client errors (denied, no bucket, ...)
+        raise ConfigError(f"{field}: cannot read {manifest}: {type(err).__name__}: {err}") from None
+    if not present:
         raise ConfigError(f"{field}: {path} has no {MANIFEST}: not made by `data-server prepare`, "
                           "or its preparation did not finish (run prepare again to complete it)")
     try:
-        with safe_open(manifest, "r") as f:
-            data = json.load(f)
+        data = json.loads(storage.read(manifest))
     except (OSError, ValueError) as err:
         raise ConfigError(f"{field}: cannot read {manifest}: {err}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
@@ -89,26 +94,28 @@ class TokensSource:
 
     def __init__(self, config: TokensSourceConfig, field: str) -> None:
         self.config = config
-        self.path = os.path.abspath(os.path.expanduser(config.path))
-        manifest = read_manifest(self.path, f"{field}.path")
+        self.storage = Storage(config.storage_options)
+        self.path = config.path.rstrip("/") if is_url(config.path) else os.path.abspath(os.path.expanduser(config.path))
+        manifest = read_manifest(self.path, f"{field}.path", self.storage)
         try:
             self.info = TokenizerInfo.from_json(manifest["tokenizer"])
             entries = manifest["shards"]
-            self._shards = [ShardSpec(i, e["name"], (FilePart(os.path.join(self.path, e["file"])),), int(e["bytes"]))
+            self._shards = [ShardSpec(i, e["name"], (FilePart(join(self.path, e["file"])),), int(e["bytes"]))
                             for i, e in enumerate(entries)]
             self._meta = [(str(e["checksum"]), int(e["docs"]), int(e["tokens"]), dict(e.get("bad", {})))
                           for e in entries]
         except (KeyError, TypeError, ValueError) as err:
             raise ConfigError(f"{field}.path: {self.path}/{MANIFEST} is incomplete or damaged: {err!r}") from None
+        present = set(self.storage.glob(join(self.path, "*"), []))  # one listing, not a request per shard
         for shard in self._shards:
-            if not os.path.isfile(shard.parts[0].path):
+            if shard.parts[0].path not in present:
                 raise ConfigError(f"{field}.path: shard file {shard.parts[0].path} is missing")
 
     def shards(self) -> list[ShardSpec]:
         return list(self._shards)
 
     def files(self) -> list[str]:
-        return [os.path.join(self.path, MANIFEST)] + [s.parts[0].path for s in self._shards]
+        return [join(self.path, MANIFEST)] + [s.parts[0].path for s in self._shards]
 
     def content(self, index: int) -> list:
         """Shard ``index``'s content identity: the manifest's checksum and counts (the same in
@@ -129,9 +136,7 @@ class TokensSource:
         digest, docs, tokens, skipped = self._meta[shard.index]
         for reason, n in skipped.items():
             bad.add(reason, n, sample=f"{shard.name}: skipped by prepare")
-        path = shard.parts[0].path
-        with safe_open(path) as f:
-            data = f.read()
+        data = self.storage.read(shard.parts[0].path)
         if checksum(data) != digest:
             raise BrokenShard("checksum mismatch: the file is not what the manifest the server loaded at start "
                               "records (damaged, or rewritten by another prepare since)")
