@@ -72,11 +72,12 @@ def prepare_on_ray(config: Config, name: str, out: str, address: str, *, max_sha
     ray = connect(address)  # before anything is written: an unreachable cluster leaves no trace
     out = os.path.abspath(out)
     try:
-        return prepare(config, name, out, max_shards=max_shards, level=level,
-                       runner=lambda ds, cfg, todo, o, lvl: _fan_out(ray, ds, cfg, todo, o, lvl))
+        result = prepare(config, name, out, max_shards=max_shards, level=level,
+                         runner=lambda ds, cfg, todo, o, lvl: _fan_out(ray, ds, cfg, todo, o, lvl))
     finally:
-        ray.shutdown()
-        _drop_dead_attempts(out)
+        ray.shutdown()  # the job ends: Ray stops any task still running for it
+    _drop_dead_attempts(out)
+    return result
 
 
 def _drop_dead_attempts(out: str) -> None:
@@ -93,10 +94,13 @@ def _fan_out(ray: Any, ds: Dataset, config: Config, todo: list[int], out: str, l
     task = ray.remote(num_cpus=1, max_retries=MAX_RETRIES, retry_exceptions=False,
                       scheduling_strategy="SPREAD")(_ray_shard)
     config_ref = ray.put(config.model_dump_json())  # shipped to each node once, not once per task
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    if cpus < 1:  # the tasks would wait forever for a CPU
+        raise ConfigError("--ray: the Ray cluster offers no CPUs (start its nodes with `ray start --num-cpus N`)")
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
     log.info("prepare on Ray: %d node(s), %d CPUs; %d shard tasks", nodes, cpus, len(todo))
-    pending, waiting, per_node = iter(todo), [], Counter[str]()
+    pending, per_node = iter(todo), Counter[str]()
+    waiting: list[Any] = []  # ObjectRefs of the tasks in flight
     window = cpus * IN_FLIGHT_PER_CPU
     while True:
         waiting += [task.remote(config_ref, ds.name, i, out, level) for i in _take(pending, window - len(waiting))]

@@ -54,12 +54,12 @@ def cluster() -> Iterator[Any]:
 
 
 @pytest.fixture
-def worker(cluster: Any) -> Iterator[Any]:
-    """A worker node (one CPU) joined to ``cluster`` for one test; removed after it unless killed."""
-    node = cluster.add_node(num_cpus=1)
-    yield node
-    if node in cluster.worker_nodes:
-        cluster.remove_node(node, allow_graceful=False)
+def worker(cluster: Any) -> Any:
+    """A live worker node (one CPU, its own raylet process) of ``cluster``: the one already there, or a new
+    one when a test killed it (joining takes seconds, so tests share it)."""
+    if not cluster.worker_nodes:
+        cluster.add_node(num_cpus=1)
+    return next(iter(cluster.worker_nodes))
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = {"datasets": {"py": {"source": {"type": "text", "paths": paths, "shard_bytes": 32 << 10},
                                   "tokenizer": {"type": "hf", "path": str(root / "tokenizer.json")}}}}
     (root / "config.yaml").write_text(yaml.safe_dump(config))
-    local = run_prepare(root, "local", "--workers", "1")
+    local = run_prepare(root, "local", "--workers", "2")
     assert local.returncode == 0, local.stderr
     (root / "local.log").write_text(local.stderr)
     return root
@@ -104,13 +104,22 @@ def test_ray_prepare_is_byte_identical_to_a_local_one(corpus, cluster, worker):
     assert "shards (done)" in proc.stderr and "MB/s of input" in proc.stderr and "M tokens/s" in proc.stderr
 
 
-def test_ray_prepare_resumes_a_local_one_and_the_reverse(corpus, cluster, worker):
-    first = run_prepare(corpus, "mixed", "--ray", cluster.address, "--max-shards", "5")
-    assert first.returncode == 0 and "prepared 5 shard(s) of" in first.stderr, first.stderr
-    assert run_prepare(corpus, "mixed", "--workers", "1", "--max-shards", "5").returncode == 0
-    last = run_prepare(corpus, "mixed", "--ray", cluster.address)
-    assert last.returncode == 0 and "10 already done" in last.stderr, last.stderr
-    assert files_of(corpus / "mixed") == files_of(corpus / "local")
+def test_ray_prepare_resumes_after_its_driver_was_killed(corpus, cluster, worker):
+    proc = subprocess.Popen(prepare_args(corpus, "resumed", "--ray", cluster.address), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress = corpus / "resumed" / "progress.jsonl"
+    deadline = time.monotonic() + 60
+    while not (progress.exists() and progress.read_text().count("\n") >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, "no shard was recorded"
+        time.sleep(0.01)  # polling a file another process writes: there is no event to await
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    assert not (corpus / "resumed" / "manifest.json").exists(), "prepare finished before it could be killed"
+    rerun = run_prepare(corpus, "resumed", "--ray", cluster.address)
+    assert rerun.returncode == 0, rerun.stderr
+    counts = re.search(r"(\d+) shards, (\d+) already done", rerun.stderr)
+    assert counts is not None and 3 <= int(counts.group(2)) < int(counts.group(1)), rerun.stderr
+    assert files_of(corpus / "resumed") == files_of(corpus / "local")
 
 
 def children(pid: int) -> list[int]:
@@ -166,6 +175,10 @@ def test_an_unreachable_cluster_is_a_one_line_error(corpus):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith(f"data-server: --ray {address}: cannot reach")
     assert "Traceback" not in proc.stderr and not (corpus / "nowhere").exists()
+    wrong = run_prepare(corpus, "nowhere", "--ray", "head-node")
+    assert wrong.returncode == 2 and wrong.stderr.strip() == (
+        "data-server: --ray: 'head-node' is not `auto` or HOST:PORT (the head node's GCS address, e.g. "
+        "10.0.0.5:6379, or ray://HOST:10001 for Ray Client)")
 
 
 def test_ray_not_installed_is_a_one_line_error_naming_the_extra(corpus):
@@ -175,4 +188,5 @@ def test_ray_not_installed_is_a_one_line_error_naming_the_extra(corpus):
             f"sys.exit(main({prepare_args(corpus, 'noray', '--ray', 'auto')[3:]!r}))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.strip() == "data-server: --ray: ray is not installed; install it with pip install 'tokenfeed[ray]'"
+    hint = "data-server: --ray: ray is not installed; install it with pip install 'tokenfeed[ray]'"
+    assert proc.stderr.strip() == hint
