@@ -55,6 +55,7 @@ def connect(address: str) -> Any:
 def _check_reachable(address: str) -> None:
     """Fail fast on a host:port nobody listens on (``ray.init`` would wait for a minute first)."""
     host, _, port = address.removeprefix("ray://").rpartition(":")
+    host = host.strip("[]")  # an IPv6 literal
     if not host or not port.isdigit():
         raise ConfigError(f"--ray: {address!r} is not `auto` or HOST:PORT (the head node's GCS address, "
                           "e.g. 10.0.0.5:6379, or ray://HOST:10001 for Ray Client)")
@@ -118,13 +119,16 @@ def _take(it: Iterator[int], n: int) -> list[int]:
 
 
 def _result(ray: Any, ref: Any) -> tuple[dict, str]:
-    """A finished task's (entry, node id); a task's own error re-raised as itself (not wrapped with a
-    remote traceback), so the CLI reports an ``Unavailable`` source as it does on one machine."""
+    """A finished task's (entry, node id). A task's own error is re-raised as itself (not wrapped with a
+    remote traceback), so the CLI reports an ``Unavailable`` source or a bad config as on one machine."""
     try:
         entry, node = ray.get(ref)
     except ray.exceptions.RayTaskError as err:
-        if isinstance(err.cause, TokenfeedError):
+        if isinstance(err.cause, (TokenfeedError, ConfigError)):
             raise err.cause from None
+        if isinstance(err.cause, ImportError):  # a node whose Python lacks tokenfeed (or one of its parts)
+            raise ConfigError(f"--ray: a node cannot run the shard tasks ({err.cause}); install the same "
+                              f"tokenfeed with {INSTALL_HINT} on every node of the cluster") from None
         raise
     return entry, node
 
