@@ -56,6 +56,9 @@ def _add_offline_parsers(sub: argparse._SubParsersAction) -> None:
     prep.add_argument("--workers", type=int, help="worker processes (default: one per core)")
     prep.add_argument("--max-shards", type=int, help="stop after this many shards (run again to go on)")
     prep.add_argument("--level", type=int, default=3, help="zstd level of the shards (default 3)")
+    prep.add_argument("--ray", metavar="auto|ADDRESS",
+                      help="make the shards as tasks on a Ray cluster (`auto`: the one `ray start` began here; "
+                           "else the head's HOST:PORT); --out must be shared by its nodes (needs tokenfeed[ray])")
     prep.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
     tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="tokenizer_command",
                                                                             required=True)
@@ -77,8 +80,16 @@ def _run_offline(args: argparse.Namespace, config: Config) -> int:
             raise ConfigError(f"--workers: must be at least 1, got {args.workers}")
         if args.max_shards is not None and args.max_shards < 0:
             raise ConfigError(f"--max-shards: must be at least 0, got {args.max_shards}")
-        result = prepare(config, args.dataset, args.out, workers=args.workers, max_shards=args.max_shards,
-                         level=args.level)
+        if args.ray is not None:
+            from server.prepare_ray import prepare_on_ray
+
+            if args.workers is not None:
+                raise ConfigError("--workers: not used with --ray (each node runs one task per CPU it offers)")
+            result = prepare_on_ray(config, args.dataset, args.out, args.ray, max_shards=args.max_shards,
+                                    level=args.level)
+        else:
+            result = prepare(config, args.dataset, args.out, workers=args.workers, max_shards=args.max_shards,
+                             level=args.level)
         if not result.complete:
             print(f"data-server: prepared {result.shards_done} shard(s) of {result.shards_total}; "
                   "run the same command again to continue", file=sys.stderr)

@@ -9,7 +9,7 @@ import multiprocessing
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +23,8 @@ from server.stages.sources.tokens import FORMAT, MANIFEST, VERSION, checksum, en
 log = logging.getLogger(__name__)
 PLAN = "plan.json"          # what an unfinished preparation is making (checked on resume)
 PROGRESS = "progress.jsonl"  # one line per finished shard; the manifest replaces it at the end
+#: Makes the shards of a run elsewhere (``server.prepare_ray``): (dataset, config, todo, out, level) -> entries.
+Runner = Callable[[Dataset, Config, list[int], str, int], Iterator[dict]]
 
 
 @dataclass(frozen=True)
@@ -52,12 +54,13 @@ def dataset_config(config: Config, name: str) -> DatasetConfig:
 
 
 def prepare(config: Config, name: str, out: str, *, workers: int | None = None, max_shards: int | None = None,
-            level: int = 3, log_every_s: float = 5.0) -> PrepareResult:
+            level: int = 3, log_every_s: float = 5.0, runner: Runner | None = None) -> PrepareResult:
     """Tokenize dataset ``name`` into ``out``: one zstd token shard per source shard (same index,
     same documents, so serving it yields the raw dataset's batches) and ``manifest.json``.
 
     Resumable: finished shards are kept and a rerun does only the rest (``max_shards`` stops a run
-    early). ``workers`` processes (default: one per core) each read, tokenize and write shards.
+    early). ``workers`` processes (default: one per core) each read, tokenize and write shards, or
+    ``runner`` makes them (e.g. as Ray tasks) and yields their entries as they finish.
     """
     ds_config = dataset_config(config, name)
     if isinstance(ds_config.source, TokensSourceConfig):
@@ -77,7 +80,8 @@ def prepare(config: Config, name: str, out: str, *, workers: int | None = None, 
     t0 = time.perf_counter()
     meter = _Meter(name, ds, len(done), t0, log_every_s)
     with open(os.path.join(out, PROGRESS), "a") as progress:
-        for entry in _run(ds, config, todo, out, workers, level):
+        entries = runner(ds, config, todo, out, level) if runner else _run(ds, config, todo, out, workers, level)
+        for entry in entries:
             progress.write(json.dumps(entry) + "\n")
             progress.flush()
             done[entry["index"]] = entry
