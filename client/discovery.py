@@ -55,7 +55,7 @@ def lookup(host: str, port: int) -> list[str]:
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     ips = {ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos}
     v4 = [ip for ip in ips if ip.version == 4]
-    return [_join(str(ip), port) for ip in sorted(v4 or ips)]  # type: ignore[type-var]
+    return [_join(str(ip), port) for ip in sorted(v4 or ips)]
 
 
 def expand(address: str) -> list[Replica]:

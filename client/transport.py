@@ -132,7 +132,8 @@ class Channel:
     """A gRPC channel created lazily in the process that uses it (gRPC is not fork-safe)."""
 
     def __init__(self, address: str, max_message_bytes: int, *, token: str | None = None, tls: Tls | None = None,
-                 keepalive: Keepalive | None = None, read_on_caller: bool = False, server_name: str | None = None) -> None:
+                 keepalive: Keepalive | None = None, read_on_caller: bool = False,
+                 server_name: str | None = None) -> None:
         self.address = address
         self._options: list[tuple[str, Any]] = [
             ("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", 4 << 20),
