@@ -128,11 +128,7 @@ class Replicas:
 
     def fail_over(self) -> Replica | None:
         """Resolve again and move to the next replica; None when there is no other one to try."""
-        try:
-            replicas = resolve(self.spec)
-        except ValueError:
-            replicas = self.replicas
-        self.replicas = replicas
+        self.replicas = replicas = resolve(self.spec)  # a name that fails to resolve now is kept as given
         targets = [r.target for r in replicas]
         if self.current.target in targets:
             nxt = replicas[(targets.index(self.current.target) + 1) % len(replicas)]

@@ -1,5 +1,6 @@
-"""A host name of our own in /etc/hosts (tests run as root): the stdlib resolver reads the file on
-every lookup, so a name maps to several loopback addresses the way a headless Service maps to pods."""
+"""Replicas behind one name, on this machine: a host name of our own in /etc/hosts (tests run as
+root; the stdlib resolver reads the file on every lookup) mapped to several loopback addresses the
+way a headless Service maps to pods, and server processes listening on those addresses."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+from tests.conftest import ServerProcess
 
 HOSTS = Path("/etc/hosts")
 
@@ -32,3 +36,21 @@ def hosts_name(ips: Sequence[str]) -> Iterator[str]:
         kept = [line for line in HOSTS.read_text().splitlines(keepends=True) if name not in line.split()]
         with HOSTS.open("w") as f:
             f.writelines(kept)
+
+
+class ReplicaProcess:
+    """A server process on one loopback address (127/8) and ``port`` (0: a free one, known once started)."""
+
+    def __init__(self, host: str, config: dict[str, Any], workdir: Path, port: int,
+                 extra_args: Sequence[str] = ()) -> None:
+        # ServerProcess listens on 127.0.0.1; a later --host wins (argparse keeps the last one)
+        self.host, self.server = host, ServerProcess(config, workdir, extra_args=[*extra_args, "--host", host])
+        self.server.port = port
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.server.port}"
+
+    def start(self) -> ReplicaProcess:
+        self.server.start()
+        return self

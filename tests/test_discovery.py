@@ -12,8 +12,9 @@ import pytest
 
 from client import StreamingDataset
 from client.discovery import Replica, Replicas, resolve
+from tests import certs
 from tests.conftest import jsonl_config, make_documents, write_jsonl
-from tests.hosts import HOSTS, hosts_name
+from tests.hosts import HOSTS, ReplicaProcess, hosts_name
 
 
 def _info(ip: str, port: int) -> tuple[Any, ...]:
@@ -97,3 +98,30 @@ def test_a_rank_whose_replica_is_down_streams_the_same_batches_from_the_next(tmp
     dead = f"127.0.0.1:{_free_port()}"  # nothing listens there: connection refused
     got = _tokens([dead, live.address], 6, failover_s=0.2, reconnect_deadline_s=30)
     assert len(got) == 6 and all(np.array_equal(a, b) for a, b in zip(got, ref, strict=True))
+
+
+@pytest.mark.integration
+def test_tls_replicas_found_by_name_are_checked_against_the_name(tmp_path: Path) -> None:
+    """Two TLS replicas on 127.0.0.2 and .3 whose certificate names only the Service's name (not
+    the IPs the client dials, as with pods): every rank's handshake checks the name and streams."""
+    write_jsonl(tmp_path / "data", make_documents(40), files=1)
+    ca = certs.make_ca("test CA")
+    with hosts_name(["127.0.0.2", "127.0.0.3"]) as name:
+        leaf = certs.issue(ca, name, server=True, names=[name])
+        for file, pem in (("ca", ca.cert_pem()), ("cert", leaf.cert_pem()), ("key", leaf.key_pem())):
+            (tmp_path / f"{file}.pem").write_bytes(pem)
+        tls = ["--tls-cert", str(tmp_path / "cert.pem"), "--tls-key", str(tmp_path / "key.pem")]
+        first = ReplicaProcess("127.0.0.2", jsonl_config(tmp_path / "data"), tmp_path, 0, tls).start()
+        second = ReplicaProcess("127.0.0.3", jsonl_config(tmp_path / "data"), tmp_path, first.server.port, tls)
+        try:
+            second.start()
+            address = f"dns:///{name}:{first.server.port}"
+            for rank in range(2):
+                ds = StreamingDataset(address, dataset="docs", seq_len=64, batch_size=2, rank=rank, world_size=2,
+                                      tls_ca=str(tmp_path / "ca.pem"), reconnect_deadline_s=10, failover_s=20)
+                assert ds.address == [first, second][rank].address
+                assert next(iter(ds))["input_ids"].shape == (2, 64)
+                ds.close()
+        finally:
+            first.server.stop()
+            second.server.stop()

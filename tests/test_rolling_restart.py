@@ -12,14 +12,13 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 
 from client import StreamingDataset
-from tests.conftest import ServerProcess, jsonl_config, make_documents, write_jsonl
-from tests.hosts import hosts_name
+from tests.conftest import jsonl_config, make_documents, write_jsonl
+from tests.hosts import ReplicaProcess, hosts_name
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -91,29 +90,12 @@ class Rank(threading.Thread):
             self.dataset.close()
 
 
-class Replica:
-    """A server process on one loopback address; every replica listens on the same port."""
-
-    def __init__(self, host: str, config: dict[str, Any], workdir: Path, port: int) -> None:
-        # ServerProcess listens on 127.0.0.1; a later --host wins (argparse keeps the last one)
-        self.host, self.server = host, ServerProcess(config, workdir, extra_args=["--host", host])
-        self.server.port = port
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.server.port}"
-
-    def start(self) -> Replica:
-        self.server.start()
-        return self
-
-
 @pytest.fixture
-def replicas(tmp_path: Path) -> Iterator[list[Replica]]:
+def replicas(tmp_path: Path) -> Iterator[list[ReplicaProcess]]:
     write_jsonl(tmp_path / "data", make_documents(300, seed=11), files=3)
     config = jsonl_config(tmp_path / "data", shard_bytes=32 << 10)
-    first = Replica(HOSTS[0], config, tmp_path, 0).start()  # port 0: the first picks the port for all
-    rest = [Replica(host, config, tmp_path, first.server.port) for host in HOSTS[1:]]
+    first = ReplicaProcess(HOSTS[0], config, tmp_path, 0).start()  # port 0: the first picks the port for all
+    rest = [ReplicaProcess(host, config, tmp_path, first.server.port) for host in HOSTS[1:]]
     starting = [threading.Thread(target=r.start) for r in rest]
     for t in starting:
         t.start()
@@ -142,7 +124,7 @@ def _reference(address: str, rank: int, n: int) -> list[np.ndarray]:
         ds.close()
 
 
-def _disrupt(replica: Replica, ranks: list[Rank], progress: Progress, kill: bool) -> None:
+def _disrupt(replica: ReplicaProcess, ranks: list[Rank], progress: Progress, kill: bool) -> None:
     """Stop (SIGTERM: drain) or kill (SIGKILL) a replica; the ranks it served move elsewhere and the
     whole job goes on while it is down; then it comes back on its address."""
     served = [r for r in ranks if r.dataset.address == replica.address]
@@ -158,7 +140,7 @@ def _disrupt(replica: Replica, ranks: list[Rank], progress: Progress, kill: bool
     progress.each_advances(ADVANCE, f"after {replica.address} came back")
 
 
-def test_rolling_restart_and_a_killed_replica_lose_and_repeat_nothing(replicas: list[Replica]) -> None:
+def test_rolling_restart_and_a_killed_replica_lose_and_repeat_nothing(replicas: list[ReplicaProcess]) -> None:
     port = replicas[0].server.port
     progress, stop = Progress(), threading.Event()
     with hosts_name(HOSTS) as name:
