@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from client import StreamingDataset
+from client import StreamingDataLoader, StreamingDataset
 from client.discovery import Replica, Replicas, resolve
 from tests import certs
 from tests.conftest import jsonl_config, make_documents, write_jsonl
@@ -80,11 +80,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _tokens(address: Any, n: int, **kwargs: Any) -> list[np.ndarray]:
+def _tokens(address: Any, n: int, workers: int = 0, **kwargs: Any) -> list[np.ndarray]:
     ds = StreamingDataset(address, dataset="docs", seq_len=64, batch_size=2, seed=5, fields=["tokens"],
                           decode_ahead=0, batches_per_message=1, **kwargs)
     try:
-        return [batch["tokens"].numpy() for batch in itertools.islice(iter(ds), n)]
+        batches = iter(StreamingDataLoader(ds, num_workers=workers)) if workers else iter(ds)
+        return [batch["tokens"].numpy() for batch in itertools.islice(batches, n)]
     finally:
         ds.close()
 
@@ -96,8 +97,9 @@ def test_a_rank_whose_replica_is_down_streams_the_same_batches_from_the_next(tmp
     live = start_server(jsonl_config(tmp_path / "data"))
     ref = _tokens(live.address, 6)
     dead = f"127.0.0.1:{_free_port()}"  # nothing listens there: connection refused
-    got = _tokens([dead, live.address], 6, failover_s=0.2, reconnect_deadline_s=30)
-    assert len(got) == 6 and all(np.array_equal(a, b) for a, b in zip(got, ref, strict=True))
+    for workers in (0, 2):  # each DataLoader worker process fails over on its own
+        got = _tokens([dead, live.address], 6, workers, failover_s=0.2, reconnect_deadline_s=30)
+        assert len(got) == 6 and all(np.array_equal(a, b) for a, b in zip(got, ref, strict=True)), workers
 
 
 @pytest.mark.integration
