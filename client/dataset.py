@@ -121,7 +121,8 @@ class StreamingDataset(IterableDataset):
             per row, truncated to ``seq_len``).
         reconnect_deadline_s: how long to keep reconnecting after the server went away.
         failover_s: how long a replica may keep failing before the stream moves to the next one
-            (when there are several, or a name to resolve again).
+            (when there are several, or a name to resolve again); a rolling restart costs a rank about
+            this much data-wait per replica it was on.
         batches_per_message: batches the server packs into one gRPC message; by default as many
             as fit in about 256 KiB (at most 16): fewer messages cost less per token, and the
             state stays exact per batch.
@@ -152,7 +153,7 @@ class StreamingDataset(IterableDataset):
     def __init__(self, address: str | Sequence[str], dataset: str, seq_len: int = 2048, batch_size: int = 8,
                  seed: int = 0, rank: int | None = None, world_size: int | None = None, *,
                  packing: str = wire.DEFAULT_PACKING, max_tokens: int | None = None, provenance: bool = False,
-                 reconnect_deadline_s: float = 60.0, failover_s: float = 2.0, batches_per_message: int | None = None,
+                 reconnect_deadline_s: float = 60.0, failover_s: float = 1.0, batches_per_message: int | None = None,
                  compression: str | None = None, decode_ahead: int = 2, token: str | None = None,
                  tls_ca: str | None = None, tls_cert: str | None = None, tls_key: str | None = None,
                  shared_memory: bool | None = None, fields: Sequence[str] = DEFAULT_FIELDS) -> None:

@@ -118,7 +118,7 @@ class Backoff:
     initial_s: float = 0.05
     max_s: float = 2.0
     deadline_s: float = 60.0
-    failover_s: float = 2.0
+    failover_s: float = 1.0
 
     def delays(self) -> Iterator[float]:
         """Sleep times until the deadline runs out."""
@@ -328,12 +328,15 @@ def _batches(control: _Control, channel: Channel, request_from: Callable[[pb.Cur
                     f"tokenfeed server {channel.address} unreachable for {backoff.deadline_s:.0f}s: "
                     f"{err.code().name}: {err.details()}", code=err.code(), details=err.details() or "",
                 ) from None
-            if fail_over is not None and outage.replica_failing_s() >= backoff.failover_s:
-                outage.replica_since = time.monotonic()
-                moved = fail_over()
-                if moved is not None:  # resume from the cursor there at once: it is another server
-                    channel = moved
-                    continue
+            if fail_over is not None:
+                if outage.replica_failing_s() >= backoff.failover_s:
+                    outage.replica_since = time.monotonic()
+                    moved = fail_over()
+                    if moved is not None:  # resume from the cursor there at once: it is another server
+                        channel = moved
+                        continue
+                # the last try on this replica at its budget's end, not up to a backoff step later
+                delay = min(delay, max(0.0, backoff.failover_s - outage.replica_failing_s()))
             log.warning("stream from %s broke (%s: %s); reconnecting in %.2fs", channel.address,
                         err.code().name, err.details(), delay)
             time.sleep(delay)
