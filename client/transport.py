@@ -322,25 +322,33 @@ def _batches(control: _Control, channel: Channel, request_from: Callable[[pb.Cur
             if not retryable(err):
                 raise from_rpc_error(err, channel.address) from None
             outage = outage or _Outage(backoff)
-            delay = next(outage.delays, None)
-            if delay is None:
-                raise ServerUnavailable(
-                    f"tokenfeed server {channel.address} unreachable for {backoff.deadline_s:.0f}s: "
-                    f"{err.code().name}: {err.details()}", code=err.code(), details=err.details() or "",
-                ) from None
-            if fail_over is not None:
-                if outage.replica_failing_s() >= backoff.failover_s:
-                    outage.replica_since = time.monotonic()
-                    moved = fail_over()
-                    if moved is not None:  # resume from the cursor there at once: it is another server
-                        channel = moved
-                        continue
-                # the last try on this replica at its budget's end, not up to a backoff step later
-                delay = min(delay, max(0.0, backoff.failover_s - outage.replica_failing_s()))
-            log.warning("stream from %s broke (%s: %s); reconnecting in %.2fs", channel.address,
-                        err.code().name, err.details(), delay)
-            time.sleep(delay)
+            channel = _reconnect(err, channel, outage, backoff, fail_over)
         finally:
             call.cancel()
             if ring is not None:
                 ring.close()
+
+
+def _reconnect(err: grpc.RpcError, channel: Channel, outage: _Outage, backoff: Backoff,
+               fail_over: FailOver | None) -> Channel:
+    """The channel to reopen the stream on after ``err``: the same one after a backoff sleep, or at
+    once one to the next replica once this one has failed for ``backoff.failover_s``. Raises
+    ``ServerUnavailable`` once the outage has lasted the backoff's deadline."""
+    delay = next(outage.delays, None)
+    if delay is None:
+        raise ServerUnavailable(
+            f"tokenfeed server {channel.address} unreachable for {backoff.deadline_s:.0f}s: "
+            f"{err.code().name}: {err.details()}", code=err.code(), details=err.details() or "",
+        ) from None
+    if fail_over is not None:
+        if outage.replica_failing_s() >= backoff.failover_s:
+            outage.replica_since = time.monotonic()
+            moved = fail_over()
+            if moved is not None:  # resume from the cursor there at once: it is another server
+                return moved
+        # the last try on this replica at its budget's end, not up to a backoff step later
+        delay = min(delay, max(0.0, backoff.failover_s - outage.replica_failing_s()))
+    log.warning("stream from %s broke (%s: %s); reconnecting in %.2fs", channel.address,
+                err.code().name, err.details(), delay)
+    time.sleep(delay)
+    return channel

@@ -91,6 +91,7 @@ def _tokens(address: Any, n: int, workers: int = 0, **kwargs: Any) -> list[np.nd
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_a_rank_whose_replica_is_down_streams_the_same_batches_from_the_next(tmp_path: Path,
                                                                               start_server: Any) -> None:
     write_jsonl(tmp_path / "data", make_documents(60), files=2)
@@ -103,6 +104,7 @@ def test_a_rank_whose_replica_is_down_streams_the_same_batches_from_the_next(tmp
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_tls_replicas_found_by_name_are_checked_against_the_name(tmp_path: Path) -> None:
     """Two TLS replicas on 127.0.0.2 and .3 whose certificate names only the Service's name (not
     the IPs the client dials, as with pods): every rank's handshake checks the name and streams."""

@@ -128,6 +128,7 @@ def _disrupt(replica: ReplicaProcess, ranks: list[Rank], progress: Progress, kil
     """Stop (SIGTERM: drain) or kill (SIGKILL) a replica; the ranks it served move elsewhere and the
     whole job goes on while it is down; then it comes back on its address."""
     served = [r for r in ranks if r.dataset.address == replica.address]
+    assert served, f"no rank streams from {replica.address}: nothing would happen mid-stream"
     how = "SIGKILL" if kill else "SIGTERM"
     if kill:
         replica.server.kill()
