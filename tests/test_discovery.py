@@ -92,7 +92,7 @@ def _tokens(address: Any, n: int, workers: int = 0, **kwargs: Any) -> list[np.nd
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_a_rank_whose_replica_is_down_streams_the_same_batches_from_the_next(tmp_path: Path,
+def test_a_rank_whose_replica_is_down_or_frozen_streams_the_same_batches_from_the_next(tmp_path: Path,
                                                                               start_server: Any) -> None:
     write_jsonl(tmp_path / "data", make_documents(60), files=2)
     live = start_server(jsonl_config(tmp_path / "data"))
@@ -101,6 +101,12 @@ def test_a_rank_whose_replica_is_down_streams_the_same_batches_from_the_next(tmp
     for workers in (0, 2):  # each DataLoader worker process fails over on its own
         got = _tokens([dead, live.address], 6, workers, failover_s=0.2, reconnect_deadline_s=30)
         assert len(got) == 6 and all(np.array_equal(a, b) for a, b in zip(got, ref, strict=True)), workers
+    with socket.socket() as frozen:  # accepts TCP connections (the kernel does) but never answers
+        frozen.bind(("127.0.0.1", 0))
+        frozen.listen(1)
+        got = _tokens([f"127.0.0.1:{frozen.getsockname()[1]}", live.address], 6, failover_s=0.2,
+                      reconnect_deadline_s=30)
+    assert len(got) == 6 and all(np.array_equal(a, b) for a, b in zip(got, ref, strict=True)), "frozen"
 
 
 @pytest.mark.integration
