@@ -15,8 +15,8 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from client.ahead import Ahead
-from client.state import Identity, Position, make_state, parse_state
 from client.discovery import Replica, Replicas
+from client.state import Identity, Position, make_state, parse_state
 from client.transport import Backoff, Channel, Tls, is_loopback, make_ring, stream_batches
 from tokenfeed import malloc, wire
 from tokenfeed.v1 import tokenfeed_pb2 as pb
