@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from client.ahead import Ahead
+from client.discovery import Replica, Replicas
 from client.state import Identity, Position, make_state, parse_state
 from client.transport import Backoff, Channel, Tls, is_loopback, make_ring, stream_batches
 from tokenfeed import malloc, wire
@@ -110,7 +111,12 @@ class StreamingDataset(IterableDataset):
     continues in global order with nothing lost or repeated.
 
     Args:
-        address: ``host:port`` of a server, or a list of replicas (rank ``r`` uses ``r % len``).
+        address: ``host:port`` of a server, or a list of replicas (rank ``r`` uses ``r % len``), or
+            ``dns:///name:port`` (a Kubernetes headless Service, say): the addresses the name
+            resolves to, sorted, are the replicas. A plain ``name:port`` that resolves to several
+            addresses is expanded the same way. A replica that keeps failing for
+            ``failover_s`` is left: the name is resolved again and the stream resumes from its
+            cursor on the next replica.
         dataset: name of a dataset the server serves.
         seq_len: tokens per row.
         batch_size: rows per batch.
@@ -120,6 +126,9 @@ class StreamingDataset(IterableDataset):
             documents best-fit into rows, longer ones split, rest PAD) or ``"pad"`` (one document
             per row, truncated to ``seq_len``).
         reconnect_deadline_s: how long to keep reconnecting after the server went away.
+        failover_s: how long a replica may keep failing before the stream moves to the next one
+            (when there are several, or a name to resolve again); a rolling restart costs a rank about
+            this much data-wait per replica it was on.
         batches_per_message: batches the server packs into one gRPC message; by default as many
             as fit in about 256 KiB (at most 16): fewer messages cost less per token, and the
             state stays exact per batch.
@@ -150,7 +159,7 @@ class StreamingDataset(IterableDataset):
     def __init__(self, address: str | Sequence[str], dataset: str, seq_len: int = 2048, batch_size: int = 8,
                  seed: int = 0, rank: int | None = None, world_size: int | None = None, *,
                  packing: str = wire.DEFAULT_PACKING, max_tokens: int | None = None, provenance: bool = False,
-                 reconnect_deadline_s: float = 60.0, batches_per_message: int | None = None,
+                 reconnect_deadline_s: float = 60.0, failover_s: float = 1.0, batches_per_message: int | None = None,
                  compression: str | None = None, decode_ahead: int = 2, token: str | None = None,
                  tls_ca: str | None = None, tls_cert: str | None = None, tls_key: str | None = None,
                  shared_memory: bool | None = None, fields: Sequence[str] = DEFAULT_FIELDS) -> None:
@@ -178,15 +187,15 @@ class StreamingDataset(IterableDataset):
         self.fields = tuple(f for f in FIELDS if f in fields)  # one order, whatever was asked
         if compression not in (None, "none", "zstd"):
             raise ValueError(f"compression must be None or 'zstd', got {compression!r}")
-        addresses = [address] if isinstance(address, str) else list(address)
-        if not addresses:
-            raise ValueError("address must name at least one server")
-        self.address = addresses[self.rank % len(addresses)]
+        self._replicas = Replicas(address, self.rank)
+        self.address = self._replicas.current.target
         self.identity = Identity(dataset=dataset, seed=seed, seq_len=seq_len, packing=packing)
         self.batch_size = batch_size
         self.max_tokens = max_tokens or 0
         self.provenance = provenance
-        self.backoff = Backoff(deadline_s=reconnect_deadline_s)
+        if failover_s < 0:
+            raise ValueError(f"failover_s must be 0 or more seconds, got {failover_s}")
+        self.backoff = Backoff(deadline_s=reconnect_deadline_s, failover_s=failover_s)
         if batches_per_message is None:
             batch_bytes = (max_tokens + 1 if max_tokens else batch_size * (seq_len + 1)) * 2
             batches_per_message = max(1, min(16, (256 << 10) // batch_bytes))
@@ -202,8 +211,9 @@ class StreamingDataset(IterableDataset):
         if max_tokens:  # a varint piece start per piece (the server's bound)
             max_message += batches_per_message * 5 * row_tokens
         token = token if token is not None else os.environ.get("TOKENFEED_TOKEN") or None
-        self._channel = Channel(self.address, max(max_message, 4 << 20), token=token,
-                                tls=Tls.load(tls_ca, tls_cert, tls_key), read_on_caller=decode_ahead == 0)
+        self._connect = functools.partial(Channel, max_message_bytes=max(max_message, 4 << 20), token=token,
+                                          tls=Tls.load(tls_ca, tls_cert, tls_key), read_on_caller=decode_ahead == 0)
+        self._channel = self._channel_to(self._replicas.current)
         if shared_memory is None:
             shared_memory = is_loopback(self.address)
         self.shared_memory = shared_memory and compression in (None, "none") and not max_tokens
@@ -252,6 +262,18 @@ class StreamingDataset(IterableDataset):
         return self._position
 
     # ---- iteration ---------------------------------------------------------------------
+    def _channel_to(self, replica: Replica) -> Channel:
+        return self._connect(replica.target, server_name=replica.host)
+
+    def _fail_over(self) -> Channel | None:
+        """A channel to the next live replica (the address resolved again), or None if there is none."""
+        replica = self._replicas.fail_over()
+        if replica is None:
+            return None
+        self._channel.close()
+        self._channel, self.address = self._channel_to(replica), replica.target
+        return self._channel
+
     def close(self) -> None:
         """Close this process's channel (a later iteration opens a new one)."""
         self._channel.close()
@@ -285,7 +307,8 @@ class StreamingDataset(IterableDataset):
         chunks = stream_batches(
             self._channel, lambda cursor, step: self._request(cursor, step, worker),
             start.to_cursor(self.identity), first, workers, self.backoff,
-            ring_from=functools.partial(make_ring, self._slots, self._slot_bytes) if self.shared_memory else None)
+            ring_from=functools.partial(make_ring, self._slots, self._slot_bytes) if self.shared_memory else None,
+            fail_over=self._fail_over)
         raw = self._attach_state and info is not None  # a StreamingDataLoader worker: wire form
         malloc.tune_for_client()
         # Ahead of the consumer, a message's batches are made together; in step with it, each

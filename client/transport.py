@@ -30,6 +30,11 @@ RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED, grpc.StatusCo
 #: A RESOURCE_EXHAUSTED carrying this trailing metadata key is a server at its stream limit: retried
 #: like UNAVAILABLE. Without it (e.g. a local message-size limit) it is raised.
 _LOOPBACK = ("127.", "localhost", "[::1]", "::1", "unix:")
+#: How long one connection attempt may take (TCP and TLS handshakes, the server's first HTTP/2
+#: frame). gRPC's default is 20 s: a replica that vanished without a reset (a deleted pod's IP that
+#: drops packets) or froze held a stream that long before it could fail over (measured: a socket
+#: that never accepts fails a call after 20.0 s by default, 1.0 s with 1 s here).
+CONNECT_TIMEOUT_S = 5.0
 
 
 def retryable(err: grpc.RpcError) -> bool:
@@ -112,11 +117,13 @@ def _read(name: str, path: str | None) -> bytes | None:
 
 @dataclass(frozen=True)
 class Backoff:
-    """Reconnect policy: full-jitter exponential backoff, bounded by a total deadline."""
+    """Reconnect policy: full-jitter exponential backoff, bounded by a total deadline. Where there
+    are other replicas, a stream whose replica fails for ``failover_s`` moves to the next one."""
 
     initial_s: float = 0.05
     max_s: float = 2.0
     deadline_s: float = 60.0
+    failover_s: float = 1.0
 
     def delays(self) -> Iterator[float]:
         """Sleep times until the deadline runs out."""
@@ -130,10 +137,16 @@ class Channel:
     """A gRPC channel created lazily in the process that uses it (gRPC is not fork-safe)."""
 
     def __init__(self, address: str, max_message_bytes: int, *, token: str | None = None, tls: Tls | None = None,
-                 keepalive: Keepalive | None = None, read_on_caller: bool = False) -> None:
+                 keepalive: Keepalive | None = None, read_on_caller: bool = False,
+                 server_name: str | None = None) -> None:
         self.address = address
-        self._options = [("grpc.max_receive_message_length", max_message_bytes),
-                         ("grpc.max_send_message_length", 4 << 20), *(keepalive or Keepalive.from_env()).options()]
+        self._options: list[tuple[str, Any]] = [
+            ("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", 4 << 20),
+            ("grpc.min_reconnect_backoff_ms", int(CONNECT_TIMEOUT_S * 1000)),  # gRPC's minimum connect timeout
+            *(keepalive or Keepalive.from_env()).options()]
+        if server_name is not None and tls is not None:
+            # a replica found by name is dialled by IP: its certificate names the name, not the IP
+            self._options.append(("grpc.ssl_target_name_override", server_name))
         if read_on_caller:
             # StreamBatches read on the calling thread. gRPC's default is a channel thread that takes
             # each message and wakes the reader: two thread switches per message, which cost a trainer
@@ -190,6 +203,9 @@ class Channel:
             raise from_rpc_error(err, self.address) from None
 
 
+#: Called when a stream's replica keeps failing: a channel to another replica, or None if there is none.
+FailOver = Callable[[], Channel | None]
+
 #: Streams still open, closed at interpreter exit while gRPC is still importable (a suspended
 #: iterator is otherwise finalised during module teardown and fails noisily).
 _LIVE: weakref.WeakSet = weakref.WeakSet()
@@ -203,9 +219,10 @@ def _close_live_streams() -> None:
 
 def stream_batches(channel: Channel, request_from: Callable[[pb.Cursor | None, int], pb.StreamRequest],
                    cursor: pb.Cursor | None, first_step: int, stride: int, backoff: Backoff,
-                   ring_from: Callable[[], ClientRing | None] | None = None) -> BatchStream:
+                   ring_from: Callable[[], ClientRing | None] | None = None,
+                   fail_over: FailOver | None = None) -> BatchStream:
     """See ``BatchStream``; the stream is closed at exit if it is still open."""
-    stream = BatchStream(channel, request_from, cursor, first_step, stride, backoff, ring_from)
+    stream = BatchStream(channel, request_from, cursor, first_step, stride, backoff, ring_from, fail_over)
     _LIVE.add(stream)
     return stream
 
@@ -231,16 +248,19 @@ class BatchStream:
 
     With ``ring_from``, each call offers a new shared-memory ring (see ``tokenfeed.shm``); a
     chunk whose tokens are in it is yielded with ``tokens`` a view of its slot, valid until the
-    stream is asked for the batch after the chunk's last (the slot is then handed back)."""
+    stream is asked for the batch after the chunk's last (the slot is then handed back).
+
+    With ``fail_over``, a replica that keeps failing for ``backoff.failover_s`` is left: the call
+    returns a channel to another replica (None: there is none) and the stream resumes there."""
 
     def __init__(self, channel: Channel, request_from: Callable[[pb.Cursor | None, int], pb.StreamRequest],
                  cursor: pb.Cursor | None, first_step: int, stride: int, backoff: Backoff,
-                 ring_from: Callable[[], ClientRing | None] | None = None) -> None:
+                 ring_from: Callable[[], ClientRing | None] | None = None, fail_over: FailOver | None = None) -> None:
         # The generator gets the control, not the stream: no reference cycle, so a stream dropped
         # by its consumer is finalised (its call cancelled) at once, not at the next GC.
         self._control = _Control()
         self._batches = _batches(self._control, channel, request_from, cursor, first_step, stride, backoff,
-                                 ring_from)
+                                 ring_from, fail_over)
 
     def __iter__(self) -> BatchStream:
         return self
@@ -260,10 +280,23 @@ class _Control:
     call: Any = None
 
 
+class _Outage:
+    """A stream failing since its last message: the backoff's delays (bounded by its deadline in
+    all, over every replica tried) and when its current replica began failing."""
+
+    def __init__(self, backoff: Backoff) -> None:
+        self.delays = backoff.delays()
+        self.replica_since = time.monotonic()
+
+    def replica_failing_s(self) -> float:
+        return time.monotonic() - self.replica_since
+
+
 def _batches(control: _Control, channel: Channel, request_from: Callable[[pb.Cursor | None, int], pb.StreamRequest],
              cursor: pb.Cursor | None, first_step: int, stride: int, backoff: Backoff,
-             ring_from: Callable[[], ClientRing | None] | None) -> Iterator[tuple[pb.BatchChunk, int]]:
-    delays: Iterator[float] | None = None
+             ring_from: Callable[[], ClientRing | None] | None,
+             fail_over: FailOver | None = None) -> Iterator[tuple[pb.BatchChunk, int]]:
+    outage: _Outage | None = None
     while not control.closed:
         request = request_from(cursor, first_step)
         ring = ring_from() if ring_from is not None else None  # a new one per call (see tokenfeed.shm)
@@ -272,7 +305,7 @@ def _batches(control: _Control, channel: Channel, request_from: Callable[[pb.Cur
         call = control.call = channel.stream_batches(request, metadata=channel.metadata)
         try:
             for seq, chunk in enumerate(call):
-                delays = None
+                outage = None
                 if ring is not None:
                     ring.unlink()  # the server has it open (or never will): nothing to leave behind
                     if chunk.HasField("shm_slot"):
@@ -294,17 +327,34 @@ def _batches(control: _Control, channel: Channel, request_from: Callable[[pb.Cur
                 continue
             if not retryable(err):
                 raise from_rpc_error(err, channel.address) from None
-            delays = delays or backoff.delays()
-            delay = next(delays, None)
-            if delay is None:
-                raise ServerUnavailable(
-                    f"tokenfeed server {channel.address} unreachable for {backoff.deadline_s:.0f}s: "
-                    f"{err.code().name}: {err.details()}", code=err.code(), details=err.details() or "",
-                ) from None
-            log.warning("stream from %s broke (%s: %s); reconnecting in %.2fs", channel.address,
-                        err.code().name, err.details(), delay)
-            time.sleep(delay)
+            outage = outage or _Outage(backoff)
+            channel = _reconnect(err, channel, outage, backoff, fail_over)
         finally:
             call.cancel()
             if ring is not None:
                 ring.close()
+
+
+def _reconnect(err: grpc.RpcError, channel: Channel, outage: _Outage, backoff: Backoff,
+               fail_over: FailOver | None) -> Channel:
+    """The channel to reopen the stream on after ``err``: the same one after a backoff sleep, or at
+    once one to the next replica once this one has failed for ``backoff.failover_s``. Raises
+    ``ServerUnavailable`` once the outage has lasted the backoff's deadline."""
+    delay = next(outage.delays, None)
+    if delay is None:
+        raise ServerUnavailable(
+            f"tokenfeed server {channel.address} unreachable for {backoff.deadline_s:.0f}s: "
+            f"{err.code().name}: {err.details()}", code=err.code(), details=err.details() or "",
+        ) from None
+    if fail_over is not None:
+        if outage.replica_failing_s() >= backoff.failover_s:
+            outage.replica_since = time.monotonic()
+            moved = fail_over()
+            if moved is not None:  # resume from the cursor there at once: it is another server
+                return moved
+        # the last try on this replica at its budget's end, not up to a backoff step later
+        delay = min(delay, max(0.0, backoff.failover_s - outage.replica_failing_s()))
+    log.warning("stream from %s broke (%s: %s); reconnecting in %.2fs", channel.address,
+                err.code().name, err.details(), delay)
+    time.sleep(delay)
+    return channel

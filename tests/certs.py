@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,16 +52,18 @@ def make_ca(common_name: str) -> Issued:
     return Issued(cert, key)
 
 
-def issue(ca: Issued, common_name: str, *, server: bool) -> Issued:
-    """A leaf certificate signed by ``ca``: for a server on 127.0.0.1/localhost, or a client."""
+def issue(ca: Issued, common_name: str, *, server: bool, names: Sequence[str] = ()) -> Issued:
+    """A leaf certificate signed by ``ca``: for a server on 127.0.0.1/localhost (or only the DNS
+    ``names`` given), or a client."""
     key = ec.generate_private_key(ec.SECP256R1())
     usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
     builder = (_builder(common_name, ca.cert.subject, key.public_key())
                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
                .add_extension(x509.ExtendedKeyUsage([usage]), critical=False))
     if server:
-        builder = builder.add_extension(x509.SubjectAlternativeName(
-            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        alt: list[x509.GeneralName] = [x509.DNSName(n) for n in names] or [
+            x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+        builder = builder.add_extension(x509.SubjectAlternativeName(alt), critical=False)
     return Issued(builder.sign(ca.key, hashes.SHA256()), key)
 
 
