@@ -92,7 +92,8 @@ def history(tracker: MlflowServer, run_id: str, key: str) -> dict[int, float]:
     """``step -> value`` of a metric, asserting no step was logged twice."""
     points = client(tracker).get_metric_history(run_id, key)
     counts = Counter(p.step for p in points)
-    assert all(n == 1 for n in counts.values()), f"{key} logged twice at steps {[s for s, n in counts.items() if n > 1]}"
+    twice = [s for s, n in counts.items() if n > 1]
+    assert not twice, f"{key} logged twice at steps {twice}"
     return {p.step: p.value for p in points}
 
 
