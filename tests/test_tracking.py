@@ -101,13 +101,21 @@ def run_id_of(run_dir: Path, backend: str) -> str:
     return json.loads((run_dir / "tracking.json").read_text())[backend]["run_id"]
 
 
-def test_mlflow_gets_every_step_and_the_best_checkpoint_then_cleanup(server: str, mlflow_server: MlflowServer,
-                                                                    tmp_path: Path) -> None:
-    run_dir = tmp_path / "early"
+@pytest.fixture(scope="module")
+def early_run(server: str, mlflow_server: MlflowServer, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A 2-rank run tracked in MLflow that stops early; its run directory and output."""
+    run_dir = tmp_path_factory.mktemp("early")
     # lr 0: every eval ties, so the best (the first) is not the latest; early stop after 2 evals without gain
     out = train(2, server, run_dir, "--max-steps", "50", "--checkpoint-every", "1", "optim.lr=0", "eval.every=2",
                 "eval.patience=2", "checkpoint.keep=2", *MLFLOW_ARGS, f"tracking.uri={mlflow_server.uri}",
                 "tracking.run_name=early", "tracking.tags={team: data}")
+    return run_dir, out
+
+
+def test_mlflow_gets_every_step_and_the_best_checkpoint_then_cleanup(early_run: tuple[Path, str],
+                                                                    mlflow_server: MlflowServer,
+                                                                    tmp_path: Path) -> None:
+    run_dir, out = early_run
     run_id = run_id_of(run_dir, "mlflow")
     lines = metrics(run_dir)
     assert [r["step"] for r in lines] == list(range(1, 7))
@@ -183,6 +191,32 @@ def test_mlflow_down_at_the_end_keeps_checkpoints_and_a_relaunch_uploads(server:
     assert marker["reason"] == "max_steps" and marker["tracking"]["uploaded"] is True
     assert checkpoints(run_dir) == [16]
     assert client(mlflow_server).get_run(run_id).info.status == "FINISHED"
+
+
+def generate(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "trainer.generate", "--greedy", "--max-new-tokens", "24",
+                           "--prompt", "def ", *args], cwd=ROOT, env={**ENV, **env}, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_generate_fetches_a_tracked_model_once_then_uses_the_cache(early_run: tuple[Path, str],
+                                                                    mlflow_server: MlflowServer,
+                                                                    tmp_path: Path) -> None:
+    run_dir, _ = early_run
+    spec = f"mlflow:runs:/{run_id_of(run_dir, 'mlflow')}/model"
+    local = generate("--model", str(run_dir / "final"))
+    assert local.returncode == 0, local.stderr
+    first = generate("--model", spec, "--tracking-uri", mlflow_server.uri, "--cache-dir", str(tmp_path / "cache"))
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == local.stdout  # the same weights: greedy decoding gives the same text
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"  # nobody listens there once the block ends
+    again = generate("--model", spec, "--tracking-uri", dead, "--cache-dir", str(tmp_path / "cache"))
+    assert again.returncode == 0 and again.stdout == local.stdout, again.stderr  # from the cache, no tracker call
+    missing = generate("--model", spec, "--tracking-uri", dead, "--cache-dir", str(tmp_path / "empty"),
+                       MLFLOW_HTTP_REQUEST_MAX_RETRIES="0")  # fail at once: no backoff to wait out
+    assert missing.returncode == 2 and "cannot fetch runs:/" in missing.stderr and dead in missing.stderr
 
 
 def check_metadata(ckpt: Path, server: str) -> None:

@@ -41,7 +41,7 @@ def run_metadata(world_size: int, info: pb.DatasetInfo, server_version: str) -> 
     return {
         "tokenfeed_version": tokenfeed_version(),
         "git_commit": git_commit(),
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),  # a TorchVersion, which torch.load(weights_only) refuses
         "python_version": platform.python_version(),
         "world_size": world_size,
         "data_server_version": server_version,
