@@ -21,6 +21,10 @@ from typing import Any
 import pytest
 
 from tests.test_trainer import ENV, ROOT, checkpoints, command, metrics, train
+from trainer.export import load_exported
+from trainer.generate import decode, encode
+from trainer.generate import generate as greedy
+from trainer.remote import resolve
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -41,6 +45,10 @@ class MlflowServer:
         self.proc: subprocess.Popen | None = None
 
     def start(self, deadline_s: float = 180.0) -> MlflowServer:
+        return self.launch().wait_ready(deadline_s)
+
+    def launch(self) -> MlflowServer:
+        """Start the process without waiting (it takes tens of seconds to import on a busy machine)."""
         log = (self.workdir / "mlflow.log").open("a")
         mlflow = Path(sys.executable).with_name("mlflow")
         self.proc = subprocess.Popen(
@@ -49,6 +57,10 @@ class MlflowServer:
              "--artifacts-destination", str(self.workdir / "artifacts")],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+        return self
+
+    def wait_ready(self, deadline_s: float = 180.0) -> MlflowServer:
+        assert self.proc is not None
         end = time.monotonic() + deadline_s
         while time.monotonic() < end:  # poll with a deadline: it is up once /health answers
             assert self.proc.poll() is None, f"mlflow server exited:\n{self.log_tail()}"
@@ -76,10 +88,105 @@ def server(module_servers: Any) -> str:
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
-    tracker = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
+def mlflow_booting(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """The MLflow server, launched but maybe not ready yet. The W&B test (first in this file) asks for it
+    only so that the server's slow start overlaps that test."""
+    tracker = MlflowServer(tmp_path_factory.mktemp("mlflow")).launch()
     yield tracker
     tracker.kill()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(mlflow_booting: MlflowServer) -> MlflowServer:
+    return mlflow_booting.wait_ready()
+
+
+def wandb_records(path: Path) -> Iterator[Any]:
+    """The records of a W&B run file (``run-ID.wandb``): a 7-byte header, then LevelDB-log records of
+    protobuf ``Record`` messages in 32 KiB blocks, written by the real wandb package."""
+    from wandb.proto import wandb_internal_pb2 as wpb
+
+    data, block = path.read_bytes(), 32768
+    assert data[:4] == b":W&B", data[:7]
+    pos, chunks = 7, b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # a block's tail too short for a header is padding
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if length == 0 and kind == 0:
+            pos += left
+            continue
+        chunks += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST: a record is complete
+            record = wpb.Record()
+            record.ParseFromString(chunks)
+            chunks = b""
+            yield record
+
+
+def wandb_run(path: Path) -> tuple[dict[int, dict[str, float]], list[Any]]:
+    """``step -> logged values`` and the artifact records of one offline run file."""
+    steps: dict[int, dict[str, float]] = {}
+    artifacts = []
+    for record in wandb_records(path):
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            values = {"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in record.history.item}
+            assert record.history.step.num not in steps, f"step {record.history.step.num} logged twice"
+            steps[record.history.step.num] = values
+        elif kind == "artifact":
+            artifacts.append(record.artifact)
+    return steps, artifacts
+
+
+def test_wandb_offline_logs_steps_and_the_model_and_a_resume_continues_the_run(
+        server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_booting: MlflowServer) -> None:
+    monkeypatch.setitem(ENV, "WANDB_MODE", "offline")
+    run_dir = tmp_path / "wb"
+    common = ["--checkpoint-every", "2", "eval.every=2", "tracking.backend=wandb", "tracking.project=tests"]
+    # one rank: only rank 0 talks to the tracker (the MLflow tests run 2 ranks); saves two launchers' start-up
+    train(1, server, run_dir, "--max-steps", "4", *common)
+    run_id = run_id_of(run_dir, "wandb")
+    (run_dir / "COMPLETE").unlink()  # train the finished run further: the same tracker run continues
+    train(1, server, run_dir, "--max-steps", "6", *common)
+    assert run_id_of(run_dir, "wandb") == run_id
+
+    files = sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    assert len(files) == 2, list((run_dir / "wandb").iterdir())
+    (first, art1), (second, art2) = wandb_run(files[0]), wandb_run(files[1])
+    assert sorted(first) == [1, 2, 3, 4] and sorted(second) == [5, 6]  # appended, nothing twice
+    lines = {r["step"]: r for r in metrics(run_dir)}
+    for step, values in {**first, **second}.items():
+        assert values["loss"] == pytest.approx(lines[step]["loss"]) and "grad_norm" in values
+        assert ("eval_loss" in values) == (step % 2 == 0)
+    for artifacts in (art1, art2):
+        assert [(a.type, a.name) for a in artifacts] == [("model", f"model-{run_id}")]
+        assert {e.path for e in artifacts[0].manifest.contents} == {"model.pt", "config.json"}
+    evals = {s: r["eval_loss"] for s, r in lines.items() if "eval_loss" in r}
+    assert json.loads(art2[0].metadata)["step"] == min(evals, key=evals.get)
+    marker = json.loads((run_dir / "COMPLETE").read_text())
+    assert marker["tracking"]["uploaded"] is True and marker["tracking"]["run_id"] == run_id
+
+
+def test_tracking_config_errors_name_the_field(tmp_path: Path) -> None:
+    for override, expected in (("tracking.backend=neptune", "tracking.backend: Value error, must be one of none, "
+                                "mlflow, wandb"), ("tracking.backend=mlflow", "tracking.uri: backend 'mlflow' needs")):
+        proc = subprocess.run([sys.executable, "-m", "trainer", "--run-dir", str(tmp_path / "r"), override], cwd=ROOT,
+                              env=ENV, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and expected in proc.stderr, proc.stderr
+
+
+def test_an_unreachable_tracker_fails_at_start_naming_it(server: str, tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nobody listens there once the block ends
+    out = train(1, server, tmp_path / "run", "--max-steps", "2", *MLFLOW_ARGS, f"tracking.uri=http://127.0.0.1:{port}",
+                ok=False)
+    assert f"tracker mlflow at http://127.0.0.1:{port}: starting the run failed" in out
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() or not metrics(tmp_path / "run")
 
 
 def client(tracker: MlflowServer) -> Any:
@@ -193,30 +300,29 @@ def test_mlflow_down_at_the_end_keeps_checkpoints_and_a_relaunch_uploads(server:
     assert client(mlflow_server).get_run(run_id).info.status == "FINISHED"
 
 
-def generate(*args: str, **env: str) -> subprocess.CompletedProcess:
+def generate(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "trainer.generate", "--greedy", "--max-new-tokens", "24",
-                           "--prompt", "def ", *args], cwd=ROOT, env={**ENV, **env}, capture_output=True, text=True,
-                          timeout=120)
+                           "--prompt", "def ", *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
 
 
 def test_generate_fetches_a_tracked_model_once_then_uses_the_cache(early_run: tuple[Path, str],
-                                                                    mlflow_server: MlflowServer,
-                                                                    tmp_path: Path) -> None:
+                                                                    mlflow_server: MlflowServer, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     run_dir, _ = early_run
     spec = f"mlflow:runs:/{run_id_of(run_dir, 'mlflow')}/model"
-    local = generate("--model", str(run_dir / "final"))
-    assert local.returncode == 0, local.stderr
+    model, config = load_exported(run_dir / "final")
+    expected = "def " + decode(greedy(model, encode("def "), 24, top_k=1, eos_id=config["eos_id"])) + "\n"
     first = generate("--model", spec, "--tracking-uri", mlflow_server.uri, "--cache-dir", str(tmp_path / "cache"))
     assert first.returncode == 0, first.stderr
-    assert first.stdout == local.stdout  # the same weights: greedy decoding gives the same text
+    assert first.stdout == expected  # the same weights: greedy decoding gives the same text
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{sock.getsockname()[1]}"  # nobody listens there once the block ends
     again = generate("--model", spec, "--tracking-uri", dead, "--cache-dir", str(tmp_path / "cache"))
-    assert again.returncode == 0 and again.stdout == local.stdout, again.stderr  # from the cache, no tracker call
-    missing = generate("--model", spec, "--tracking-uri", dead, "--cache-dir", str(tmp_path / "empty"),
-                       MLFLOW_HTTP_REQUEST_MAX_RETRIES="0")  # fail at once: no backoff to wait out
-    assert missing.returncode == 2 and "cannot fetch runs:/" in missing.stderr and dead in missing.stderr
+    assert again.returncode == 0 and again.stdout == expected, again.stderr  # from the cache, no tracker call
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail at once: no backoff to wait out
+    with pytest.raises(ValueError, match=f"cannot fetch runs:/.* from MLflow at {dead}"):
+        resolve(spec, tmp_path / "empty", dead)
 
 
 def check_metadata(ckpt: Path, server: str) -> None:
@@ -234,90 +340,3 @@ def check_metadata(ckpt: Path, server: str) -> None:
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     assert meta["git_commit"].split("+")[0] == head
     assert re.fullmatch(r"\d+\.\d+.*", meta["tokenfeed_version"])
-
-
-def wandb_records(path: Path) -> Iterator[Any]:
-    """The records of a W&B run file (``run-ID.wandb``): a 7-byte header, then LevelDB-log records of
-    protobuf ``Record`` messages in 32 KiB blocks, written by the real wandb package."""
-    from wandb.proto import wandb_internal_pb2 as wpb
-
-    data, block = path.read_bytes(), 32768
-    assert data[:4] == b":W&B", data[:7]
-    pos, chunks = 7, b""
-    while pos + 7 <= len(data):
-        left = block - pos % block
-        if left < 7:  # a block's tail too short for a header is padding
-            pos += left
-            continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        if length == 0 and kind == 0:
-            pos += left
-            continue
-        chunks += data[pos + 7:pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):  # FULL or LAST: a record is complete
-            record = wpb.Record()
-            record.ParseFromString(chunks)
-            chunks = b""
-            yield record
-
-
-def wandb_run(path: Path) -> tuple[dict[int, dict[str, float]], list[Any]]:
-    """``step -> logged values`` and the artifact records of one offline run file."""
-    steps: dict[int, dict[str, float]] = {}
-    artifacts = []
-    for record in wandb_records(path):
-        kind = record.WhichOneof("record_type")
-        if kind == "history":
-            values = {"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in record.history.item}
-            assert record.history.step.num not in steps, f"step {record.history.step.num} logged twice"
-            steps[record.history.step.num] = values
-        elif kind == "artifact":
-            artifacts.append(record.artifact)
-    return steps, artifacts
-
-
-def test_wandb_offline_logs_steps_and_the_model_and_a_resume_continues_the_run(server: str, tmp_path: Path,
-                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(ENV, "WANDB_MODE", "offline")
-    run_dir = tmp_path / "wb"
-    common = ["--checkpoint-every", "2", "eval.every=2", "tracking.backend=wandb", "tracking.project=tests"]
-    train(2, server, run_dir, "--max-steps", "4", *common)
-    run_id = run_id_of(run_dir, "wandb")
-    (run_dir / "COMPLETE").unlink()  # train the finished run further: the same tracker run continues
-    train(2, server, run_dir, "--max-steps", "6", *common)
-    assert run_id_of(run_dir, "wandb") == run_id
-
-    files = sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
-    assert len(files) == 2, list((run_dir / "wandb").iterdir())
-    (first, art1), (second, art2) = wandb_run(files[0]), wandb_run(files[1])
-    assert sorted(first) == [1, 2, 3, 4] and sorted(second) == [5, 6]  # appended, nothing twice
-    lines = {r["step"]: r for r in metrics(run_dir)}
-    for step, values in {**first, **second}.items():
-        assert values["loss"] == pytest.approx(lines[step]["loss"]) and "grad_norm" in values
-        assert ("eval_loss" in values) == (step % 2 == 0)
-    for artifacts in (art1, art2):
-        assert [(a.type, a.name) for a in artifacts] == [("model", f"model-{run_id}")]
-        assert {e.path for e in artifacts[0].manifest.contents} == {"model.pt", "config.json"}
-    evals = {s: r["eval_loss"] for s, r in lines.items() if "eval_loss" in r}
-    assert json.loads(art2[0].metadata)["step"] == min(evals, key=evals.get)
-    marker = json.loads((run_dir / "COMPLETE").read_text())
-    assert marker["tracking"]["uploaded"] is True and marker["tracking"]["run_id"] == run_id
-
-
-def test_tracking_config_errors_name_the_field(tmp_path: Path) -> None:
-    for override, expected in (("tracking.backend=neptune", "tracking.backend: Value error, must be one of none, "
-                                "mlflow, wandb"), ("tracking.backend=mlflow", "tracking.uri: backend 'mlflow' needs")):
-        proc = subprocess.run([sys.executable, "-m", "trainer", "--run-dir", str(tmp_path / "r"), override], cwd=ROOT,
-                              env=ENV, capture_output=True, text=True, timeout=60)
-        assert proc.returncode == 2 and expected in proc.stderr, proc.stderr
-
-
-def test_an_unreachable_tracker_fails_at_start_naming_it(server: str, tmp_path: Path) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]  # nobody listens there once the block ends
-    out = train(1, server, tmp_path / "run", "--max-steps", "2", *MLFLOW_ARGS, f"tracking.uri=http://127.0.0.1:{port}",
-                ok=False)
-    assert f"tracker mlflow at http://127.0.0.1:{port}: starting the run failed" in out
-    assert not (tmp_path / "run" / "metrics.jsonl").exists() or not metrics(tmp_path / "run")
