@@ -249,7 +249,10 @@ def test_mlflow_gets_every_step_and_the_best_checkpoint_then_cleanup(early_run: 
     assert marker["tracking"] == {"backend": "mlflow", "run_id": run_id, "artifact": f"runs:/{run_id}/model",
                                   "uploaded": True}
     assert checkpoints(run_dir) == [5, 6]  # the best (2) went only once uploaded
-    assert "uploaded" in out
+    assert f"uploaded {run_dir / 'final'} to mlflow run {run_id} as runs:/{run_id}/model" in out
+    again = train(1, mlflow_server.uri.replace("http://", ""), run_dir)  # answers before touching any server
+    assert f"already finished (early_stop at step 6; final model {run_dir / 'final' / 'model.pt'}, uploaded as " \
+        f"runs:/{run_id}/model)" in again
 
 
 def test_mlflow_down_at_the_end_keeps_checkpoints_and_a_relaunch_uploads(server: str, mlflow_server: MlflowServer,

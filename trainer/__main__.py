@@ -76,9 +76,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     done = finished(cfg.run_dir)
     if done is not None:
-        log.info("run %s already finished (%s at step %s; final model %s): nothing to do. Delete %s to "
+        tracked = done.get("tracking") or {}
+        uploaded = f", uploaded as {tracked.get('artifact')}" if tracked.get("uploaded") else ""
+        log.info("run %s already finished (%s at step %s; final model %s%s): nothing to do. Delete %s to "
                  "train it further.", cfg.run_dir, done.get("reason"), done.get("step"), done.get("final_model"),
-                 cfg.run_dir / MARKER)
+                 uploaded, cfg.run_dir / MARKER)
         return 0
     # torch is imported only now: --help, config errors and finished runs answer at once
     from trainer.checkpoint import CheckpointError, CheckpointMismatch
