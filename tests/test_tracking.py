@@ -179,14 +179,24 @@ def test_tracking_config_errors_name_the_field(tmp_path: Path) -> None:
         assert proc.returncode == 2 and expected in proc.stderr, proc.stderr
 
 
-def test_an_unreachable_tracker_fails_at_start_naming_it(server: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("tracker", ["closed", "silent"])
+def test_an_unreachable_tracker_fails_at_start_naming_it(server: str, tmp_path: Path, tracker: str) -> None:
+    """A closed port (refused at once) and a listener that never answers (the request times out)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]  # nobody listens there once the block ends
-    out = train(1, server, tmp_path / "run", "--max-steps", "2", *MLFLOW_ARGS, f"tracking.uri=http://127.0.0.1:{port}",
-                ok=False)
+        port = sock.getsockname()[1]
+        if tracker == "silent":
+            sock.listen(8)  # connections complete in the kernel's backlog; nobody reads or answers
+        else:
+            sock.close()  # nobody listens there
+        start = time.monotonic()
+        out = train(1, server, tmp_path / "run", "--max-steps", "2", *MLFLOW_ARGS,
+                    f"tracking.uri=http://127.0.0.1:{port}", "tracking.timeout_s=2", ok=False)
     assert f"tracker mlflow at http://127.0.0.1:{port}: starting the run failed" in out
+    assert "check tracking.uri and that the tracker is up" in out
+    assert ("ReadTimeoutError" in out) == (tracker == "silent") and ("refused" in out) == (tracker == "closed")
     assert not (tmp_path / "run" / "metrics.jsonl").exists() or not metrics(tmp_path / "run")
+    assert time.monotonic() - start < 60  # bounded by tracking.timeout_s, not MLflow's minutes of retries
 
 
 def client(tracker: MlflowServer) -> Any:

@@ -202,8 +202,15 @@ class TrackedRun:
         run = cls(cfg, cls._call_static(cfg, "connecting", lambda: BACKENDS[cfg.tracking.backend](
             cfg.tracking, cfg.run_dir)))
         mine = run._read_state().get(run.name, {})
-        run_id, created = run._call("starting the run", lambda: run.backend.start(
-            mine.get("run_id"), cfg.tracking.run_name or cfg.run_dir.name))
+        try:
+            run_id, created = run._call("starting the run", lambda: run.backend.start(
+                mine.get("run_id"), cfg.tracking.run_name or cfg.run_dir.name))
+        except TrackingError as err:
+            if not mine.get("run_id"):
+                raise
+            raise TrackingError(f"{err}; this run directory continues tracker run {mine['run_id']} (in "
+                                f"{run.state_path}): if that run is gone, remove the {run.name!r} entry to start "
+                                "a new one") from None
         run.run_id, run.logged_step = run_id, 0 if created else int(mine.get("logged_step", 0))
         run._write_state()  # before anything else: a relaunch must find this run, not make another
         if created:
@@ -276,9 +283,8 @@ class TrackedRun:
             raise
         except Exception as err:  # noqa: BLE001 -- the tracker clients raise many types (HTTP, their own)
             where = f" at {cfg.tracking.uri}" if cfg.tracking.uri else ""
-            first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
             raise TrackingError(f"tracker {cfg.tracking.backend}{where}: {what} failed "
-                                f"({type(err).__name__}: {first})") from None
+                                f"({type(err).__name__}: {_brief(err)})") from None
 
     def _read_state(self) -> dict[str, Any]:
         try:
@@ -296,6 +302,13 @@ class TrackedRun:
         tmp = self.state_path.with_name(STATE_FILE + ".tmp")
         tmp.write_text(json.dumps(state, indent=1))
         os.replace(tmp, self.state_path)
+
+
+def _brief(err: Exception, limit: int = 500) -> str:
+    """An error's message on one line; a long one keeps its head (what failed) and tail (the root cause,
+    e.g. urllib3's ``ReadTimeoutError`` or ``Connection refused`` at the end of MLflow's message)."""
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else f"{text[:limit // 2]} ... {text[-limit // 2:]}"
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
