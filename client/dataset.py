@@ -283,6 +283,11 @@ class StreamingDataset(IterableDataset):
         to ``timeout`` seconds for the server to answer."""
         return self._channel.describe(self.identity.dataset, timeout=timeout).datasets[0]
 
+    def describe_server(self, timeout: float = 30.0) -> pb.DescribeResponse:
+        """The server's whole answer about this dataset: its description (``datasets[0]``) and the
+        ``server_version`` (recorded by trainers with their checkpoints)."""
+        return self._channel.describe(self.identity.dataset, timeout=timeout)
+
     def _request(self, cursor: pb.Cursor | None, first_step: int, worker: int) -> pb.StreamRequest:
         ident = self.identity
         req = pb.StreamRequest(

@@ -76,20 +76,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     done = finished(cfg.run_dir)
     if done is not None:
-        log.info("run %s already finished (%s at step %s; final model %s): nothing to do. Delete %s to "
+        tracked = done.get("tracking") or {}
+        uploaded = f", uploaded as {tracked.get('artifact')}" if tracked.get("uploaded") else ""
+        log.info("run %s already finished (%s at step %s; final model %s%s): nothing to do. Delete %s to "
                  "train it further.", cfg.run_dir, done.get("reason"), done.get("step"), done.get("final_model"),
-                 cfg.run_dir / MARKER)
+                 uploaded, cfg.run_dir / MARKER)
         return 0
     # torch is imported only now: --help, config errors and finished runs answer at once
     from trainer.checkpoint import CheckpointError, CheckpointMismatch
     from trainer.data import DataUnavailable, describe
     from trainer.loop import Trainer
     from trainer.parallelize import init_distributed, shutdown_distributed
+    from trainer.tracking import TrackingError
 
     try:
         rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        info = describe(cfg, rank, world)  # before joining the job: an unreachable server fails fast
-        code = Trainer(cfg, init_distributed(), info).run(require_resume)
+        served = describe(cfg, rank, world)  # before joining the job: an unreachable server fails fast
+        code = Trainer(cfg, init_distributed(), served).run(require_resume)
         # Only after a clean run: a rank that failed must not wait in a teardown collective for the
         # others (torchrun stops them). The Trainer is gone by now, so the process group's
         # resources are released while the interpreter is fully alive.
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointMismatch) as err:
         log.error("%s", err)
         return 2
-    except (DataUnavailable, CheckpointError, ValueError) as err:
+    except (DataUnavailable, CheckpointError, TrackingError, ValueError) as err:
         log.error("%s", err)
         return 1
 

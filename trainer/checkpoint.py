@@ -212,12 +212,14 @@ def _prune_after_save(root: Path, step: int, keep: int, protect: Collection[int]
 
 
 def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, loop_state: dict[str, Any],
-         shape: dict[str, int], rt: Runtime, keep: int | None = None, protect: Collection[int] = ()) -> Path:
+         shape: dict[str, int], rt: Runtime, keep: int | None = None, protect: Collection[int] = (),
+         metadata: dict[str, Any] | None = None) -> Path:
     """Write checkpoint ``step`` (collective). It appears under its final name only when complete and
     durable; then, with ``keep``, the older checkpoints beyond the newest ``keep`` (and not in
     ``protect``) are deleted. The checkpoint just written is never deleted.
 
     ``loop_state`` must be JSON-able and identical on every rank (gather per-rank parts first).
+    ``metadata`` (what made the checkpoint: versions, dataset identity) goes into its manifest.
 
     Raises:
         CheckpointError: on every rank, when any rank's part failed (no rank is left waiting); the
@@ -236,7 +238,8 @@ def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimiz
     error = None
     if rt.is_main:
         manifest = {"step": step, "shape": shape, "world_size": rt.world_size,
-                    "files": {k: v for part in parts for k, v in part.items()}, "created": time.time()}
+                    "files": {k: v for part in parts for k, v in part.items()}, "created": time.time(),
+                    "metadata": metadata or {}}
         _, error = _attempt(lambda: _publish(root, tmp, final, manifest))
     _agree(step, f"writing {MANIFEST} and renaming the directory", error, tmp, rt)
     if rt.is_main:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import importlib.util
+
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -113,6 +115,47 @@ class CheckpointConfig(_Section):
     keep: int = Field(default=2, ge=1, description="Newest checkpoints to keep (the best one is kept until exported).")
 
 
+#: Tracking backends, and the package (and extra) each needs.
+TRACKING_BACKENDS = {"none": None, "mlflow": "mlflow", "wandb": "wandb"}
+
+
+class TrackingConfig(_Section):
+    """Experiment tracking from rank 0: step metrics, config and metadata, the best model as an artifact.
+
+    The tracker run's id is kept in ``RUN_DIR/tracking.json``, so a resumed run continues the same
+    tracker run. MLflow needs ``uri`` (a tracking server); W&B reads its usual settings
+    (``WANDB_API_KEY``, ``WANDB_MODE=offline``) and ``uri`` as its base URL when set.
+    """
+
+    backend: str = Field(default="none", description="`none`, `mlflow` or `wandb`.")
+    project: str = Field(default="tokenfeed", min_length=1, description="W&B project.")
+    experiment: str = Field(default="tokenfeed", min_length=1, description="MLflow experiment (created if new).")
+    run_name: str | None = Field(default=None, description="Display name of the tracker run; None = the run "
+                                 "directory's name.")
+    uri: str | None = Field(default=None, description="MLflow tracking URI (required for mlflow); W&B base URL.")
+    tags: dict[str, str] = Field(default_factory=dict, description="Tags of the tracker run (W&B: `key:value`).")
+    timeout_s: float = Field(default=30.0, gt=0, description="Timeout of one tracker request.")
+    retries: int = Field(default=2, ge=0, description="Retries of a failed tracker request (MLflow), with backoff.")
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, backend: str) -> str:
+        if backend not in TRACKING_BACKENDS:
+            raise ValueError(f"must be one of {', '.join(TRACKING_BACKENDS)}")
+        package = TRACKING_BACKENDS[backend]
+        # checked here so that a missing package fails at start, not after training
+        if package is not None and importlib.util.find_spec(package) is None:
+            raise ValueError(f"backend {backend!r} needs the {package} package: pip install 'tokenfeed[{package}]'")
+        return backend
+
+    @model_validator(mode="after")
+    def _mlflow_needs_uri(self) -> TrackingConfig:
+        if self.backend == "mlflow" and not self.uri:
+            raise ValueError("tracking.uri: backend 'mlflow' needs the tracking server's URI, e.g. "
+                             "http://127.0.0.1:5000")
+        return self
+
+
 class TrainConfig(_Section):
     """Everything a training run needs; the defaults train a tiny model on a CPU in seconds.
 
@@ -131,6 +174,7 @@ class TrainConfig(_Section):
     data: DataConfig = Field(default=DataConfig(), description="Training data stream.")
     eval: EvalConfig = Field(default=EvalConfig(), description="Evaluation and early stopping.")
     checkpoint: CheckpointConfig = Field(default=CheckpointConfig(), description="Checkpointing.")
+    tracking: TrackingConfig = Field(default=TrackingConfig(), description="Experiment tracking (MLflow, W&B).")
 
     @model_validator(mode="after")
     def _fits_context(self) -> TrainConfig:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Generator, Iterator
-from typing import cast
+from typing import NamedTuple, cast
 
 import torch
 
@@ -25,30 +25,38 @@ def _dataset(cfg: TrainConfig, name: str, seed: int, rank: int, world_size: int)
                             fields=("input_ids", "labels", "position_ids"))  # what the loop uses
 
 
-def describe(cfg: TrainConfig, rank: int, world_size: int) -> DatasetInfo:
+class Described(NamedTuple):
+    """The server's answer about the training dataset."""
+
+    info: DatasetInfo
+    server_version: str
+
+
+def describe(cfg: TrainConfig, rank: int, world_size: int) -> Described:
     """Ask the server about the training (and eval) dataset; fail fast, naming the address.
 
     Raises:
         DataUnavailable: no answer within ``data.reconnect_deadline_s``.
         ConfigError: the server does not serve the dataset or refuses the stream's shape.
     """
-    info = None
+    info: Described | None = None
     for field, name, seed in (("data.dataset", cfg.data.dataset, cfg.seed),
                               ("eval.dataset", cfg.eval_dataset, cfg.eval_seed)):
         ds = _dataset(cfg, name, seed, rank, world_size)
         try:
-            got = ds.describe(timeout=cfg.data.reconnect_deadline_s)
+            answer = ds.describe_server(timeout=cfg.data.reconnect_deadline_s)
         except RequestError as err:
             raise ConfigError(f"{field}={name!r}: {err}") from None
         except TokenfeedError as err:
             raise DataUnavailable(
                 f"cannot reach the tokenfeed server at {ds.address} (data.address) within "
                 f"data.reconnect_deadline_s={cfg.data.reconnect_deadline_s:g}s: {err}") from None
+        got = answer.datasets[0]
         for limit, value, setting in ((got.max_seq_len, cfg.data.seq_len, "data.seq_len"),
                                       (got.max_batch_size, cfg.data.batch_size, "data.batch_size")):
             if limit and value > limit:
                 raise ConfigError(f"{setting}={value} exceeds the server's limit {limit} for dataset {name!r}")
-        info = info or got
+        info = info or Described(got, answer.server_version)
     assert info is not None
     return info
 

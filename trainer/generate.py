@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
 from trainer.export import load_exported
 from trainer.model import GPT
+from trainer.remote import default_cache, resolve
 
 BYTE_VOCAB = 258  # ids 0-255 are bytes, 256 EOS, 257 PAD (DESIGN.md contract 1)
 
@@ -68,7 +70,10 @@ def generate(model: GPT, prompt: list[int], max_new_tokens: int, *, top_k: int =
 def main(argv: list[str] | None = None) -> int:
     """Command line: print the prompt and its continuation."""
     p = argparse.ArgumentParser(prog="python -m trainer.generate", description=__doc__)
-    p.add_argument("--model", required=True, help="exported model.pt (or its directory, RUN_DIR/final)")
+    p.add_argument("--model", required=True, help="exported model.pt (or its directory, RUN_DIR/final), or "
+                   "mlflow:runs:/RUN_ID/model (fetched once into --cache-dir)")
+    p.add_argument("--tracking-uri", help="MLflow tracking server for mlflow: models (default: MLFLOW_TRACKING_URI)")
+    p.add_argument("--cache-dir", type=Path, default=None, help=f"fetched models (default: {default_cache()})")
     p.add_argument("--prompt", default="", help="text to continue (UTF-8 bytes, truncated to the context)")
     p.add_argument("--max-new-tokens", type=int, default=200, help="stop after this many tokens (or at EOS)")
     p.add_argument("--greedy", action="store_true", help="argmax decoding (same as --top-k 1)")
@@ -78,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     try:
-        model, config = load_exported(args.model, args.device)
+        model, config = load_exported(resolve(args.model, args.cache_dir, args.tracking_uri), args.device)
         if config.get("tokenizer", "byte") != "byte" or config["vocab_size"] != BYTE_VOCAB:
             raise ValueError(f"{args.model} was trained with tokenizer {config.get('tokenizer')!r} (vocabulary "
                              f"{config['vocab_size']}); generation supports the byte tokenizer only")

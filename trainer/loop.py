@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,13 +22,14 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from trainer import checkpoint
 from trainer.config import TrainConfig, to_yaml
-from client import DatasetInfo
-from trainer.data import batch_hash, eval_batches, train_loader
+from trainer.data import Described, batch_hash, eval_batches, train_loader
 from trainer.export import export
 from trainer.marker import MARKER
 from trainer.metrics import MetricsLog, TrainerMetrics, rewind
 from trainer.model import GPT, build_model, shape_of
 from trainer.parallelize import Runtime, autocast, shard_model
+from trainer.provenance import run_metadata
+from trainer.tracking import TrackedRun, TrackingError
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +76,13 @@ def _loss_sum(model: GPT, batch: dict[str, torch.Tensor], device: torch.device) 
 class Trainer:
     """One rank's share of a run. Build it after ``init_distributed``; ``run()`` returns the exit code."""
 
-    def __init__(self, cfg: TrainConfig, rt: Runtime, info: DatasetInfo) -> None:
+    def __init__(self, cfg: TrainConfig, rt: Runtime, served: Described) -> None:
         self.cfg, self.rt = cfg, rt
+        info = served.info
+        #: what made this run's checkpoints (saved in each manifest, the export and the tracker)
+        self.provenance = run_metadata(rt.world_size, info, served.server_version)
         self.meta = {"vocab_size": info.vocab_size, "eos_id": info.eos_id, "pad_id": info.pad_id,
-                     "tokenizer": info.tokenizer, "dataset": cfg.data.dataset}
+                     "tokenizer": info.tokenizer, "dataset": cfg.data.dataset, "metadata": self.provenance}
         self.shape = shape_of(cfg.model, info.vocab_size)
         self.model = shard_model(build_model(cfg.model, info.vocab_size, cfg.seed, rt.device), rt.mesh)
         self.optimizer = _optimizer(self.model, cfg)
@@ -89,24 +94,44 @@ class Trainer:
         self.resumed_from: int | None = None
         self.metrics = TrainerMetrics(rt.rank, cfg.metrics_port)
         self.jsonl: MetricsLog | None = None
+        self.tracking: TrackedRun | None = None
 
     # ---- the run -------------------------------------------------------------------------
     def run(self, require_resume: bool = False) -> int:
         """Resume if the run directory has a checkpoint, train to the end, export; 0 on success."""
+        code = 1
         try:
             if self.rt.is_main:
                 self.cfg.run_dir.mkdir(parents=True, exist_ok=True)
                 (self.cfg.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
             self._resume(require_resume)
+            self._open_tracking()
             if self.rt.is_main:
                 self.jsonl = MetricsLog(self.cfg.run_dir / "metrics.jsonl")
             if self.state.stop_reason is None and self.state.step < self.cfg.max_steps:
                 self._train()
-            return self._finish()
+            code = self._finish()
+            return code
         finally:
             self.metrics.close()
             if self.jsonl is not None:
                 self.jsonl.close()
+            if self.tracking is not None:
+                self.tracking.close(ok=code == 0)
+
+    def _open_tracking(self) -> None:
+        """Rank 0 starts or continues the tracker run; a failure there fails every rank (none waits)."""
+        if self.cfg.tracking.backend == "none":
+            return
+        error: list[Any] = [None]
+        if self.rt.is_main:
+            try:
+                self.tracking = TrackedRun.open(self.cfg, self.provenance, self.cfg.run_dir / "metrics.jsonl")
+            except TrackingError as err:
+                error[0] = str(err)
+        dist.broadcast_object_list(error, src=0)
+        if error[0] is not None:
+            raise TrackingError(f"{error[0]}; check tracking.uri and that the tracker is up, then relaunch")
 
     def _train(self) -> None:
         cfg, s = self.cfg, self.state
@@ -230,7 +255,7 @@ class Trainer:
         best = {self.state.best_step} if self.state.best_step is not None else set()
         # save prunes too: only once the new checkpoint is durable, and never the new one itself
         checkpoint.save(self.ckpt_root, step, self.model, self.optimizer, loop, self.shape, self.rt,
-                        keep=self.cfg.checkpoint.keep, protect=best)
+                        keep=self.cfg.checkpoint.keep, protect=best, metadata=self.provenance)
 
     def _resume(self, require: bool) -> None:
         if self.rt.is_main:
@@ -265,6 +290,8 @@ class Trainer:
             return
         assert self.jsonl is not None
         self.jsonl.write(record)
+        if self.tracking is not None:
+            self.tracking.log(record)  # after metrics.jsonl: a step the tracker missed is sent from there
         step = record["step"]
         if step == 1 or step % self.cfg.log_every == 0 or step == self.cfg.max_steps or self.resumed_from == step - 1:
             log.info("step %d/%d | loss %.4f | lr %.2e | %.0f tokens/s | data wait %.1f%% | %.3f s/step",
@@ -282,19 +309,38 @@ class Trainer:
     def _export_and_mark(self) -> bool:
         s, run_dir = self.state, self.cfg.run_dir
         chosen = s.best_step if s.best_step is not None else s.step
+        meta = {**self.meta, "step": chosen, "eval_loss": s.best_eval}
         try:
-            path = export(checkpoint.step_dir(self.ckpt_root, chosen), run_dir / "final", self.cfg.model,
-                          {**self.meta, "step": chosen, "eval_loss": s.best_eval})
+            path = export(checkpoint.step_dir(self.ckpt_root, chosen), run_dir / "final", self.cfg.model, meta)
         except Exception as err:  # noqa: BLE001 -- any failure keeps every checkpoint
             log.error("exporting checkpoint step %d failed (%s: %s); every checkpoint is kept, relaunch to retry",
                       chosen, type(err).__name__, err)
             return False
-        removed = checkpoint.prune(self.ckpt_root, self.cfg.checkpoint.keep)  # the best is exported now
+        tracked = self._upload(path.parent, meta)
+        if tracked is None:
+            return False
+        # only now: the best is exported, and uploaded where a tracker is configured
+        removed = checkpoint.prune(self.ckpt_root, self.cfg.checkpoint.keep)
         marker = {"reason": s.stop_reason or "max_steps", "step": s.step, "best_step": s.best_step,
-                  "best_eval_loss": s.best_eval, "final_model": str(path), "finished": time.time()}
+                  "best_eval_loss": s.best_eval, "final_model": str(path), "tracking": tracked,
+                  "finished": time.time()}
         tmp = run_dir / f"{MARKER}.tmp"
         tmp.write_text(json.dumps(marker, indent=1))
         os.replace(tmp, run_dir / MARKER)
         log.info("run complete (%s at step %d): exported step %d to %s; removed checkpoints %s",
                  marker["reason"], s.step, chosen, path, removed or "none")
         return True
+
+    def _upload(self, directory: Path, meta: dict[str, Any]) -> dict[str, Any] | None:
+        """Upload the export as the tracker run's model: what ``COMPLETE`` records, or None when it failed."""
+        backend = self.cfg.tracking.backend
+        if self.tracking is None:
+            return {"backend": backend, "uploaded": False}
+        try:
+            ref = self.tracking.upload(directory, meta)
+        except TrackingError as err:
+            log.error("%s. The model was NOT uploaded: every checkpoint is kept and the run is not complete; "
+                      "relaunch the same command once the tracker is up to retry the upload (it does not train "
+                      "again)", err)
+            return None
+        return {"backend": backend, "run_id": self.tracking.run_id, "artifact": ref, "uploaded": True}
