@@ -322,10 +322,15 @@ class ServerSettings(_Strict):
 
 
 class DiskCacheSettings(_Strict):
-    """Optional second cache tier on local disk, for corpora larger than memory; safe to delete."""
+    """Optional second cache tier, for corpora larger than memory; safe to delete. A local
+    directory, or a URL prefix in an object store (``s3://bucket/tokenfeed-cache``) that every job
+    and replica on the same content and tokenizer shares (its size is then the bucket's lifecycle
+    rules' business: ``max_bytes`` applies to a local directory only)."""
 
-    path: str = Field(min_length=1, description="Directory of the disk tier (created when missing).")
-    max_bytes: ByteSize = Field(default=ByteSize(50 << 30), gt=0, description="Byte budget of the disk tier.")
+    path: str = Field(min_length=1, description="Directory (created when missing) or object-store URL prefix.")
+    max_bytes: ByteSize = Field(default=ByteSize(50 << 30), gt=0, description="Byte budget of a local disk tier.")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options for a URL path (endpoint_url, anon, profile, ...).")
 
 
 class CacheSettings(_Strict):

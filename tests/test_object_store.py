@@ -14,6 +14,7 @@ import yaml
 from benchmarks._s3 import FaultProxy, S3Server, Schedule, client, objects, split, storage_options, upload
 from client import RequestError, StreamingDataset
 from tests.conftest import ROOT
+from tests.test_metrics import metrics_url, poll, scrape, value
 from tests.resume_helpers import check_resume, same_batches, take
 from tests.test_source_resume import write_source
 
@@ -148,3 +149,28 @@ def test_throttling_resets_and_delays_between_server_and_store_lose_nothing(s3, 
         proxy.close()
     assert proxy.counts.get("slow_down", 0) > 0 and proxy.counts.get("reset", 0) > 0, proxy.counts
 
+
+
+def test_a_second_server_reuses_the_shared_cache_and_tokenizes_nothing(s3, corpora, start_server):
+    """The cache's second tier in the bucket: one server tokenizes an epoch and writes each shard
+    there; a fresh server (another job, a new replica) on the same content reads them back and
+    its tokenizer counters stay at 0, serving the same batches."""
+    _, remote = corpora
+    client(s3.endpoint).create_bucket(Bucket="shared-cache")
+    cache = {"disk": {"path": "s3://shared-cache/tokenfeed", "storage_options": storage_options(s3.endpoint)}}
+    # (no prefetch: the shards a server reads are then exactly those its batches need)
+    config = {"server": {"metrics_port": 0}, "cache": cache, "prefetch": {"depth": 0},
+              "datasets": {"web": remote["jsonl"]}}
+    first = start_server(config)
+    epoch = batches(first.address, "web", 0, 1, 30)
+    tokenized = value(scrape(metrics_url(first)), "tokenfeed_tokenized_shards_total")
+    assert tokenized >= 2
+    poll(lambda: len(objects(s3.endpoint, "s3://shared-cache/tokenfeed/")) >= tokenized)
+    first.stop()
+
+    second = start_server(config)
+    assert same_batches(batches(second.address, "web", 0, 1, 30), epoch)
+    samples = scrape(metrics_url(second))
+    assert value(samples, "tokenfeed_tokenized_shards_total") == 0
+    assert value(samples, "tokenfeed_tokenizer_documents_total") == 0
+    assert value(samples, "tokenfeed_cache_shared_reads_total") > 0
