@@ -174,3 +174,35 @@ def test_a_second_server_reuses_the_shared_cache_and_tokenizes_nothing(s3, corpo
     assert value(samples, "tokenfeed_tokenized_shards_total") == 0
     assert value(samples, "tokenfeed_tokenizer_documents_total") == 0
     assert value(samples, "tokenfeed_cache_shared_reads_total") > 0
+
+
+def test_prepare_writes_to_a_bucket_resumably_as_it_writes_a_directory(s3, corpora, servers, tmp_path):
+    """`data-server prepare --out s3://...`: stopped after 2 shards, run again to finish (finished
+    shards are kept), byte-identical to a local preparation of the same data (served from a bucket:
+    test_a_bucket_serves_what_the_same_files_on_disk_serve[tokens])."""
+    local, remote = corpora
+    client(s3.endpoint).create_bucket(Bucket="prepared")
+    raw = tmp_path / "raw.yaml"
+    raw.write_text(yaml.safe_dump({"datasets": {"web": remote["jsonl"]}}))
+
+    def prepare(out: str, *extra: str) -> None:
+        subprocess.run([sys.executable, "-m", "server", "prepare", "--config", str(raw), "--dataset", "web",
+                        "--out", out, "--workers", "1", *extra], cwd=ROOT, check=True, capture_output=True)
+
+    prepare("s3://prepared/web", "--max-shards", "2")
+    first = set(objects(s3.endpoint, "s3://prepared/web/"))
+    assert not any(u.endswith("manifest.json") for u in first) and len([u for u in first if u.endswith(".tft")]) == 2
+    prepare("s3://prepared/web")
+    prepare(str(tmp_path / "local"))
+    in_bucket = {u.rsplit("/", 1)[1]: u for u in objects(s3.endpoint, "s3://prepared/web/")}
+    local_files = sorted(p.name for p in (tmp_path / "local").iterdir())
+    assert sorted(in_bucket) == local_files  # no plan or progress left behind
+    s3_client = client(s3.endpoint)
+    for name, url in in_bucket.items():
+        bucket, key = split(url)
+        assert s3_client.get_object(Bucket=bucket, Key=key)["Body"].read() == (tmp_path / "local" / name).read_bytes()
+
+    bad = subprocess.run([sys.executable, "-m", "server", "prepare", "--config", str(raw), "--dataset", "web",
+                          "--out", "s3://prepared/other", "--storage-options", "[1]"], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert bad.returncode == 2 and "--storage-options: a JSON object is needed" in bad.stderr, bad.stderr
