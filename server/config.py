@@ -99,7 +99,8 @@ class HfSourceConfig(_Strict):
     data files (``format`` + ``data_files``); shards are contiguous row ranges."""
 
     type: Literal["hf"]
-    path: str | None = Field(default=None, min_length=1, description="Directory written by ``save_to_disk``.")
+    path: str | None = Field(default=None, min_length=1,
+                             description="Directory (or URL) written by ``save_to_disk``.")
     format: Literal["json", "csv", "parquet", "text"] | None = Field(
         default=None, description="``load_dataset`` builder for ``data_files``.")
     data_files: list[str] | None = Field(default=None, min_length=1, description="Globs of local data files.")
@@ -107,6 +108,8 @@ class HfSourceConfig(_Strict):
     text_field: str = Field(default="text", min_length=1, description="Text column; dots for struct fields.")
     rows_per_shard: int = Field(default=10_000, gt=0, description="Rows in each shard.")
     cache_dir: str | None = Field(default=None, description="Where ``load_dataset`` keeps its Arrow cache.")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options for a URL path (endpoint_url, anon, profile, ...).")
 
     @model_validator(mode="after")
     def _one_origin(self) -> HfSourceConfig:

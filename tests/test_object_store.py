@@ -45,6 +45,10 @@ def corpora(s3, tmp_path_factory):
         upload(s3.endpoint, root / name, f"s3://corpus/{name}")
         pattern = source["paths"][0].rsplit("/", 1)[1]
         remote[name] = {"source": {**source, "paths": [f"s3://corpus/{name}/{pattern}"], "storage_options": opts}}
+    hf = write_source("hf", root / "hf")  # a save_to_disk directory
+    local["hf"] = {"source": hf}
+    upload(s3.endpoint, root / "hf", "s3://corpus/hf")
+    remote["hf"] = {"source": {**hf, "path": "s3://corpus/hf/saved", "storage_options": opts}}
     raw = root / "raw.yaml"
     raw.write_text(yaml.safe_dump({"datasets": local}))
     subprocess.run([sys.executable, "-m", "server", "prepare", "--config", str(raw), "--dataset", "parquet",
@@ -66,7 +70,7 @@ def batches(address: str, name: str, rank: int, world: int, n: int, **kwargs) ->
                                  world_size=world, **kwargs), n)
 
 
-@pytest.mark.parametrize("name", [k.replace(".", "_") for k in KINDS] + ["tokens"])
+@pytest.mark.parametrize("name", [k.replace(".", "_") for k in KINDS] + ["hf", "tokens"])
 def test_a_bucket_serves_what_the_same_files_on_disk_serve(servers, name):
     on_disk, in_bucket = servers
     for rank in range(2):
