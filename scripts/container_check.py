@@ -4,6 +4,7 @@ checks the running container from outside (a real client through the published p
     python scripts/container_check.py fixtures DIR
     python scripts/container_check.py stream DIR GRPC_PORT
     python scripts/container_check.py metrics DIR METRICS_PORT
+    python scripts/container_check.py hold DIR GRPC_PORT     (one batch, then the stream stays open)
 """
 
 from __future__ import annotations
@@ -120,8 +121,21 @@ def metrics(port: int) -> None:
     print(f"metrics: {sent[0]}")
 
 
+def hold(directory: Path, port: int) -> None:
+    """Opens a stream, takes one batch and then holds the stream open unread (the server blocks on flow
+    control) until stdin closes: the in-flight stream a SIGTERM must drain within the grace period."""
+    from client import StreamingDataset
+
+    dataset = StreamingDataset(f"127.0.0.1:{port}", DATASET, seq_len=SEQ_LEN, batch_size=BATCH_SIZE, token=TOKEN,
+                               tls_ca=str(directory / "config" / "tls" / "ca.pem"), reconnect_deadline_s=1)
+    batches = iter(dataset)
+    next(batches)
+    print("streaming", flush=True)
+    sys.stdin.read()
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) < 2 or argv[0] not in ("fixtures", "stream", "metrics"):
+    if len(argv) < 2 or argv[0] not in ("fixtures", "stream", "metrics", "hold"):
         print(__doc__, file=sys.stderr)
         return 2
     directory = Path(argv[1])
@@ -129,6 +143,8 @@ def main(argv: list[str]) -> int:
         fixtures(directory)
     elif argv[0] == "stream":
         stream(directory, int(argv[2]))
+    elif argv[0] == "hold":
+        hold(directory, int(argv[2]))
     else:
         metrics(int(argv[2]))
     return 0

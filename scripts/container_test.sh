@@ -18,6 +18,7 @@ GRACE_S=15           # compose's stop_grace_period; podman-compose does not appl
 COMPOSE_TIMEOUT=180  # podman-compose can hang on a stuck podman call: never wait for it unbounded
 WORK="$(mktemp -d /var/tmp/tokenfeed-ct.XXXXXX)"
 CID=""
+HOLDER=""
 
 log() { echo "container_test: $*" >&2; }
 fail() { log "FAIL: $*"; exit 1; }
@@ -32,8 +33,9 @@ cleanup() {
     local rc=$?
     set +e
     if [ "$rc" != 0 ] && [ -n "$CID" ]; then
-        log "container log (last 40 lines):"; podman logs --tail 40 "$CID" >&2
+        log "container log (last 40 lines):"; podman logs "$CID" 2>&1 | tail -n 40 >&2
     fi
+    [ -n "$HOLDER" ] && kill "$HOLDER" 2>/dev/null
     [ -n "$CID" ] && podman rm -f "$CID" >/dev/null 2>&1
     compose down >/dev/null 2>&1
     podman volume ls -q --filter "label=io.podman.compose.project=$PROJECT" | xargs -r podman volume rm -f >/dev/null
@@ -115,7 +117,7 @@ wait_healthy() {
     done
     HEALTHY_S="$(since "$STARTED")"
     [ "$(podman inspect --format '{{.State.Health.Status}}' "$CID")" = healthy ] || fail "health status not healthy"
-    podman inspect --format '{{.Config.Healthcheck.Test}}' "$CID" | grep -q 'data-server health' \
+    grep -q 'data-server health' <<<"$(podman inspect --format '{{.Config.Healthcheck.Test}}' "$CID")" \
         || fail "the container has no data-server HEALTHCHECK"
     log "healthy ${HEALTHY_S}s after podman-compose up"
 }
@@ -126,9 +128,10 @@ check_inside() {
     [ "$uid" != 0 ] || fail "the server runs as root"
     podman exec "$CID" sh -c 'echo ok > /cache/probe && rm /cache/probe' || fail "/cache is not writable"
     podman exec "$CID" test -d /cache/shards || fail "the disk cache tier (/cache/shards) was not created"
-    podman inspect --format '{{range .Mounts}}{{.Destination}} {{end}}' "$CID" | grep -qw /cache \
+    grep -qw /cache <<<"$(podman inspect --format '{{range .Mounts}}{{.Destination}} {{end}}' "$CID")" \
         || fail "/cache is not a volume"
-    podman logs "$CID" 2>&1 | grep -q "serving /config/server.yaml" || fail "the mounted config was not served"
+    # Whole logs in a variable: `podman logs | grep -q` fails under pipefail when grep stops reading early.
+    grep -q "serving /config/server.yaml" <<<"$(podman logs "$CID" 2>&1)" || fail "the mounted config was not served"
     log "uid $uid, /cache writable (a volume), mounted /config/server.yaml served"
 }
 
@@ -137,15 +140,39 @@ check_outside() {
     "$PYTHON" "$ROOT/scripts/container_check.py" metrics "$WORK/mount" "$METRICS_PORT" >&2
 }
 
+open_stream() {
+    # A client holding a stream open: SIGTERM must drain it (server.shutdown_grace_s), not hang on it.
+    # Its stdin is a fifo this shell keeps open; closing it (or the exit trap's kill) ends the client.
+    mkfifo "$WORK/hold.in"
+    "$PYTHON" "$ROOT/scripts/container_check.py" hold "$WORK/mount" "$GRPC_PORT" \
+        <"$WORK/hold.in" >"$WORK/hold.out" 2>&1 &
+    HOLDER=$!
+    exec 3>"$WORK/hold.in"
+    local deadline=$((SECONDS + 30))
+    until grep -q '^streaming' "$WORK/hold.out"; do
+        kill -0 "$HOLDER" 2>/dev/null || fail "the holding client exited: $(cat "$WORK/hold.out")"
+        [ "$SECONDS" -lt "$deadline" ] || fail "the holding client got no batch within 30 s"
+        sleep 0.2
+    done
+}
+
 stop_gracefully() {
     local start code
+    open_stream
     start="$(now)"
     podman stop -t "$GRACE_S" "$CID" >/dev/null
     STOP_S="$(since "$start")"
+    exec 3>&-
+    wait "$HOLDER" || true  # the client's own outcome does not matter here: it lost its server
+    HOLDER=""
     code="$(podman inspect --format '{{.State.ExitCode}}' "$CID")"
     [ "$code" = 0 ] || fail "SIGTERM: exit code $code, not 0"
     awk -v s="$STOP_S" -v g="$GRACE_S" 'BEGIN { exit !(s < g) }' || fail "stop took ${STOP_S}s: killed after the grace"
-    log "SIGTERM: exit 0 after ${STOP_S}s (grace ${GRACE_S}s)"
+    local logs
+    logs="$(podman logs "$CID" 2>&1)"
+    grep -q "shutting down: health NOT_SERVING" <<<"$logs" || fail "SIGTERM did not start the shutdown"
+    grep "drained" <<<"$logs" >&2 || true
+    log "SIGTERM with a stream open: exit 0 after ${STOP_S}s (grace ${GRACE_S}s)"
 }
 
 main() {
