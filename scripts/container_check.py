@@ -116,7 +116,8 @@ def metrics(port: int) -> None:
     """/metrics answers in Prometheus text and counts the batches the client received."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
         text = resp.read().decode()
-    sent = [line for line in text.splitlines() if line.startswith(f'tokenfeed_sent_batches_total{{dataset="{DATASET}"}}')]
+    series = f'tokenfeed_sent_batches_total{{dataset="{DATASET}"}}'
+    sent = [line for line in text.splitlines() if line.startswith(series)]
     assert sent and float(sent[0].split()[-1]) >= 2 * BATCHES, f"no batches counted in /metrics: {sent}"
     print(f"metrics: {sent[0]}")
 
