@@ -41,7 +41,6 @@ cleanup() {
     podman volume ls -q --filter "label=io.podman.compose.project=$PROJECT" | xargs -r podman volume rm -f >/dev/null
     podman network ls -q --filter "label=io.podman.compose.project=$PROJECT" | xargs -r podman network rm -f >/dev/null
     podman image exists "$IMAGE" && podman rmi -f "$(podman image inspect --format '{{.Id}}' "$IMAGE")" >/dev/null
-    podman image prune -f >/dev/null 2>&1  # the untagged wheel stage of this build
     if [ "${KEEP_BASE:-1}" = 0 ]; then podman rmi -f docker.io/library/python:3.11-slim >/dev/null 2>&1; fi
     rm -rf "$WORK"
     exit "$rc"
@@ -85,7 +84,8 @@ build_image() {
     log "wheelhouse: pip wheel '.[server]' on the host in ${WHEELS_S}s"
     start="$(now)"
     # --network=none: proof that the build is air-gapped. --format docker keeps the HEALTHCHECK.
-    (cd "$ROOT" && podman build --pull=never --format docker --network=none --build-arg OFFLINE=1 \
+    # --layers=false: no intermediate images (the wheel stage) left behind, so cleanup is one image by id.
+    (cd "$ROOT" && podman build --pull=never --format docker --network=none --layers=false --build-arg OFFLINE=1 \
         --ignorefile docker/Dockerfile.dockerignore -f docker/Dockerfile -t "$IMAGE" . >&2)
     BUILD_S="$(since "$start")"
     IMAGE_MB="$(podman image inspect --format '{{.Size}}' "$IMAGE" | awk '{ printf "%.0f", $1 / 1e6 }')"
