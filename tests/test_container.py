@@ -19,7 +19,7 @@ from conftest import ROOT
 SCRIPT = ROOT / "scripts" / "container_test.sh"
 TOOLS = ("podman", "podman-compose", "runc", "debootstrap")
 PACKAGES = ("podman", "podman-compose", "runc", "debootstrap")
-SCRIPT_TIMEOUT_S = 420  # measured: 192 s with no base image cached, 110-130 s with it; a stuck podman must not hang CI
+SCRIPT_TIMEOUT_S = 420  # measured: 120-210 s with no base image cached, ~70 s with it; a stuck podman must not hang CI
 
 
 def apt_install(packages: tuple[str, ...]) -> None:
