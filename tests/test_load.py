@@ -37,12 +37,15 @@ def test_64_concurrent_streams_are_exact_with_bounded_memory(server):
 
 
 def test_abandoned_streams_leak_no_descriptor_task_or_memory(server):
-    figures = abandoned_streams(server, n=200, concurrent=50)
-    report("200 abandoned streams", figures)
-    assert figures["settled"], f"streams, loads or tasks still alive: {figures['after']}"
-    assert figures["codes"] == {"cancelled_by_client": 200}, figures["codes"]
-    assert figures["leaked"]["fds"] <= 0
-    assert figures["leaked"]["loop_tasks"] <= 0
+    # Two rounds: the first also grows the allocator's and gRPC's pools (measured up to ~16 MiB on a
+    # loaded machine); a leak grows again in the second, which must stay under 16 MiB.
+    for round in (1, 2):
+        figures = abandoned_streams(server, n=200, concurrent=50)
+        report(f"200 abandoned streams, round {round}", figures)
+        assert figures["settled"], f"streams, loads or tasks still alive: {figures['after']}"
+        assert figures["codes"] == {"cancelled_by_client": 200}, figures["codes"]
+        assert figures["leaked"]["fds"] <= 0
+        assert figures["leaked"]["loop_tasks"] <= 0
     assert figures["leaked"]["rss_kib"] < 16 << 10
 
 

@@ -72,7 +72,7 @@ async def test_a_long_mixture_assignment_leaves_the_loop_free(tmp_path: Path, po
     out = np.empty((64, SEQ + 1), dtype=a.dtype)
     await walker.take(out)  # counts learned
     counts = [p.row for p in walker.parts]
-    mix.schedule.assign(walker.row, counts, 300_000)  # in one go: what the sliced assignment must reach
+    mix.schedule.assign(walker.row, counts, 1_000_000)  # in one go: what the sliced assignment must reach
     ticks: list[float] = []
 
     async def ticker() -> None:
@@ -82,11 +82,11 @@ async def test_a_long_mixture_assignment_leaves_the_loop_free(tmp_path: Path, po
 
     task = asyncio.get_running_loop().create_task(ticker())
     await asyncio.sleep(0.02)
-    await walker.skip(300_000)  # ~0.5 s of sequential assignment
+    await walker.skip(1_000_000)  # ~1.7 s of sequential assignment: a loop that waited for it stalls that long
     task.cancel()
     gaps = np.diff(ticks)
-    assert len(gaps) > 20 and gaps.max() < 0.25, f"the loop stalled {gaps.max():.3f} s"
-    assert walker.row == 64 + 300_000 and [p.row for p in walker.parts] == counts
+    assert len(gaps) > 20 and gaps.max() < 0.5, f"the loop stalled {gaps.max():.3f} s"
+    assert walker.row == 64 + 1_000_000 and [p.row for p in walker.parts] == counts
     walker.close()
 
 
