@@ -22,13 +22,14 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from trainer import checkpoint
 from trainer.config import TrainConfig, to_yaml
-from trainer.data import Described, batch_hash, eval_batches, train_loader
+from trainer.data import Described, batch_hash, eval_batches, tokenizer_files, train_loader
 from trainer.export import export
 from trainer.marker import MARKER
 from trainer.metrics import MetricsLog, TrainerMetrics, rewind
 from trainer.model import GPT, build_model, shape_of
 from trainer.parallelize import Runtime, autocast, shard_model
 from trainer.provenance import run_metadata
+from trainer.tokenizer import save_run_tokenizer
 from trainer.tracking import TrackedRun, TrackingError
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,9 @@ class Trainer:
         #: what made this run's checkpoints (saved in each manifest, the export and the tracker)
         self.provenance = run_metadata(rt.world_size, info, served.server_version)
         self.meta = {"vocab_size": info.vocab_size, "eos_id": info.eos_id, "pad_id": info.pad_id,
-                     "tokenizer": info.tokenizer, "dataset": cfg.data.dataset, "metadata": self.provenance}
+                     "bos_id": info.bos_id, "tokenizer": info.tokenizer, "dataset": cfg.data.dataset,
+                     "metadata": self.provenance}
+        self.tokenizer_file: Path | None = None  # the data's tokenizer, kept with the export (rank 0)
         self.shape = shape_of(cfg.model, info.vocab_size)
         self.model = shard_model(build_model(cfg.model, info.vocab_size, cfg.seed, rt.device), rt.mesh)
         self.optimizer = _optimizer(self.model, cfg)
@@ -104,6 +107,8 @@ class Trainer:
             if self.rt.is_main:
                 self.cfg.run_dir.mkdir(parents=True, exist_ok=True)
                 (self.cfg.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+                self.tokenizer_file = save_run_tokenizer(self.cfg.run_dir, str(self.meta["tokenizer"]),
+                                                         partial(tokenizer_files, self.cfg))
             self._resume(require_resume)
             self._open_tracking()
             if self.rt.is_main:
@@ -311,7 +316,8 @@ class Trainer:
         chosen = s.best_step if s.best_step is not None else s.step
         meta = {**self.meta, "step": chosen, "eval_loss": s.best_eval}
         try:
-            path = export(checkpoint.step_dir(self.ckpt_root, chosen), run_dir / "final", self.cfg.model, meta)
+            path = export(checkpoint.step_dir(self.ckpt_root, chosen), run_dir / "final", self.cfg.model, meta,
+                          self.tokenizer_file)
         except Exception as err:  # noqa: BLE001 -- any failure keeps every checkpoint
             log.error("exporting checkpoint step %d failed (%s: %s); every checkpoint is kept, relaunch to retry",
                       chosen, type(err).__name__, err)
