@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from tokenizers import Tokenizer
 
 from client import StreamingDataset
 from tests.test_tokenizers import train_bpe
+from tests.test_tracking import MLFLOW_ARGS, MlflowServer
 from tests.test_trainer import ENV, ROOT, train
 from trainer.config import ModelConfig
 from trainer.export import load_exported, write_export
@@ -31,7 +33,7 @@ PROMPT = "def decode(self, s):\n    "
 pytestmark = pytest.mark.integration
 
 
-def generate_cli(model: Path, *extra: str, ok: bool = True) -> subprocess.CompletedProcess:
+def generate_cli(model: Path | str, *extra: str, ok: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-m", "trainer.generate", "--model", str(model), *extra], cwd=ROOT,
                           env=ENV, capture_output=True, text=True, timeout=120)
     assert (proc.returncode == 0) == ok, proc.stderr
@@ -48,14 +50,26 @@ def bpe(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return train_bpe(tmp_path_factory.mktemp("bpe") / "tokenizer.json")
 
 
+@pytest.fixture
+def tracker(tmp_path: Path) -> Iterator[MlflowServer]:
+    """A real ``mlflow server``, launched now: its slow start overlaps the data server's and the checks."""
+    (tmp_path / "mlflow").mkdir()
+    server = MlflowServer(tmp_path / "mlflow").launch()
+    yield server
+    server.kill()
+
+
+@pytest.mark.slow  # (a run, and an mlflow server's start: about a minute on 2 busy cores)
 def test_a_run_on_a_bpe_dataset_exports_and_samples_with_its_tokenizer(bpe: Path, start_server: Any,
+                                                                       tracker: MlflowServer,
                                                                        tmp_path: Path) -> None:
     server = start_server({"datasets": {"py": {"source": {"type": "text", "paths": [str(STDLIB_JSON / "*.py")]},
                                                "tokenizer": {"type": "hf", "path": str(bpe)}}}})
     files = StreamingDataset(server.address, "py", seq_len=64, batch_size=4).tokenizer_files()
     assert files == {"tokenizer.json": bpe.read_bytes()}
     run_dir = tmp_path / "run"
-    train(1, server.address, run_dir, "--max-steps", "3", "data.dataset=py", "eval.every=3")
+    train(1, server.address, run_dir, "--max-steps", "3", "data.dataset=py", "eval.every=3", *MLFLOW_ARGS,
+          f"tracking.uri={tracker.wait_ready().uri}")
     final = run_dir / "final"
     config = json.loads((final / "config.json").read_text())
     assert (config["tokenizer"], config["tokenizer_file"], config["vocab_size"]) == ("hf:tokenizer.json",
@@ -67,6 +81,11 @@ def test_a_run_on_a_bpe_dataset_exports_and_samples_with_its_tokenizer(bpe: Path
     assert new and max(new) < 400
     out = generate_cli(final, "--prompt", PROMPT, "--greedy", "--max-new-tokens", "12").stdout
     assert out == PROMPT + tok.decode(new, skip_special_tokens=True) + "\n"
+    # the tracker's model artifact is the same directory: fetched, it samples the same text
+    run_id = json.loads((run_dir / "tracking.json").read_text())["mlflow"]["run_id"]
+    fetched = generate_cli(f"mlflow:runs:/{run_id}/model", "--tracking-uri", tracker.uri, "--cache-dir",
+                           str(tmp_path / "cache"), "--prompt", PROMPT, "--greedy", "--max-new-tokens", "12")
+    assert fetched.stdout == out
 
 
 def test_sentencepiece_export_encodes_with_bos_and_decodes(tmp_path: Path) -> None:
