@@ -14,10 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sentencepiece
+import torch
 
 from client import StreamingDataset
-from server.config import SentencePieceTokenizerConfig
+from server.config import SentencePieceTokenizerConfig, parse_config
 from server.errors import ConfigError
+from server.prepare import prepare
 from server.stages.tokenizers import build_tokenizer
 from tests.conftest import ROOT
 
@@ -61,10 +63,17 @@ def sp_tokenizer(path: Path, **options: object):  # noqa: ANN201 -- the server's
     return build_tokenizer(SentencePieceTokenizerConfig(type="sentencepiece", path=str(path), **options), FIELD)
 
 
-def test_served_batches_decode_back_to_the_sources(model, start_server):
+def test_served_batches_decode_back_to_the_sources(model, start_server, tmp_path):
     docs = sorted(p.read_text() for p in STDLIB_JSON.glob("*.py"))
-    server = start_server(corpus_config(model))
+    config = corpus_config(model)
+    prepare(parse_config(config), "py", str(tmp_path / "prep"), workers=1)  # keeps a copy of the model
+    config["datasets"]["prep"] = {"source": {"type": "tokens", "path": str(tmp_path / "prep")}}
+    server = start_server(config)
     ds = StreamingDataset(server.address, "py", seq_len=256, batch_size=8)
+    prep = StreamingDataset(server.address, "prep", seq_len=256, batch_size=8)
+    assert ds.tokenizer_files() == prep.tokenizer_files() == {"py.model": model.read_bytes()}  # for trainers
+    first = [next(iter(StreamingDataset(server.address, name, seq_len=256, batch_size=8))) for name in ("py", "prep")]
+    assert torch.equal(first[0]["input_ids"], first[1]["input_ids"])  # the prepared data serves the same rows
     info = ds.describe()
     assert (info.tokenizer, info.vocab_size, info.eos_id, info.pad_id) == ("sentencepiece:py.model", 600, 2, 3)
     sp = sentencepiece.SentencePieceProcessor(model_file=str(model))
