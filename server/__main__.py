@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
 from pathlib import Path
@@ -52,7 +53,10 @@ def _add_offline_parsers(sub: argparse._SubParsersAction) -> None:
     prep = sub.add_parser("prepare", help="tokenize a dataset once into token shards (type: tokens)")
     prep.add_argument("--config", help="YAML config; default: the embedded `stdlib` dataset")
     prep.add_argument("--dataset", required=True, help="name of the dataset in the config")
-    prep.add_argument("--out", required=True, help="directory to write (resumes an unfinished one)")
+    prep.add_argument("--out", required=True,
+                      help="directory or object-store URL (s3://bucket/prefix) to write (resumes an unfinished one)")
+    prep.add_argument("--storage-options", metavar="JSON",
+                      help="fsspec options for a URL --out, as a JSON object (default: the source's storage_options)")
     prep.add_argument("--workers", type=int, help="worker processes (default: one per core)")
     prep.add_argument("--max-shards", type=int, help="stop after this many shards (run again to go on)")
     prep.add_argument("--level", type=int, default=3, help="zstd level of the shards (default 3)")
@@ -76,6 +80,19 @@ def _add_offline_parsers(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
 
 
+def _json_object(text: str | None, flag: str) -> dict | None:
+    """A flag's JSON object (None when the flag is absent); a ConfigError naming the flag otherwise."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as err:
+        raise ConfigError(f"{flag}: not valid JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{flag}: a JSON object is needed, got {type(value).__name__}")
+    return value
+
+
 def _run_offline(args: argparse.Namespace, config: Config) -> int:
     """``prepare`` and ``tokenizer train``: no gRPC involved."""
     from server.prepare import prepare, train_sentencepiece, train_tokenizer
@@ -90,11 +107,14 @@ def _run_offline(args: argparse.Namespace, config: Config) -> int:
 
             if args.workers is not None:
                 raise ConfigError("--workers: not used with --ray (each node runs one task per CPU it offers)")
+            if args.storage_options is not None:
+                raise ConfigError("--storage-options: not used with --ray (its tasks reach --out with the "
+                                  "source's storage_options)")
             result = prepare_on_ray(config, args.dataset, args.out, args.ray, max_shards=args.max_shards,
                                     level=args.level)
         else:
             result = prepare(config, args.dataset, args.out, workers=args.workers, max_shards=args.max_shards,
-                             level=args.level)
+                             level=args.level, storage_options=_json_object(args.storage_options, "--storage-options"))
         if not result.complete:
             print(f"data-server: prepared {result.shards_done} shard(s) of {result.shards_total}; "
                   "run the same command again to continue", file=sys.stderr)

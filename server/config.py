@@ -108,7 +108,8 @@ class HfSourceConfig(_Strict):
     data files (``format`` + ``data_files``); shards are contiguous row ranges."""
 
     type: Literal["hf"]
-    path: str | None = Field(default=None, min_length=1, description="Directory written by ``save_to_disk``.")
+    path: str | None = Field(default=None, min_length=1,
+                             description="Directory (or URL) written by ``save_to_disk``.")
     format: Literal["json", "csv", "parquet", "text"] | None = Field(
         default=None, description="``load_dataset`` builder for ``data_files``.")
     data_files: list[str] | None = Field(default=None, min_length=1, description="Globs of local data files.")
@@ -116,6 +117,8 @@ class HfSourceConfig(_Strict):
     text_field: str = Field(default="text", min_length=1, description="Text column; dots for struct fields.")
     rows_per_shard: int = Field(default=10_000, gt=0, description="Rows in each shard.")
     cache_dir: str | None = Field(default=None, description="Where ``load_dataset`` keeps its Arrow cache.")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options for a URL path (endpoint_url, anon, profile, ...).")
 
     @model_validator(mode="after")
     def _one_origin(self) -> HfSourceConfig:
@@ -331,10 +334,15 @@ class ServerSettings(_Strict):
 
 
 class DiskCacheSettings(_Strict):
-    """Optional second cache tier on local disk, for corpora larger than memory; safe to delete."""
+    """Optional second cache tier, for corpora larger than memory; safe to delete. A local
+    directory, or a URL prefix in an object store (``s3://bucket/tokenfeed-cache``) that every job
+    and replica on the same content and tokenizer shares (its size is then the bucket's lifecycle
+    rules' business: ``max_bytes`` applies to a local directory only)."""
 
-    path: str = Field(min_length=1, description="Directory of the disk tier (created when missing).")
-    max_bytes: ByteSize = Field(default=ByteSize(50 << 30), gt=0, description="Byte budget of the disk tier.")
+    path: str = Field(min_length=1, description="Directory (created when missing) or object-store URL prefix.")
+    max_bytes: ByteSize = Field(default=ByteSize(50 << 30), gt=0, description="Byte budget of a local disk tier.")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options for a URL path (endpoint_url, anon, profile, ...).")
 
 
 class CacheSettings(_Strict):

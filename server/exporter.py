@@ -94,6 +94,13 @@ _CACHE_COUNTERS = {
     "expirations": "Entries dropped because they went unused for too long.",
     "admissions_declined": "Shards the cache chose not to admit.",
 }
+_SHARED_COUNTERS = {
+    "reads": "Entries read from the shared (object-store) cache tier.",
+    "read_bytes": "Bytes read from the shared cache tier.",
+    "writes": "Entries written to the shared cache tier.",
+    "write_bytes": "Bytes written to the shared cache tier.",
+    "read_errors": "Reads of the shared cache tier that failed (served by tokenizing instead).",
+}
 _PREFETCH = {
     "hits": (CounterMetricFamily, "tokenfeed_prefetch_hits", "Lookups served by a prefetched shard."),
     "wasted": (CounterMetricFamily, "tokenfeed_prefetch_wasted", "Prefetched shards evicted before any use."),
@@ -118,6 +125,9 @@ class ServerCollector(Collector):
         for name, doc in _CACHE_COUNTERS.items():
             if (v := _number(stats.get(name))) is not None:
                 yield CounterMetricFamily(f"tokenfeed_cache_{name}", doc, value=v)
+        for name, doc in _SHARED_COUNTERS.items():
+            if (v := _number(stats.get(f"shared_{name}"))) is not None:
+                yield CounterMetricFamily(f"tokenfeed_cache_shared_{name}", doc, value=v)
         hits, misses = _number(stats.get("hits")), _number(stats.get("misses"))
         if hits is not None and misses is not None:
             yield GaugeMetricFamily("tokenfeed_cache_hit_ratio", "Hits / lookups since start (NaN before any).",

@@ -4,11 +4,9 @@ cores) and ``train_tokenizer`` (a byte-level BPE ``tokenizer.json`` trained on a
 from __future__ import annotations
 
 import io
-import json
 import logging
 import multiprocessing
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -18,12 +16,12 @@ from typing import Any
 from server.config import Config, DatasetConfig, HfTokenizerConfig, SentencePieceTokenizerConfig, TokensSourceConfig
 from server.stages.dataset import Dataset
 from server.errors import ConfigError
+from server.prepare_out import OutDir
 from server.stages.sources import BadRecords, BrokenShard, build_source
 from server.stages.sources.tokens import FORMAT, MANIFEST, VERSION, checksum, encode_shard
 
 log = logging.getLogger(__name__)
 PLAN = "plan.json"          # what an unfinished preparation is making (checked on resume)
-PROGRESS = "progress.jsonl"  # one line per finished shard; the manifest replaces it at the end
 #: Makes the shards of a run elsewhere (``server.prepare_ray``): (dataset, config, todo, out, level) -> entries.
 Runner = Callable[[Dataset, Config, list[int], str, int], Iterator[dict]]
 
@@ -55,13 +53,16 @@ def dataset_config(config: Config, name: str) -> DatasetConfig:
 
 
 def prepare(config: Config, name: str, out: str, *, workers: int | None = None, max_shards: int | None = None,
-            level: int = 3, log_every_s: float = 5.0, runner: Runner | None = None) -> PrepareResult:
+            level: int = 3, log_every_s: float = 5.0, runner: Runner | None = None,
+            storage_options: dict[str, Any] | None = None) -> PrepareResult:
     """Tokenize dataset ``name`` into ``out``: one zstd token shard per source shard (same index,
     same documents, so serving it yields the raw dataset's batches) and ``manifest.json``.
 
     Resumable: finished shards are kept and a rerun does only the rest (``max_shards`` stops a run
     early). ``workers`` processes (default: one per core) each read, tokenize and write shards, or
-    ``runner`` makes them (e.g. as Ray tasks) and yields their entries as they finish.
+    ``runner`` makes them (e.g. as Ray tasks) and yields their entries as they finish. ``out`` may
+    be an object-store URL (``s3://bucket/prepared``), reached with ``storage_options`` (default:
+    the dataset source's).
     """
     ds_config = dataset_config(config, name)
     if isinstance(ds_config.source, TokensSourceConfig):
@@ -69,7 +70,8 @@ def prepare(config: Config, name: str, out: str, *, workers: int | None = None, 
     ds = Dataset(name, ds_config)
     plan = {"format": FORMAT, "version": VERSION, "dataset": name, "fingerprint": ds.fingerprint,
             "num_shards": ds.num_shards, "tokenizer": ds.info.to_json(), "dtype": ds.dtype.str}
-    done = _start(out, plan)
+    target = OutDir(out, storage_options if storage_options is not None else source_storage_options(ds))
+    done = _start(target, plan)
     if done is None:
         log.info("%s is already a complete preparation of %r; nothing to do", out, name)
         return PrepareResult(True, 0, ds.num_shards, 0, 0, 0.0)
@@ -80,66 +82,56 @@ def prepare(config: Config, name: str, out: str, *, workers: int | None = None, 
              len(done), len(todo))
     t0 = time.perf_counter()
     meter = _Meter(name, ds, len(done), t0, log_every_s)
-    with open(os.path.join(out, PROGRESS), "a") as progress:
+    try:
         entries = runner(ds, config, todo, out, level) if runner else _run(ds, config, todo, out, workers, level)
         for entry in entries:
-            progress.write(json.dumps(entry) + "\n")
-            progress.flush()
+            target.record(entry)
             done[entry["index"]] = entry
             meter.add(entry)
+    finally:
+        target.close()
     complete = len(done) == ds.num_shards
     if complete:
-        _finish(out, ds, plan, done)
+        _finish(target, ds, plan, done)
     meter.log(final=True)
     return PrepareResult(complete, len(todo), ds.num_shards, meter.bytes, meter.tokens, time.perf_counter() - t0)
 
 
-def _start(out: str, plan: dict) -> dict[int, dict] | None:
+def _start(out: OutDir, plan: dict) -> dict[int, dict] | None:
     """Create or check ``out``; the shards an earlier run finished, or None when all is done."""
-    os.makedirs(out, exist_ok=True)
-    manifest, plan_path = os.path.join(out, MANIFEST), os.path.join(out, PLAN)
-    if os.path.exists(manifest):
-        with open(manifest) as f:
-            old = json.load(f)
+    out.create()
+    if out.exists(MANIFEST):
+        old = out.read_json(MANIFEST)
         if {k: old.get(k) for k in plan} == plan:
             return None
         raise ConfigError(f"--out: {out} already holds a different preparation; remove it or choose another")
-    if os.path.exists(plan_path):
-        with open(plan_path) as f:
-            if json.load(f) != plan:
-                raise ConfigError(f"--out: {out} holds an unfinished preparation of other data or with "
-                                  "another tokenizer; remove it or choose another directory")
-    elif os.listdir(out):
+    if out.exists(PLAN):
+        if out.read_json(PLAN) != plan:
+            raise ConfigError(f"--out: {out} holds an unfinished preparation of other data or with "
+                              "another tokenizer; remove it or choose another directory")
+    elif out.names():
         raise ConfigError(f"--out: {out} is not empty and holds no preparation; choose an empty directory")
     else:
-        _write_json(plan_path, plan)
-    for name in os.listdir(out):  # half-written files of a run that was killed
-        if name.endswith(".tmp"):
-            os.remove(os.path.join(out, name))
+        out.write_json(PLAN, plan)
+    out.drop_temporaries()
     return _finished_shards(out)
 
 
-def _finished_shards(out: str) -> dict[int, dict]:
-    """Shards listed in the progress log whose files are intact (a line cut by a kill is ignored)."""
+def _finished_shards(out: OutDir) -> dict[int, dict]:
+    """Shards recorded as finished whose files are intact: locally their checksum is checked; in an
+    object store (an object is written whole or not at all) their size, without downloading them."""
     done: dict[int, dict] = {}
-    path = os.path.join(out, PROGRESS)
-    if not os.path.exists(path):
-        return done
-    with open(path) as f:
-        for line in f:
-            try:
-                entry = json.loads(line)
-                with open(os.path.join(out, entry["file"]), "rb") as shard:
-                    intact = checksum(shard.read()) == entry["checksum"]
-            except (ValueError, KeyError, TypeError, OSError):
-                continue
-            if intact:
-                done[int(entry["index"])] = entry
-    # Rewrite without the line a kill may have cut, so that new lines do not append to it.
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(entry) + "\n" for entry in done.values())
-    os.replace(tmp, path)
+    for entry in out.recorded():
+        try:
+            if out.remote:
+                intact = out.size(entry["file"]) == entry["bytes"]
+            else:
+                intact = checksum(out.read_bytes(entry["file"])) == entry["checksum"]
+        except (KeyError, TypeError, OSError):
+            continue
+        if intact:
+            done[int(entry["index"])] = entry
+    out.keep_only(list(done.values()))
     return done
 
 
@@ -180,24 +172,23 @@ def _work(index: int, out: str, level: int) -> dict:
     return prepare_shard(_WORKER_DS, index, out, level)
 
 
-def prepare_shard(ds: Dataset, index: int, out: str, level: int = 3) -> dict:
+def prepare_shard(ds: Dataset, index: int, out: str | OutDir, level: int = 3) -> dict:
     """Tokenize shard ``index`` and write its file atomically; its manifest entry. An environment
     fault that outlasts the dataset's retries raises (``Unavailable``): the shard is never recorded
-    as empty, and running prepare again continues with it."""
+    as empty, and running prepare again continues with it. A URL ``out`` is reached with the
+    dataset source's storage options."""
+    target = out if isinstance(out, OutDir) else OutDir(out, source_storage_options(ds))
     ds.bad = BadRecords()  # this shard's tally only (the Dataset is this process's own)
     shard = ds.tokenize_shard(index)
     data = encode_shard(shard, level)
     name = f"shard-{index:06d}.tft"
-    tmp = os.path.join(out, f".{name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, os.path.join(out, name))
+    target.write_bytes(name, data)
     spec = ds.shards[index]
     return {"index": index, "name": spec.name, "file": name, "docs": shard.num_docs, "tokens": shard.num_tokens,
             "bytes": len(data), "input_bytes": spec.bytes, "checksum": checksum(data), "bad": ds.bad.snapshot()}
 
 
-def _finish(out: str, ds: Dataset, plan: dict, done: dict[int, dict]) -> None:
+def _finish(out: OutDir, ds: Dataset, plan: dict, done: dict[int, dict]) -> None:
     """Write the manifest (which marks the directory complete) and drop the resume files."""
     shards = [{k: v for k, v in done[i].items() if k != "index"} for i in range(ds.num_shards)]
     tokenizer_file = None
@@ -205,7 +196,8 @@ def _finish(out: str, ds: Dataset, plan: dict, done: dict[int, dict]) -> None:
     if isinstance(tok_config, (HfTokenizerConfig, SentencePieceTokenizerConfig)):  # keep a copy so the
         tokenizer_file = os.path.basename(tok_config.path) if isinstance(tok_config, SentencePieceTokenizerConfig) \
             else "tokenizer.json"                                                      # directory decodes on its own
-        shutil.copyfile(os.path.expanduser(tok_config.path), os.path.join(out, tokenizer_file))
+        with open(os.path.expanduser(tok_config.path), "rb") as f:
+            out.write_bytes(tokenizer_file, f.read())
     bad: dict[str, int] = {}
     for s in shards:
         for reason, n in s["bad"].items():
@@ -217,17 +209,14 @@ def _finish(out: str, ds: Dataset, plan: dict, done: dict[int, dict]) -> None:
                            "tokens": sum(s["tokens"] for s in shards),
                            "input_bytes": sum(s["input_bytes"] for s in shards), "bad": bad},
                 "shards": shards}
-    _write_json(os.path.join(out, MANIFEST), manifest)
-    for leftover in (PROGRESS, PLAN):
-        os.remove(os.path.join(out, leftover))
+    out.write_json(MANIFEST, manifest)
+    out.drop_progress()
+    out.remove(PLAN)
 
 
-def _write_json(path: str, data: dict) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+def source_storage_options(ds: Dataset) -> dict[str, Any]:
+    """The storage options of the dataset's source (what a URL ``--out`` uses by default)."""
+    return dict(getattr(ds.source_config, "storage_options", {}) or {})
 
 
 class _Meter:

@@ -21,6 +21,7 @@ from typing import Any
 from server.config import Config
 from server.errors import ConfigError, TokenfeedError
 from server.prepare import PrepareResult, prepare, prepare_shard
+from server.stages.files import is_url
 from server.stages.dataset import Dataset
 
 log = logging.getLogger(__name__)
@@ -71,13 +72,14 @@ def prepare_on_ray(config: Config, name: str, out: str, address: str, *, max_sha
     """``prepare`` with its shards made by Ray tasks on the cluster at ``address``. ``out`` must be a
     directory every node sees at the same path (a shared file system), as must the corpus and tokenizer."""
     ray = connect(address)  # before anything is written: an unreachable cluster leaves no trace
-    out = os.path.abspath(out)
+    out = out if is_url(out) else os.path.abspath(out)
     try:
         result = prepare(config, name, out, max_shards=max_shards, level=level,
                          runner=lambda ds, cfg, todo, o, lvl: _fan_out(ray, ds, cfg, todo, o, lvl))
     finally:
         ray.shutdown()  # the job ends: Ray stops any task still running for it
-    _drop_dead_attempts(out)
+    if not is_url(out):  # (an object store has no half-written files)
+        _drop_dead_attempts(out)
     return result
 
 

@@ -113,7 +113,7 @@ def container_ports(service: dict[str, Any]) -> dict[int, int]:
     """Container port -> host port of a service's ``HOST:CONTAINER`` port mappings."""
     out = {}
     for spec in service.get("ports", []):
-        host, container = str(spec).rsplit(":", 1)
+        host, container = interpolate(str(spec)).rsplit(":", 1)
         out[int(container)] = int(host)
     return out
 

@@ -14,6 +14,7 @@ import yaml
 from benchmarks._s3 import FaultProxy, S3Server, Schedule, client, objects, split, storage_options, upload
 from client import RequestError, StreamingDataset
 from tests.conftest import ROOT
+from tests.test_metrics import metrics_url, poll, scrape, value
 from tests.resume_helpers import check_resume, same_batches, take
 from tests.test_source_resume import write_source
 
@@ -44,6 +45,10 @@ def corpora(s3, tmp_path_factory):
         upload(s3.endpoint, root / name, f"s3://corpus/{name}")
         pattern = source["paths"][0].rsplit("/", 1)[1]
         remote[name] = {"source": {**source, "paths": [f"s3://corpus/{name}/{pattern}"], "storage_options": opts}}
+    hf = write_source("hf", root / "hf")  # a save_to_disk directory
+    local["hf"] = {"source": hf}
+    upload(s3.endpoint, root / "hf", "s3://corpus/hf")
+    remote["hf"] = {"source": {**hf, "path": "s3://corpus/hf/saved", "storage_options": opts}}
     raw = root / "raw.yaml"
     raw.write_text(yaml.safe_dump({"datasets": local}))
     subprocess.run([sys.executable, "-m", "server", "prepare", "--config", str(raw), "--dataset", "parquet",
@@ -65,7 +70,7 @@ def batches(address: str, name: str, rank: int, world: int, n: int, **kwargs) ->
                                  world_size=world, **kwargs), n)
 
 
-@pytest.mark.parametrize("name", [k.replace(".", "_") for k in KINDS] + ["tokens"])
+@pytest.mark.parametrize("name", [k.replace(".", "_") for k in KINDS] + ["hf", "tokens"])
 def test_a_bucket_serves_what_the_same_files_on_disk_serve(servers, name):
     on_disk, in_bucket = servers
     for rank in range(2):
@@ -148,3 +153,60 @@ def test_throttling_resets_and_delays_between_server_and_store_lose_nothing(s3, 
         proxy.close()
     assert proxy.counts.get("slow_down", 0) > 0 and proxy.counts.get("reset", 0) > 0, proxy.counts
 
+
+
+def test_a_second_server_reuses_the_shared_cache_and_tokenizes_nothing(s3, corpora, start_server):
+    """The cache's second tier in the bucket: one server tokenizes an epoch and writes each shard
+    there; a fresh server (another job, a new replica) on the same content reads them back and
+    its tokenizer counters stay at 0, serving the same batches."""
+    _, remote = corpora
+    client(s3.endpoint).create_bucket(Bucket="shared-cache")
+    cache = {"disk": {"path": "s3://shared-cache/tokenfeed", "storage_options": storage_options(s3.endpoint)}}
+    # (no prefetch: the shards a server reads are then exactly those its batches need)
+    config = {"server": {"metrics_port": 0}, "cache": cache, "prefetch": {"depth": 0},
+              "datasets": {"web": remote["jsonl"]}}
+    first = start_server(config)
+    epoch = batches(first.address, "web", 0, 1, 30)
+    tokenized = value(scrape(metrics_url(first)), "tokenfeed_tokenized_shards_total")
+    assert tokenized >= 2
+    poll(lambda: len(objects(s3.endpoint, "s3://shared-cache/tokenfeed/")) >= tokenized)
+    first.stop()
+
+    second = start_server(config)
+    assert same_batches(batches(second.address, "web", 0, 1, 30), epoch)
+    samples = scrape(metrics_url(second))
+    assert value(samples, "tokenfeed_tokenized_shards_total") == 0
+    assert value(samples, "tokenfeed_tokenizer_documents_total") == 0
+    assert value(samples, "tokenfeed_cache_shared_reads_total") > 0
+
+
+def test_prepare_writes_to_a_bucket_resumably_as_it_writes_a_directory(s3, corpora, servers, tmp_path):
+    """`data-server prepare --out s3://...`: stopped after 2 shards, run again to finish (finished
+    shards are kept), byte-identical to a local preparation of the same data (served from a bucket:
+    test_a_bucket_serves_what_the_same_files_on_disk_serve[tokens])."""
+    local, remote = corpora
+    client(s3.endpoint).create_bucket(Bucket="prepared")
+    raw = tmp_path / "raw.yaml"
+    raw.write_text(yaml.safe_dump({"datasets": {"web": remote["jsonl"]}}))
+
+    def prepare(out: str, *extra: str) -> None:
+        subprocess.run([sys.executable, "-m", "server", "prepare", "--config", str(raw), "--dataset", "web",
+                        "--out", out, "--workers", "1", *extra], cwd=ROOT, check=True, capture_output=True)
+
+    prepare("s3://prepared/web", "--max-shards", "2")
+    first = set(objects(s3.endpoint, "s3://prepared/web/"))
+    assert not any(u.endswith("manifest.json") for u in first) and len([u for u in first if u.endswith(".tft")]) == 2
+    prepare("s3://prepared/web")
+    prepare(str(tmp_path / "local"))
+    in_bucket = {u.rsplit("/", 1)[1]: u for u in objects(s3.endpoint, "s3://prepared/web/")}
+    local_files = sorted(p.name for p in (tmp_path / "local").iterdir())
+    assert sorted(in_bucket) == local_files  # no plan or progress left behind
+    s3_client = client(s3.endpoint)
+    for name, url in in_bucket.items():
+        bucket, key = split(url)
+        assert s3_client.get_object(Bucket=bucket, Key=key)["Body"].read() == (tmp_path / "local" / name).read_bytes()
+
+    bad = subprocess.run([sys.executable, "-m", "server", "prepare", "--config", str(raw), "--dataset", "web",
+                          "--out", "s3://prepared/other", "--storage-options", "[1]"], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert bad.returncode == 2 and "--storage-options: a JSON object is needed" in bad.stderr, bad.stderr

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from server.supply.cache_disk import Blob, CorruptEntry, DiskTier, decode, encode
+from server.supply.cache_disk import Blob, CorruptEntry, DiskTier, SecondTier, decode, encode
 from server.supply.cache_policy import FutureIndex, Policy, Slot, make_policy
 from server.stages.packing import TokenizedShard
 from tokenfeed import malloc
@@ -93,7 +93,7 @@ class ShardCache:
     """
 
     def __init__(self, max_bytes: int, *, ttl_s: float = 3600.0, zstd_level: int = 3, compression: str = "zstd",
-                 policy: str | Policy = "smart", disk: DiskTier | None = None, future: FutureIndex | None = None,
+                 policy: str | Policy = "smart", disk: SecondTier | None = None, future: FutureIndex | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if max_bytes < 0 or ttl_s <= 0:
             raise ValueError(f"cache.max_bytes must be >= 0 and cache.ttl_s > 0, got {max_bytes} and {ttl_s}")
@@ -217,7 +217,7 @@ class ShardCache:
                    {"disk_bytes": 0, "disk_entries": 0, "disk_max_bytes": 0})
         out["max_bytes"] = self.max_bytes
         out["tiers"] = {tier: {"bytes": out[f"{tier}_bytes"], "entries": out[f"{tier}_entries"]}
-                        for tier in ("memory", "disk")}
+                        for tier in ("memory", "disk") if f"{tier}_bytes" in out}  # (a shared tier counts no bytes)
         return out
 
     # ---- internals (the ones named without "locked" take the lock themselves) -----------

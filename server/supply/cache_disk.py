@@ -11,6 +11,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import zstandard
@@ -90,6 +91,19 @@ def decode(blob: Blob) -> TokenizedShard:
     return TokenizedShard(tokens=tokens, offsets=offsets)
 
 
+class SecondTier(Protocol):
+    """Where the cache keeps what memory does not: a local directory (``DiskTier``) or an object
+    store shared across jobs (``server.supply.cache_object.ObjectTier``)."""
+
+    def get(self, key: str) -> Blob | None: ...
+
+    def put(self, key: str, blob: Blob) -> None: ...
+
+    def remove(self, key: str, corrupt: bool = False) -> None: ...
+
+    def stats(self) -> dict[str, int]: ...
+
+
 class DiskTier:
     """Blobs as files in a directory with its own byte budget, least recently used evicted.
 
@@ -122,8 +136,11 @@ class DiskTier:
         self._evict()
 
     @staticmethod
-    def _name(key: str) -> str:
+    def name_of(key: str) -> str:
+        """The file (or object) name of ``key``'s entry."""
         return hashlib.sha256(key.encode()).hexdigest()[:40] + _SUFFIX
+
+    _name = name_of
 
     def get(self, key: str) -> Blob | None:
         """The blob stored under ``key``, or ``None`` (absent, deleted, or damaged and removed)."""
@@ -134,7 +151,7 @@ class DiskTier:
             self._forget(name)
             return None
         try:
-            blob = _parse(data, key)
+            blob = parse_entry(data, key)
         except CorruptEntry as err:
             log.warning("dropping damaged disk cache file %s: %s", name, err)
             self.remove(key, corrupt=True)
@@ -150,9 +167,7 @@ class DiskTier:
 
     def put(self, key: str, blob: Blob) -> None:
         """Store ``blob`` (atomically: readers see the old file or the new one, never half)."""
-        header = json.dumps({"key": key, "dtype": blob.dtype, "num_tokens": blob.num_tokens,
-                             "num_docs": blob.num_docs}).encode()
-        data = _HEAD.pack(_MAGIC, len(header)) + header + blob.data
+        data = entry_bytes(key, blob)
         if len(data) > self.max_bytes:
             return
         name = self._name(key)
@@ -199,7 +214,16 @@ class DiskTier:
                     "disk_write_errors": self.write_errors}
 
 
-def _parse(data: bytes, key: str) -> Blob:
+def entry_bytes(key: str, blob: Blob) -> bytes:
+    """An entry as stored: a header naming its full key, then the blob's zstd frame."""
+    header = json.dumps({"key": key, "dtype": blob.dtype, "num_tokens": blob.num_tokens,
+                         "num_docs": blob.num_docs}).encode()
+    return _HEAD.pack(_MAGIC, len(header)) + header + blob.data
+
+
+def parse_entry(data: bytes, key: str) -> Blob:
+    """The blob of a stored entry; ``CorruptEntry`` when it is damaged or holds another key (the
+    frame's own checksum is checked when it is decoded)."""
     if len(data) < _HEAD.size:
         raise CorruptEntry("file too short")
     magic, size = _HEAD.unpack_from(data)

@@ -14,7 +14,10 @@ from concurrent.futures import CancelledError, Executor, Future
 from typing import Any, NamedTuple
 
 
+from server.stages.files import is_url
 from server.supply.cache import DiskTier, ShardCache, fixed_mmap_threshold, shard_key
+from server.supply.cache_disk import SecondTier
+from server.supply.cache_object import ObjectTier
 from server.config import Config, PrefetchSettings
 from server.stages.dataset import Dataset
 from server.stages.packing import PackedShard, TokenizedShard, known_rows, pack
@@ -382,7 +385,10 @@ def build_store(config: Config, executor: Executor) -> ShardStore:
     """The store, cache tiers and prefetcher that ``config`` describes."""
     c = config.cache
     fixed_mmap_threshold()  # keeps resident memory close to the cache budget (see there)
-    disk = DiskTier(c.disk.path, int(c.disk.max_bytes)) if c.disk is not None else None
+    disk: SecondTier | None = None
+    if c.disk is not None:  # a directory here, or a prefix in an object store shared by every job
+        disk = (ObjectTier(c.disk.path, c.disk.storage_options) if is_url(c.disk.path)
+                else DiskTier(c.disk.path, int(c.disk.max_bytes)))
     cache = ShardCache(int(c.max_bytes), ttl_s=c.ttl_s, zstd_level=c.zstd_level, compression=c.compression,
                        policy=c.policy, disk=disk)
     return ShardStore(cache, executor, packed_slots=c.hot_slots, packed_bytes=int(c.hot_max_bytes),

@@ -1,5 +1,5 @@
-"""Hugging Face ``datasets`` source, offline: a ``save_to_disk`` directory or local data files
-through ``load_dataset``; shards are contiguous row ranges."""
+"""Hugging Face ``datasets`` source, offline: a ``save_to_disk`` directory (local or in an object
+store) or local data files through ``load_dataset``; shards are contiguous row ranges."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from server.config import HfSourceConfig
 from server.errors import ConfigError
 from server.stages.sources.arrow import check_text_column, table_texts
 from server.stages.sources.base import BadRecords, BrokenShard, FilePart, ShardSpec, resolve_paths
+from server.stages.files import is_url
 from server.stages.storage import Storage
 
 
@@ -35,7 +36,7 @@ class HfSource:
 
     def __init__(self, config: HfSourceConfig, field: str) -> None:
         self.config = config
-        self.storage = Storage()  # local files only (a save_to_disk directory, data files)
+        self.storage = Storage(config.storage_options)  # (a save_to_disk directory may be a URL)
         hf = import_datasets()
         if config.path is not None:
             ds, self.origin, self._files = self._from_disk(hf, config.path, field)
@@ -55,6 +56,8 @@ class HfSource:
         self._bytes_per_row = ds.data.nbytes / max(1, self.num_rows)
 
     def _from_disk(self, hf: ModuleType, path: str, field: str) -> tuple[Any, str, list[str]]:
+        if is_url(path):
+            return self._from_store(hf, path.rstrip("/"), field)
         path = os.path.abspath(os.path.expanduser(path))
         if not os.path.isdir(path):
             raise ConfigError(f"{field}.path: {path} is not a directory written by save_to_disk")
@@ -69,6 +72,26 @@ class HfSource:
             ds = ds[self.config.split]
         files = sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names)
         return ds, path, files
+
+    def _from_store(self, hf: ModuleType, url: str, field: str) -> tuple[Any, str, list[str]]:
+        """A ``save_to_disk`` directory in an object store: its objects listed once (their sizes
+        and ETags are its content identity), then loaded by ``datasets`` (which copies the Arrow
+        files to a local temporary directory and maps them)."""
+        try:
+            files = self.storage.glob(f"{url}/**", [])
+        except Exception as err:  # noqa: BLE001 - the store's client errors (denied, no bucket, ...)
+            raise ConfigError(f"{field}.path: cannot list {url}: {type(err).__name__}: {err}") from None
+        if not any(f.endswith("/dataset_info.json") or f.endswith("/dataset_dict.json") for f in files):
+            raise ConfigError(f"{field}.path: {url} is not a directory written by save_to_disk")
+        try:
+            ds = hf.load_from_disk(url, storage_options=self.config.storage_options)
+        except Exception as err:  # noqa: BLE001
+            raise ConfigError(f"{field}.path: cannot load {url}: {type(err).__name__}: {err}") from None
+        if isinstance(ds, hf.DatasetDict):
+            if self.config.split not in ds:
+                raise ConfigError(f"{field}.split: {url} has no split {self.config.split!r} (it has: {', '.join(ds)})")
+            ds = ds[self.config.split]
+        return ds, url, files
 
     def shards(self) -> list[ShardSpec]:
         step = self.config.rows_per_shard
