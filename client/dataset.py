@@ -27,6 +27,9 @@ __all__ = ["DEFAULT_FIELDS", "FIELDS", "DatasetInfo", "StreamingDataset"]
 #: eos_id, pad_id, tokenizer, num_shards, total_tokens, fingerprint, sources, ...).
 DatasetInfo = pb.DatasetInfo
 
+#: The largest answer ``tokenizer_files()`` accepts (a large vocabulary's tokenizer.json is about 10 MB).
+TOKENIZER_MESSAGE_BYTES = 256 << 20
+
 #: Key under which each batch carries its state when iterated by a ``StreamingDataLoader``.
 STATE_KEY = "_tokenfeed_state"
 #: Key of a message still in its wire form: a worker of a ``StreamingDataLoader`` sends each
@@ -282,6 +285,18 @@ class StreamingDataset(IterableDataset):
         """The server's description of this dataset (vocabulary size, EOS/PAD ids, shards); waits up
         to ``timeout`` seconds for the server to answer."""
         return self._channel.describe(self.identity.dataset, timeout=timeout).datasets[0]
+
+    def tokenizer_files(self, timeout: float = 60.0) -> dict[str, bytes]:
+        """The files of the tokenizer this dataset's ids come from (name -> contents; none for the byte
+        tokenizer), to keep with a model trained on it. One call on a channel of its own, whose
+        message limit fits a large tokenizer.json (the batch channel's is sized for batches)."""
+        replica = self._replicas.current
+        channel = self._connect(replica.target, server_name=replica.host, max_message_bytes=TOKENIZER_MESSAGE_BYTES)
+        try:
+            info = channel.describe(self.identity.dataset, timeout=timeout, tokenizer_files=True).datasets[0]
+        finally:
+            channel.close()
+        return {f.name: f.data for f in info.tokenizer_files}
 
     def describe_server(self, timeout: float = 30.0) -> pb.DescribeResponse:
         """The server's whole answer about this dataset: its description (``datasets[0]``) and the

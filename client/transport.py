@@ -195,10 +195,10 @@ class Channel:
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_pid": None, "_channel": None, "_stub": None}
 
-    def describe(self, dataset: str = "", timeout: float = 30.0) -> pb.DescribeResponse:
+    def describe(self, dataset: str = "", timeout: float = 30.0, tokenizer_files: bool = False) -> pb.DescribeResponse:
         try:
-            return self.stub.Describe(pb.DescribeRequest(dataset=dataset), timeout=timeout, wait_for_ready=True,
-                                      metadata=self.metadata)
+            return self.stub.Describe(pb.DescribeRequest(dataset=dataset, tokenizer_files=tokenizer_files),
+                                      timeout=timeout, wait_for_ready=True, metadata=self.metadata)
         except grpc.RpcError as err:
             raise from_rpc_error(err, self.address) from None
 

@@ -1,5 +1,5 @@
 """The ``data-server`` command line: ``serve`` a config (or the embedded stdlib corpus), ``prepare``
-a dataset into token shards, ``tokenizer train`` a BPE on a dataset."""
+a dataset into token shards, ``tokenizer train`` a BPE or SentencePiece model on a dataset."""
 
 from __future__ import annotations
 
@@ -66,12 +66,17 @@ def _add_offline_parsers(sub: argparse._SubParsersAction) -> None:
     prep.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
     tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="tokenizer_command",
                                                                             required=True)
-    train = tok.add_parser("train", help="train a byte-level BPE tokenizer.json on a dataset (offline)")
+    train = tok.add_parser("train", help="train a tokenizer on a dataset (offline): a byte-level BPE "
+                           "tokenizer.json, or a SentencePiece model")
+    train.add_argument("--type", choices=("bpe", "sentencepiece"), default="bpe",
+                       help="bpe: a tokenizer.json (tokenizer type hf); sentencepiece: a .model (type sentencepiece)")
     train.add_argument("--config", help="YAML config; default: the embedded `stdlib` dataset")
     train.add_argument("--dataset", required=True, help="name of the dataset in the config")
     train.add_argument("--vocab-size", type=int, required=True, help="vocabulary size, specials included")
-    train.add_argument("--out", required=True, help="tokenizer.json to write")
-    train.add_argument("--min-frequency", type=int, default=2, help="least count of a merged pair")
+    train.add_argument("--out", required=True, help="file to write: tokenizer.json (bpe) or NAME.model (sentencepiece)")
+    train.add_argument("--min-frequency", type=int, default=2, help="least count of a merged pair (bpe)")
+    train.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe",
+                       help="SentencePiece's algorithm (sentencepiece)")
     train.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
 
 
@@ -90,7 +95,7 @@ def _json_object(text: str | None, flag: str) -> dict | None:
 
 def _run_offline(args: argparse.Namespace, config: Config) -> int:
     """``prepare`` and ``tokenizer train``: no gRPC involved."""
-    from server.prepare import prepare, train_tokenizer
+    from server.prepare import prepare, train_sentencepiece, train_tokenizer
 
     if args.command == "prepare":
         if args.workers is not None and args.workers < 1:
@@ -114,7 +119,10 @@ def _run_offline(args: argparse.Namespace, config: Config) -> int:
             print(f"data-server: prepared {result.shards_done} shard(s) of {result.shards_total}; "
                   "run the same command again to continue", file=sys.stderr)
         return 0
-    train_tokenizer(config, args.dataset, args.vocab_size, args.out, min_frequency=args.min_frequency)
+    if args.type == "sentencepiece":
+        train_sentencepiece(config, args.dataset, args.vocab_size, args.out, model_type=args.model_type)
+    else:
+        train_tokenizer(config, args.dataset, args.vocab_size, args.out, min_frequency=args.min_frequency)
     return 0
 
 

@@ -53,8 +53,17 @@ class TransformersTokenizerConfig(_SpecialTokens):
     path: str = Field(min_length=1, description="Directory written by ``save_pretrained``.")
 
 
+class SentencePieceTokenizerConfig(_SpecialTokens):
+    """A local SentencePiece model (the ``sentencepiece`` package); the model's own EOS/PAD/BOS pieces
+    are used unless named here, and specials it lacks become extra ids past its vocabulary."""
+
+    type: Literal["sentencepiece"]
+    path: str = Field(min_length=1, description="Path of the SentencePiece model file (``*.model``).")
+
+
 TokenizerConfig = Annotated[
-    Union[ByteTokenizerConfig, HfTokenizerConfig, TransformersTokenizerConfig], Field(discriminator="type")
+    Union[ByteTokenizerConfig, HfTokenizerConfig, TransformersTokenizerConfig, SentencePieceTokenizerConfig],
+    Field(discriminator="type"),
 ]
 
 

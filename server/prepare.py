@@ -3,6 +3,7 @@ cores) and ``train_tokenizer`` (a byte-level BPE ``tokenizer.json`` trained on a
 
 from __future__ import annotations
 
+import io
 import logging
 import multiprocessing
 import os
@@ -12,7 +13,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any
 
-from server.config import Config, DatasetConfig, HfTokenizerConfig, TokensSourceConfig
+from server.config import Config, DatasetConfig, HfTokenizerConfig, SentencePieceTokenizerConfig, TokensSourceConfig
 from server.stages.dataset import Dataset
 from server.errors import ConfigError
 from server.prepare_out import OutDir
@@ -192,8 +193,9 @@ def _finish(out: OutDir, ds: Dataset, plan: dict, done: dict[int, dict]) -> None
     shards = [{k: v for k, v in done[i].items() if k != "index"} for i in range(ds.num_shards)]
     tokenizer_file = None
     tok_config = ds.config.tokenizer
-    if isinstance(tok_config, HfTokenizerConfig):  # keep a copy so the directory decodes on its own
-        tokenizer_file = "tokenizer.json"
+    if isinstance(tok_config, (HfTokenizerConfig, SentencePieceTokenizerConfig)):  # keep a copy so the
+        tokenizer_file = os.path.basename(tok_config.path) if isinstance(tok_config, SentencePieceTokenizerConfig) \
+            else "tokenizer.json"                                                      # directory decodes on its own
         with open(os.path.expanduser(tok_config.path), "rb") as f:
             out.write_bytes(tokenizer_file, f.read())
     bad: dict[str, int] = {}
@@ -240,6 +242,28 @@ class _Meter:
                  self.bytes / 1e6, dt, self.bytes / 1e6 / dt, self.tokens / 1e6, self.tokens / 1e6 / dt)
 
 
+def _training_texts(config: Config, name: str, bad: BadRecords, stats: dict[str, int]) -> Iterator[list[str]]:
+    """The documents of dataset ``name``, shard by shard, counted into ``stats`` (docs, chars)."""
+    ds_config = dataset_config(config, name)
+    if isinstance(ds_config.source, TokensSourceConfig):
+        raise ConfigError(f"datasets.{name}.source: tokens carry no text to train a tokenizer on")
+    # Only the source: the dataset's own tokenizer may be the file this run is about to write.
+    assert ds_config.source is not None  # (dataset_config refuses mixtures)
+    source = build_source(ds_config.source, f"datasets.{name}.source")  # (config errors now, not mid-training)
+
+    def texts() -> Iterator[list[str]]:
+        for shard in source.shards():
+            try:
+                docs = source.read_shard(shard, bad)
+            except BrokenShard as err:  # content: skipped (an I/O error stops the run, to be rerun)
+                bad.add("broken_shard", sample=f"{shard.name}: {err}")
+                continue
+            stats["docs"] += len(docs)
+            stats["chars"] += sum(len(d) for d in docs)
+            yield docs
+    return texts()
+
+
 def train_tokenizer(config: Config, name: str, vocab_size: int, out: str, *, min_frequency: int = 2,
                     special_tokens: tuple[str, ...] = ("<|endoftext|>", "<|pad|>")) -> dict:
     """Train a byte-level BPE on dataset ``name`` (offline) and write ``out`` (a tokenizer.json).
@@ -255,23 +279,9 @@ def train_tokenizer(config: Config, name: str, vocab_size: int, out: str, *, min
     if vocab_size < 256 + len(special_tokens):
         raise ConfigError(f"--vocab-size: must be at least {256 + len(special_tokens)} (256 bytes + "
                           f"{len(special_tokens)} special tokens), got {vocab_size}")
-    # Only the source: the dataset's own tokenizer may be the file this run is about to write.
-    assert ds_config.source is not None  # (dataset_config refuses mixtures)
-    source = build_source(ds_config.source, f"datasets.{name}.source")
     bad = BadRecords()
     stats = {"docs": 0, "chars": 0}
-
-    def texts() -> Iterator[list[str]]:
-        for shard in source.shards():
-            try:
-                docs = source.read_shard(shard, bad)
-            except BrokenShard as err:  # content: skipped (an I/O error stops the run, to be rerun)
-                bad.add("broken_shard", sample=f"{shard.name}: {err}")
-                continue
-            stats["docs"] += len(docs)
-            stats["chars"] += sum(len(d) for d in docs)
-            yield docs
-
+    texts = _training_texts(config, name, bad, stats)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -279,7 +289,7 @@ def train_tokenizer(config: Config, name: str, vocab_size: int, out: str, *, min
                                   special_tokens=list(special_tokens),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     t0 = time.perf_counter()
-    tok.train_from_iterator(texts(), trainer=trainer)
+    tok.train_from_iterator(texts, trainer=trainer)
     seconds = time.perf_counter() - t0
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = f"{out}.tmp"
@@ -292,4 +302,53 @@ def train_tokenizer(config: Config, name: str, vocab_size: int, out: str, *, min
                     result["vocab_size"], vocab_size)
     log.info("trained a byte-level BPE of %d tokens on %d documents (%.1f M chars) of %r in %.1f s -> %s",
              result["vocab_size"], stats["docs"], stats["chars"] / 1e6, name, seconds, out)
+    return result
+
+
+#: SentencePiece's own specials, declared in the model (the ``sentencepiece`` tokenizer finds EOS and PAD there).
+SP_SPECIALS: dict[str, Any] = {"unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": 3, "unk_piece": "<unk>",
+                               "bos_piece": "<s>", "eos_piece": "</s>", "pad_piece": "<pad>"}
+#: Lines SentencePiece samples from the corpus: it holds them all in memory while training.
+SP_MAX_SENTENCES = 2_000_000
+
+
+def train_sentencepiece(config: Config, name: str, vocab_size: int, out: str, *, model_type: str = "bpe") -> dict:
+    """Train a SentencePiece model (``bpe`` or ``unigram``) on dataset ``name`` and write ``out`` (a .model).
+
+    Lossless: no normalization, whitespace kept as is, newline a piece of its own and byte fallback for
+    characters outside the vocabulary, so decoding gives back the exact text. Returns figures of the run.
+    """
+    import sentencepiece
+
+    if model_type not in ("bpe", "unigram"):
+        raise ConfigError(f"--model-type: must be bpe or unigram, got {model_type!r}")
+    required = 256 + 4 + 1  # byte pieces, the 4 specials, the newline
+    if vocab_size <= required:
+        raise ConfigError(f"--vocab-size: must be more than {required} (256 byte pieces + 4 specials + newline), "
+                          f"got {vocab_size}")
+    bad = BadRecords()
+    stats = {"docs": 0, "chars": 0}
+    # SentencePiece reads sentences: each document's lines (the newline itself is a user-defined piece).
+    texts = _training_texts(config, name, bad, stats)
+    lines = (line for docs in texts for doc in docs for line in doc.split("\n") if line)
+    model = io.BytesIO()
+    t0 = time.perf_counter()
+    try:
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=lines, model_writer=model, vocab_size=vocab_size, model_type=model_type,
+            normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+            byte_fallback=True, allow_whitespace_only_pieces=True, character_coverage=1.0,
+            user_defined_symbols=["\n"], input_sentence_size=SP_MAX_SENTENCES, shuffle_input_sentence=True,
+            num_threads=os.cpu_count() or 1, minloglevel=2, **SP_SPECIALS)
+    except RuntimeError as err:  # e.g. "Vocabulary size too high" for a small corpus
+        raise ConfigError(f"--vocab-size: SentencePiece cannot train {vocab_size} pieces on {name!r}: {err}") from None
+    seconds = time.perf_counter() - t0
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = f"{out}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(model.getvalue())
+    os.replace(tmp, out)
+    result: dict[str, Any] = {**stats, "vocab_size": vocab_size, "seconds": round(seconds, 2), "bad": bad.snapshot()}
+    log.info("trained a SentencePiece %s of %d pieces on %d documents (%.1f M chars) of %r in %.1f s -> %s",
+             model_type, vocab_size, stats["docs"], stats["chars"] / 1e6, name, seconds, out)
     return result

@@ -150,8 +150,9 @@ def test_wandb_offline_logs_steps_and_the_model_and_a_resume_continues_the_run(
     # one rank: only rank 0 talks to the tracker (the MLflow tests run 2 ranks); saves two launchers' start-up
     train(1, server, run_dir, "--max-steps", "4", *common)
     run_id = run_id_of(run_dir, "wandb")
-    (run_dir / "COMPLETE").unlink()  # train the finished run further: the same tracker run continues
-    train(1, server, run_dir, "--max-steps", "6", *common)
+    # a larger --max-steps extends the finished run: the same tracker run continues
+    out = train(1, server, run_dir, "--max-steps", "6", *common)
+    assert "extending run" in out and "resumed from checkpoint step 4" in out
     assert run_id_of(run_dir, "wandb") == run_id
 
     files = sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))

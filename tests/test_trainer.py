@@ -127,7 +127,7 @@ def test_two_ranks_learn_log_and_export_the_best(reference: tuple[Path, str], se
 def test_a_finished_run_exits_at_once(reference: tuple[Path, str], server: str) -> None:
     run_dir, _ = reference
     before = (run_dir / "metrics.jsonl").read_text()
-    out = train(1, server, run_dir, "--max-steps", "20")
+    out = train(1, server, run_dir, "--max-steps", "12")  # (a larger one extends it: tests/test_extend_run.py)
     assert "already finished" in out and "nothing to do" in out
     assert (run_dir / "metrics.jsonl").read_text() == before
 

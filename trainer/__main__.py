@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from trainer.config import ConfigError, TrainConfig, build_config, parse_overrides
-from trainer.marker import MARKER, finished
+from trainer.marker import finished
 
 log = logging.getLogger("trainer")
 
@@ -29,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed of the model init and the data order")
     p.add_argument("--resume", action="store_true", help="require a checkpoint to resume from (without it a "
                    "run resumes from its run directory when one is there, else starts fresh)")
+    p.add_argument("--force-continue", action="store_true", help="train an early-stopped run further (up to "
+                   "--max-steps); a run that ended at max_steps goes on by itself when launched with a larger one")
     p.add_argument("overrides", nargs="*", metavar="section.field=value")
     return p
 
@@ -50,6 +52,12 @@ def _flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def load(argv: list[str]) -> tuple[TrainConfig, bool]:
     """The validated config and the ``--resume`` flag from a command line."""
+    cfg, resume, _ = load_launch(argv)
+    return cfg, resume
+
+
+def load_launch(argv: list[str]) -> tuple[TrainConfig, bool, bool]:
+    """The validated config and the ``--resume`` and ``--force-continue`` flags from a command line."""
     args = _parser().parse_intermixed_args(argv)
     overrides = parse_overrides(args.overrides)
     for section, value in _flag_overrides(args).items():
@@ -57,7 +65,16 @@ def load(argv: list[str]) -> tuple[TrainConfig, bool]:
             overrides[section] = {**overrides.get(section, {}), **value}
         else:
             overrides[section] = value
-    return build_config(args.config, overrides), args.resume
+    return build_config(args.config, overrides), args.resume, args.force_continue
+
+
+def extends(done: dict[str, Any], cfg: TrainConfig, force_continue: bool) -> bool:
+    """Whether a launch trains the finished run ``done`` (its ``COMPLETE`` marker) further: it asks for more
+    steps than the run made, and the run ended at max_steps, or stopped early and ``--force-continue`` is given."""
+    step = done.get("step")
+    if not isinstance(step, int) or cfg.max_steps <= step:
+        return False
+    return done.get("reason") == "max_steps" or (done.get("reason") == "early_stop" and force_continue)
 
 
 def _setup_logging() -> None:
@@ -70,18 +87,24 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code (2: bad config, 1: failure, 0: done)."""
     _setup_logging()
     try:
-        cfg, require_resume = load(sys.argv[1:] if argv is None else argv)
+        cfg, require_resume, force_continue = load_launch(sys.argv[1:] if argv is None else argv)
     except ConfigError as err:
         print(f"tokenfeed-train: {err}", file=sys.stderr)
         return 2
     done = finished(cfg.run_dir)
-    if done is not None:
+    extend = done is not None and extends(done, cfg, force_continue)
+    if done is not None and not extend:
         tracked = done.get("tracking") or {}
         uploaded = f", uploaded as {tracked.get('artifact')}" if tracked.get("uploaded") else ""
-        log.info("run %s already finished (%s at step %s; final model %s%s): nothing to do. Delete %s to "
-                 "train it further.", cfg.run_dir, done.get("reason"), done.get("step"), done.get("final_model"),
-                 uploaded, cfg.run_dir / MARKER)
+        further = ("--force-continue and a --max-steps above its step" if done.get("reason") == "early_stop"
+                   else "a --max-steps above its step")
+        log.info("run %s already finished (%s at step %s; final model %s%s): nothing to do. Launch it with %s "
+                 "to train it further.", cfg.run_dir, done.get("reason"), done.get("step"), done.get("final_model"),
+                 uploaded, further)
         return 0
+    if done is not None:
+        log.info("extending run %s (%s at step %s) to step %d: it continues from its last checkpoint", cfg.run_dir,
+                 done.get("reason"), done.get("step"), cfg.max_steps)
     # torch is imported only now: --help, config errors and finished runs answer at once
     from trainer.checkpoint import CheckpointError, CheckpointMismatch
     from trainer.data import DataUnavailable, describe
@@ -92,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         served = describe(cfg, rank, world)  # before joining the job: an unreachable server fails fast
-        code = Trainer(cfg, init_distributed(), served).run(require_resume)
+        code = Trainer(cfg, init_distributed(), served).run(require_resume or extend, force_continue)
         # Only after a clean run: a rank that failed must not wait in a teardown collective for the
         # others (torchrun stops them). The Trainer is gone by now, so the process group's
         # resources are released while the interpreter is fully alive.

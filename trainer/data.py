@@ -61,6 +61,22 @@ def describe(cfg: TrainConfig, rank: int, world_size: int) -> Described:
     return info
 
 
+def tokenizer_files(cfg: TrainConfig) -> dict[str, bytes]:
+    """The files of the training dataset's tokenizer, as the server sends them (none for the byte tokenizer).
+
+    Raises:
+        DataUnavailable: no answer within ``data.reconnect_deadline_s``.
+    """
+    ds = _dataset(cfg, cfg.data.dataset, cfg.seed, 0, 1)
+    try:
+        return ds.tokenizer_files(timeout=cfg.data.reconnect_deadline_s)
+    except TokenfeedError as err:
+        raise DataUnavailable(f"cannot fetch the tokenizer of {cfg.data.dataset!r} from the tokenfeed server at "
+                              f"{ds.address} (data.address): {err}") from None
+    finally:
+        ds.close()
+
+
 def train_loader(cfg: TrainConfig, rank: int, world_size: int) -> StreamingDataLoader:
     """This rank's training batches (global batches ``rank, rank + W, ...``), resumable per rank."""
     ds = _dataset(cfg, cfg.data.dataset, cfg.seed, rank, world_size)

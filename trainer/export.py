@@ -20,7 +20,8 @@ MODEL_FILE = "model.pt"
 CONFIG_FILE = "config.json"
 
 
-def export(checkpoint: Path, out: Path, model_cfg: ModelConfig, meta: dict[str, Any]) -> Path:
+def export(checkpoint: Path, out: Path, model_cfg: ModelConfig, meta: dict[str, Any],
+           tokenizer: Path | None = None) -> Path:
     """Consolidate the model of ``checkpoint`` (any world size) into ``out/model.pt`` on this process.
 
     Needs no process group: one rank calls it. ``out`` appears only when complete (rename).
@@ -30,6 +31,7 @@ def export(checkpoint: Path, out: Path, model_cfg: ModelConfig, meta: dict[str, 
         out: the directory to create (replaced if it exists).
         model_cfg: the model's shape.
         meta: must hold ``vocab_size``; also recorded: tokenizer ids, step, eval loss, ...
+        tokenizer: the data's tokenizer file (``trainer.tokenizer``), copied beside the model.
     """
     with torch.device("meta"):
         model = GPT(model_cfg, int(meta["vocab_size"]))
@@ -37,15 +39,20 @@ def export(checkpoint: Path, out: Path, model_cfg: ModelConfig, meta: dict[str, 
     with warnings.catch_warnings():  # "torch.distributed ... assuming a single process": that is the intent
         warnings.simplefilter("ignore", UserWarning)
         dcp.load({"model": state}, checkpoint_id=checkpoint, no_dist=True)
-    return write_export(out, state, model_cfg, {**meta, "checkpoint": str(checkpoint)})
+    return write_export(out, state, model_cfg, {**meta, "checkpoint": str(checkpoint)}, tokenizer)
 
 
-def write_export(out: Path, state: dict[str, torch.Tensor], model_cfg: ModelConfig, meta: dict[str, Any]) -> Path:
-    """Write ``out/model.pt`` (weights + config) and ``out/config.json``; ``out`` appears by rename."""
-    config = {"format": FORMAT, "model": model_cfg.model_dump(), **meta}
+def write_export(out: Path, state: dict[str, torch.Tensor], model_cfg: ModelConfig, meta: dict[str, Any],
+                 tokenizer: Path | None = None) -> Path:
+    """Write ``out/model.pt`` (weights + config), ``out/config.json`` and the ``tokenizer`` file (its
+    name is recorded as ``tokenizer_file``); ``out`` appears by rename."""
+    config = {"format": FORMAT, "model": model_cfg.model_dump(), **meta,
+              "tokenizer_file": tokenizer.name if tokenizer is not None else None}
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, tmp / tokenizer.name)
     torch.save({"format": FORMAT, "config": config, "model": state}, tmp / MODEL_FILE)
     (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1))
     if out.exists() or out.is_symlink():

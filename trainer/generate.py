@@ -1,4 +1,5 @@
-"""``python -m trainer.generate``: sample text from an exported model with the byte tokenizer."""
+"""``python -m trainer.generate``: sample text from an exported model, with the tokenizer its data was made
+with (kept in the export: the byte tokenizer, a tokenizer.json or a SentencePiece model)."""
 
 from __future__ import annotations
 
@@ -11,18 +12,19 @@ import torch
 from trainer.export import load_exported
 from trainer.model import GPT
 from trainer.remote import default_cache, resolve
+from trainer.tokenizer import BYTE_VOCAB, ByteCodec, load_codec
 
-BYTE_VOCAB = 258  # ids 0-255 are bytes, 256 EOS, 257 PAD (DESIGN.md contract 1)
+__all__ = ["BYTE_VOCAB", "decode", "encode", "generate", "main", "sample_next"]
 
 
 def encode(text: str) -> list[int]:
     """The server's byte tokenization of ``text``: its UTF-8 bytes (no EOS: the document goes on)."""
-    return list(text.encode("utf-8"))
+    return ByteCodec().encode(text)
 
 
 def decode(ids: list[int]) -> str:
     """Text of byte ids; ids outside 0-255 are dropped, broken UTF-8 becomes U+FFFD."""
-    return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+    return ByteCodec().decode(ids)
 
 
 def sample_next(logits: torch.Tensor, top_k: int = 0, temperature: float = 1.0,
@@ -74,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
                    "mlflow:runs:/RUN_ID/model (fetched once into --cache-dir)")
     p.add_argument("--tracking-uri", help="MLflow tracking server for mlflow: models (default: MLFLOW_TRACKING_URI)")
     p.add_argument("--cache-dir", type=Path, default=None, help=f"fetched models (default: {default_cache()})")
-    p.add_argument("--prompt", default="", help="text to continue (UTF-8 bytes, truncated to the context)")
+    p.add_argument("--prompt", default="", help="text to continue (encoded with the model's tokenizer, "
+                   "truncated to the context)")
     p.add_argument("--max-new-tokens", type=int, default=200, help="stop after this many tokens (or at EOS)")
     p.add_argument("--greedy", action="store_true", help="argmax decoding (same as --top-k 1)")
     p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens; 0 = all")
@@ -83,19 +86,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     try:
-        model, config = load_exported(resolve(args.model, args.cache_dir, args.tracking_uri), args.device)
-        if config.get("tokenizer", "byte") != "byte" or config["vocab_size"] != BYTE_VOCAB:
-            raise ValueError(f"{args.model} was trained with tokenizer {config.get('tokenizer')!r} (vocabulary "
-                             f"{config['vocab_size']}); generation supports the byte tokenizer only")
+        path = resolve(args.model, args.cache_dir, args.tracking_uri)
+        model, config = load_exported(path, args.device)
+        codec = load_codec(path if path.is_dir() else path.parent, config)
         if args.max_new_tokens < 0:
             raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
         top_k = 1 if args.greedy else args.top_k
-        new = generate(model, encode(args.prompt), args.max_new_tokens, top_k=top_k,
+        new = generate(model, codec.encode(args.prompt), args.max_new_tokens, top_k=top_k,
                        temperature=args.temperature, seed=args.seed, eos_id=config.get("eos_id"))
     except ValueError as err:
         print(f"generate: {err}", file=sys.stderr)
         return 2
-    sys.stdout.write(args.prompt + decode(new) + "\n")
+    sys.stdout.write(args.prompt + codec.decode(new) + "\n")
     return 0
 
 

@@ -22,13 +22,14 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from trainer import checkpoint
 from trainer.config import TrainConfig, to_yaml
-from trainer.data import Described, batch_hash, eval_batches, train_loader
-from trainer.export import export
+from trainer.data import Described, batch_hash, eval_batches, tokenizer_files, train_loader
+from trainer.export import CONFIG_FILE, MODEL_FILE, export
 from trainer.marker import MARKER
 from trainer.metrics import MetricsLog, TrainerMetrics, rewind
 from trainer.model import GPT, build_model, shape_of
 from trainer.parallelize import Runtime, autocast, shard_model
 from trainer.provenance import run_metadata
+from trainer.tokenizer import save_run_tokenizer
 from trainer.tracking import TrackedRun, TrackingError
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,9 @@ class Trainer:
         #: what made this run's checkpoints (saved in each manifest, the export and the tracker)
         self.provenance = run_metadata(rt.world_size, info, served.server_version)
         self.meta = {"vocab_size": info.vocab_size, "eos_id": info.eos_id, "pad_id": info.pad_id,
-                     "tokenizer": info.tokenizer, "dataset": cfg.data.dataset, "metadata": self.provenance}
+                     "bos_id": info.bos_id, "tokenizer": info.tokenizer, "dataset": cfg.data.dataset,
+                     "metadata": self.provenance}
+        self.tokenizer_file: Path | None = None  # the data's tokenizer, kept with the export (rank 0)
         self.shape = shape_of(cfg.model, info.vocab_size)
         self.model = shard_model(build_model(cfg.model, info.vocab_size, cfg.seed, rt.device), rt.mesh)
         self.optimizer = _optimizer(self.model, cfg)
@@ -97,14 +100,19 @@ class Trainer:
         self.tracking: TrackedRun | None = None
 
     # ---- the run -------------------------------------------------------------------------
-    def run(self, require_resume: bool = False) -> int:
-        """Resume if the run directory has a checkpoint, train to the end, export; 0 on success."""
+    def run(self, require_resume: bool = False, force_continue: bool = False) -> int:
+        """Resume if the run directory has a checkpoint, train to the end, export; 0 on success.
+
+        ``force_continue``: a run that stopped early trains on (its patience counted afresh)."""
         code = 1
         try:
             if self.rt.is_main:
                 self.cfg.run_dir.mkdir(parents=True, exist_ok=True)
                 (self.cfg.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+                self.tokenizer_file = save_run_tokenizer(self.cfg.run_dir, str(self.meta["tokenizer"]),
+                                                         partial(tokenizer_files, self.cfg))
             self._resume(require_resume)
+            self._reopen(force_continue)
             self._open_tracking()
             if self.rt.is_main:
                 self.jsonl = MetricsLog(self.cfg.run_dir / "metrics.jsonl")
@@ -284,6 +292,16 @@ class Trainer:
                      loop["world_size"], self.rt.world_size, step + 1,
                      f"; dropped {dropped} metrics lines of redone steps" if dropped else "")
 
+    def _reopen(self, force_continue: bool) -> None:
+        """A finished run launched to go further (``__main__.extends``): no longer complete."""
+        s = self.state
+        if force_continue and s.stop_reason is not None and s.step < self.cfg.max_steps:
+            log.info("--force-continue: the run stopped early at step %d; training on to step %d", s.step,
+                     self.cfg.max_steps)
+            s.stop_reason, s.bad_evals = None, 0
+        if self.rt.is_main and s.stop_reason is None and s.step < self.cfg.max_steps:
+            (self.cfg.run_dir / MARKER).unlink(missing_ok=True)  # a kill from now on leaves a run to resume
+
     # ---- reporting and the end -----------------------------------------------------------
     def _report(self, record: dict[str, Any]) -> None:
         if not self.rt.is_main:
@@ -311,7 +329,7 @@ class Trainer:
         chosen = s.best_step if s.best_step is not None else s.step
         meta = {**self.meta, "step": chosen, "eval_loss": s.best_eval}
         try:
-            path = export(checkpoint.step_dir(self.ckpt_root, chosen), run_dir / "final", self.cfg.model, meta)
+            path = self._export(chosen, meta)
         except Exception as err:  # noqa: BLE001 -- any failure keeps every checkpoint
             log.error("exporting checkpoint step %d failed (%s: %s); every checkpoint is kept, relaunch to retry",
                       chosen, type(err).__name__, err)
@@ -330,6 +348,16 @@ class Trainer:
         log.info("run complete (%s at step %d): exported step %d to %s; removed checkpoints %s",
                  marker["reason"], s.step, chosen, path, removed or "none")
         return True
+
+    def _export(self, step: int, meta: dict[str, Any]) -> Path:
+        """Export checkpoint ``step`` to ``final/``; an extended run whose best is still the step an earlier
+        finish exported keeps that export (that finish removed its checkpoint once it was exported)."""
+        final, ckpt = self.cfg.run_dir / "final", checkpoint.step_dir(self.ckpt_root, step)
+        if not ckpt.exists() and (final / CONFIG_FILE).is_file():
+            if json.loads((final / CONFIG_FILE).read_text()).get("step") == step:
+                log.info("the best checkpoint (step %d) is the one exported before; keeping %s", step, final)
+                return final / MODEL_FILE
+        return export(ckpt, final, self.cfg.model, meta, self.tokenizer_file)
 
     def _upload(self, directory: Path, meta: dict[str, Any]) -> dict[str, Any] | None:
         """Upload the export as the tracker run's model: what ``COMPLETE`` records, or None when it failed."""

@@ -5,6 +5,8 @@ becomes a ``BatchChunk``'s bytes, a ``Locator`` a ``Cursor`` and back, a served 
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Mapping
 
 import numpy as np
@@ -13,6 +15,8 @@ from server.config import ServerSettings
 from server.errors import FailedPrecondition, InvalidArgument, NotFound
 from server.stages.order import Locator
 from server.stages.served import Served
+from server.stages.sources.tokens import MANIFEST, TokensSource
+from server.stages.storage import is_url
 from server.stream.params import Chunk, MessageSpace, StreamParams
 from tokenfeed import wire
 from tokenfeed.v1 import tokenfeed_pb2 as pb
@@ -142,6 +146,34 @@ def dataset_info(ds: Served, settings: ServerSettings) -> pb.DatasetInfo:
     shards = [pb.ShardInfo(**s) for s in d.pop("shards")]
     return pb.DatasetInfo(**d, shards=shards, dtype=wire.dtype_enum(ds.dtype), max_seq_len=settings.max_seq_len,
                           max_batch_size=settings.max_batch_size, sources=[pb.SourceInfo(**x) for x in ds.sources()])
+
+
+def tokenizer_files(ds: Served, settings: ServerSettings) -> list[pb.TokenizerFile]:
+    """The files of the tokenizer a dataset's ids come from, for a trainer to keep with its model: those
+    the tokenizer was built from, or a prepared directory's copy; none for the byte tokenizer (or a
+    prepared directory that kept none). Blocking reads: call it off the event loop.
+
+    Raises:
+        FailedPrecondition: the files do not fit in one message (``server.max_message_bytes``).
+    """
+    plain = ds.parts[0]  # a mixture's components share one tokenizer
+    if plain.tokenizer is not None:
+        paths = list(plain.tokenizer.files)
+    elif isinstance(plain.source, TokensSource) and not is_url(plain.source.path):
+        with open(os.path.join(plain.source.path, MANIFEST)) as f:
+            kept = json.load(f).get("tokenizer_file")
+        paths = [os.path.join(plain.source.path, kept)] if kept else []
+    else:  # a prepared directory in an object store: not fetched here
+        paths = []
+    size = sum(os.path.getsize(p) for p in paths)
+    if size + 65536 > settings.max_message_bytes:
+        raise FailedPrecondition(f"dataset {ds.name!r}: its tokenizer's files ({size} bytes) do not fit in one "
+                                 f"message (server.max_message_bytes = {int(settings.max_message_bytes)}); raise it")
+    files = []
+    for path in paths:
+        with open(path, "rb") as f:
+            files.append(pb.TokenizerFile(name=os.path.basename(path), data=f.read()))
+    return files
 
 
 class MessageBuffers:

@@ -14,7 +14,7 @@ from server import metrics
 from server.config import ServerSettings
 from server.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, TokenfeedError, Unavailable
 from server.serve.limits import Admission, Overloaded, ShuttingDown, check_request
-from server.serve.protocol import MessageBuffers, dataset_info, encode_chunk, parse_request
+from server.serve.protocol import MessageBuffers, dataset_info, encode_chunk, parse_request, tokenizer_files
 from server.serve.ring import RingWriter
 from server.stages.served import Served
 from server.stream.deal import stream_chunks
@@ -126,6 +126,16 @@ class TokenFeedService(pb_grpc.TokenFeedServicer):
                                 f"this server serves: {', '.join(sorted(self.datasets))}")
         names = [request.dataset] if request.dataset else sorted(self.datasets)
         infos = [dataset_info(self.datasets[name], self.settings) for name in names]
+        if request.tokenizer_files:
+            if not request.dataset:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "tokenizer_files: name one dataset")
+            try:
+                files = await asyncio.to_thread(tokenizer_files, self.datasets[request.dataset], self.settings)
+            except (TokenfeedError, OSError) as err:
+                code = status_of(err) if isinstance(err, TokenfeedError) else grpc.StatusCode.UNAVAILABLE
+                await context.abort(code, f"tokenizer_files: {err}")
+            else:
+                infos[0].tokenizer_files.extend(files)
         return pb.DescribeResponse(datasets=infos, server_version=SERVER_VERSION)
 
 

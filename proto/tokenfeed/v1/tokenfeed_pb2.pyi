@@ -148,10 +148,20 @@ class BatchChunk(_message.Message):
     def __init__(self, tokens: _Optional[bytes] = ..., dtype: _Optional[_Union[TokenDtype, str]] = ..., compression: _Optional[_Union[Compression, str]] = ..., num_batches: _Optional[int] = ..., rows: _Optional[int] = ..., seq_len: _Optional[int] = ..., eos_id: _Optional[int] = ..., pad_id: _Optional[int] = ..., cursors: _Optional[_Iterable[_Union[Cursor, _Mapping]]] = ..., steps: _Optional[_Iterable[int]] = ..., epochs: _Optional[_Iterable[int]] = ..., provenance: _Optional[bytes] = ..., provenance_counts: _Optional[_Iterable[int]] = ..., piece_starts: _Optional[_Iterable[int]] = ..., piece_start_counts: _Optional[_Iterable[int]] = ..., shm_slot: _Optional[int] = ...) -> None: ...
 
 class DescribeRequest(_message.Message):
-    __slots__ = ("dataset",)
+    __slots__ = ("dataset", "tokenizer_files")
     DATASET_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_FILES_FIELD_NUMBER: _ClassVar[int]
     dataset: str
-    def __init__(self, dataset: _Optional[str] = ...) -> None: ...
+    tokenizer_files: bool
+    def __init__(self, dataset: _Optional[str] = ..., tokenizer_files: _Optional[bool] = ...) -> None: ...
+
+class TokenizerFile(_message.Message):
+    __slots__ = ("name", "data")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    data: bytes
+    def __init__(self, name: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ShardInfo(_message.Message):
     __slots__ = ("name", "bytes", "documents", "tokens")
@@ -166,7 +176,7 @@ class ShardInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., bytes: _Optional[int] = ..., documents: _Optional[int] = ..., tokens: _Optional[int] = ...) -> None: ...
 
 class DatasetInfo(_message.Message):
-    __slots__ = ("name", "tokenizer", "vocab_size", "eos_id", "pad_id", "bos_id", "fingerprint", "num_shards", "documents", "tokens", "shards", "dtype", "bad_records", "max_seq_len", "max_batch_size", "sources")
+    __slots__ = ("name", "tokenizer", "vocab_size", "eos_id", "pad_id", "bos_id", "fingerprint", "num_shards", "documents", "tokens", "shards", "dtype", "bad_records", "max_seq_len", "max_batch_size", "sources", "tokenizer_files")
     class BadRecordsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -190,6 +200,7 @@ class DatasetInfo(_message.Message):
     MAX_SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     SOURCES_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_FILES_FIELD_NUMBER: _ClassVar[int]
     name: str
     tokenizer: str
     vocab_size: int
@@ -206,7 +217,8 @@ class DatasetInfo(_message.Message):
     max_seq_len: int
     max_batch_size: int
     sources: _containers.RepeatedCompositeFieldContainer[SourceInfo]
-    def __init__(self, name: _Optional[str] = ..., tokenizer: _Optional[str] = ..., vocab_size: _Optional[int] = ..., eos_id: _Optional[int] = ..., pad_id: _Optional[int] = ..., bos_id: _Optional[int] = ..., fingerprint: _Optional[str] = ..., num_shards: _Optional[int] = ..., documents: _Optional[int] = ..., tokens: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., dtype: _Optional[_Union[TokenDtype, str]] = ..., bad_records: _Optional[_Mapping[str, int]] = ..., max_seq_len: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., sources: _Optional[_Iterable[_Union[SourceInfo, _Mapping]]] = ...) -> None: ...
+    tokenizer_files: _containers.RepeatedCompositeFieldContainer[TokenizerFile]
+    def __init__(self, name: _Optional[str] = ..., tokenizer: _Optional[str] = ..., vocab_size: _Optional[int] = ..., eos_id: _Optional[int] = ..., pad_id: _Optional[int] = ..., bos_id: _Optional[int] = ..., fingerprint: _Optional[str] = ..., num_shards: _Optional[int] = ..., documents: _Optional[int] = ..., tokens: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., dtype: _Optional[_Union[TokenDtype, str]] = ..., bad_records: _Optional[_Mapping[str, int]] = ..., max_seq_len: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., sources: _Optional[_Iterable[_Union[SourceInfo, _Mapping]]] = ..., tokenizer_files: _Optional[_Iterable[_Union[TokenizerFile, _Mapping]]] = ...) -> None: ...
 
 class SourceInfo(_message.Message):
     __slots__ = ("name", "weight", "tokens", "rows_served")
