@@ -10,7 +10,7 @@ from typing import Any, cast
 import torch
 from torch.utils.data import DataLoader
 
-from client.plan import Edit
+from client.plan import Edit, Plan
 from client.dataset import RAW_KEY, STATE_KEY, StreamingDataset, expand_raw
 from tokenfeed import malloc
 
@@ -82,6 +82,11 @@ class StreamingDataLoader(DataLoader):
         dataset's own position (where it was made or loaded: current, even though workers iterate
         copies of it, which makes ``dataset.state_dict()`` refuse)."""
         return self._state if self._state is not None else self._stream._state()
+
+    @property
+    def plan(self) -> Plan:
+        """The data plan of the dataset (as loaded or edited; the workers' copies share it)."""
+        return self._stream.plan
 
     def skip_steps(self, n: int, at_step: int | None = None) -> None:
         """``StreamingDataset.skip_steps`` from this loader's position (before the next ``iter()``)."""

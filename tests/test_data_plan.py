@@ -17,6 +17,7 @@ from client import StreamingDataLoader, StreamingDataset
 from client.plan import Edit
 from client.state import STATE_VERSION
 from tests.conftest import jsonl_config, make_documents, write_jsonl
+from tests.test_trainer import checkpoints, global_hashes, metrics, run_hashes, train
 
 pytestmark = pytest.mark.integration
 
@@ -134,3 +135,32 @@ def test_a_state_without_a_plan_keeps_version_1(address, reference):
     check(take(ds2, 2), [2, 3], reference)
     ds2.skip_steps(1)
     assert ds2.state_dict()["version"] == STATE_VERSION + 1
+
+
+@pytest.mark.slow
+def test_trainer_rewinds_to_an_older_checkpoint_and_skips_once(module_servers, tmp_path):
+    """A loss spike's recipe: resume from an older checkpoint and pass over the data around the spike."""
+    server, run_dir = module_servers(None).address, tmp_path / "run"
+    common = ["--checkpoint-every", "2", "eval.every=0", "checkpoint.keep=10"]
+    train(2, server, run_dir, "--max-steps", "6", *common)
+    (run_dir / "COMPLETE").unlink()
+    out = train(2, server, run_dir, "--max-steps", "8", "--rewind-to", "2", "--skip-data-steps", "3", *common)
+    assert "resumed from checkpoint step 2" in out
+    assert sorted(int(p.name[5:]) for p in (run_dir / "checkpoints" / "rewound").glob("*/step_*")) == [4, 6]
+    assert checkpoints(run_dir) == [2, 4, 6, 8]
+    g = global_hashes(server, 26)  # 2 ranks: step t (from 1) reads global batches 2(t-1), 2(t-1)+1
+    assert run_hashes(metrics(run_dir)) == g[:4] + g[10:22]  # steps 3.. read what steps 6.. would have
+    # the same command again (a requeue): no second rewind, no second skip
+    (run_dir / "COMPLETE").unlink()
+    out = train(2, server, run_dir, "--max-steps", "10", "--rewind-to", "2", "--skip-data-steps", "3", *common)
+    assert "resumed from checkpoint step 8" in out and "set aside" not in out
+    assert run_hashes(metrics(run_dir)) == g[:4] + g[10:26]
+    assert [r["step"] for r in metrics(run_dir)] == list(range(1, 11))
+
+
+def test_trainer_refuses_a_rewind_to_a_missing_checkpoint(module_servers, tmp_path):
+    server, run_dir = module_servers(None).address, tmp_path / "run"
+    train(1, server, run_dir, "--max-steps", "2", "--checkpoint-every", "1", "eval.every=0", "checkpoint.keep=5")
+    (run_dir / "COMPLETE").unlink()
+    out = train(1, server, run_dir, "--max-steps", "3", "--rewind-to", "7", ok=False)
+    assert "--rewind-to 7: there is no checkpoint step 7" in out and "(there are: 2, 1)" in out
