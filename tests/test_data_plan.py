@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ from client import StreamingDataLoader, StreamingDataset
 from client.plan import Edit
 from client.state import STATE_VERSION
 from tests.conftest import jsonl_config, make_documents, write_jsonl
-from tests.test_trainer import checkpoints, global_hashes, metrics, run_hashes, train
+from tests.test_trainer import ENV, ROOT, checkpoints, global_hashes, metrics, run_hashes, train
 
 pytestmark = pytest.mark.integration
 
@@ -164,3 +166,29 @@ def test_trainer_refuses_a_rewind_to_a_missing_checkpoint(module_servers, tmp_pa
     (run_dir / "COMPLETE").unlink()
     out = train(1, server, run_dir, "--max-steps", "3", "--rewind-to", "7", ok=False)
     assert "--rewind-to 7: there is no checkpoint step 7" in out and "(there are: 2, 1)" in out
+
+
+def plan_cli(*args: str, ok: bool = True) -> str:
+    proc = subprocess.run([sys.executable, "-m", "trainer.plan_cli", *args], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT, env=ENV)
+    assert (proc.returncode == 0) == ok, proc.stdout + proc.stderr
+    return proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_tokenfeed_plan_shows_and_edits_a_checkpoint_offline(module_servers, tmp_path):
+    server, run_dir = module_servers(None).address, tmp_path / "run"
+    common = ["--checkpoint-every", "2", "eval.every=0", "checkpoint.keep=10"]
+    train(1, server, run_dir, "--max-steps", "4", *common)
+    ckpt = run_dir / "checkpoints" / "step_00000002"
+    assert "training step 2, 1 ranks" in plan_cli("show", str(ckpt)) and "data plan: no edits" in plan_cli(
+        "show", str(ckpt))
+    assert "--at-step 2 is in the past" in plan_cli("skip", "--at-step", "2", "--steps", "1", str(ckpt), ok=False)
+    assert "must be 0 or more" in plan_cli("skip", "--at-step", "3", "--steps", "-1", str(ckpt), ok=False)
+    out = plan_cli("skip", "--at-step", "4", "--steps", "2", str(ckpt))
+    assert "skip 2 global steps at step 3 (added offline" in out
+    (run_dir / "COMPLETE").unlink()
+    train(1, server, run_dir, "--max-steps", "6", "--rewind-to", "2", *common)
+    g = global_hashes(server, 8)
+    assert run_hashes(metrics(run_dir)) == g[:3] + g[5:8]  # step 4 reads what step 6 would have
+    assert "skip 2 global steps at step 3 (applied)" in plan_cli("show", str(run_dir / "checkpoints" / "step_00000006"))

@@ -20,7 +20,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 
-from client.plan import Edit
+from client.plan import Edit, Plan
 from trainer import checkpoint, plan
 from trainer.config import TrainConfig, to_yaml
 from trainer.data import Described, batch_hash, eval_batches, train_loader
@@ -29,6 +29,7 @@ from trainer.marker import MARKER
 from trainer.metrics import MetricsLog, TrainerMetrics, rewind
 from trainer.model import GPT, build_model, shape_of
 from trainer.parallelize import Runtime, autocast, shard_model
+from trainer.plan_cli import offline_edits
 from trainer.plan import DataRequest, Honoured, is_repeat, last_honoured, record
 from trainer.provenance import run_metadata
 from trainer.tracking import TrackedRun, TrackingError
@@ -278,11 +279,21 @@ class Trainer:
         found = checkpoint.load_latest(self.ckpt_root, self.model, self.optimizer, self.shape, self.rt)
         if found is not None:
             self._load(*found)
+            self._apply_offline(found[0])
         elif require:
             raise ValueError(f"--resume: no valid checkpoint in {self.ckpt_root}")
         elif self.rt.is_main:
             rewind(self.cfg.run_dir / "metrics.jsonl", 0)  # a fresh start: steps of a run killed early
         self._skip_data(request, last, found[0] if found is not None else 0)
+
+    def _apply_offline(self, step: int) -> None:
+        """The edits ``tokenfeed-plan`` added beside checkpoint ``step`` (the checkpoints saved after
+        this resume carry them in the data cursors' plan)."""
+        for edit in offline_edits(checkpoint.step_dir(self.ckpt_root, step)):
+            if edit not in self.loader.plan.edits:
+                self.loader.apply(edit)
+                if self.rt.is_main:
+                    log.info("data plan: %s (added offline with tokenfeed-plan)", Plan((edit,)).describe()[0])
 
     def _skip_data(self, request: DataRequest, last: Honoured | None, step: int) -> None:
         """Apply ``--skip-data-steps`` at the resumed ``step``: a new request, or the recorded one
