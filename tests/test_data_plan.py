@@ -14,8 +14,10 @@ from typing import Any
 
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from client import StreamingDataLoader, StreamingDataset
+from client.loader import fork_safe_context
 from client.plan import Edit
 from client.state import STATE_VERSION
 from tests.conftest import jsonl_config, make_documents, write_jsonl
@@ -119,6 +121,15 @@ def test_bad_edits_are_refused_naming_the_problem(address):
         ds.skip_steps(3, at_step=2)
     with pytest.raises(ValueError, match="unknown data plan edit 'drop'"):
         ds.apply(Edit("drop", 5))
+    budget = StreamingDataset(address, "docs", seq_len=SEQ, batch_size=BATCH, seed=SEED, max_tokens=4 * SEQ)
+    budget.skip_steps(2)
+    with pytest.raises(ValueError, match="not supported with token-budget batches"):
+        next(iter(budget))
+    plain = DataLoader(StreamingDataset(address, "docs", seq_len=SEQ, batch_size=BATCH, seed=SEED), batch_size=None,
+                       num_workers=2, multiprocessing_context=fork_safe_context())
+    plain.dataset.skip_steps(2)  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="needs client.StreamingDataLoader"):
+        next(iter(plain))
     ds.skip_steps(3, at_step=6)
     state = ds.state_dict()
     state["plan"][0]["steps"] = 1  # edited by hand: the checksum no longer matches
