@@ -20,7 +20,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 
-from client.plan import Edit, Plan
+from client import Edit, Plan
 from trainer import checkpoint, plan
 from trainer.config import TrainConfig, to_yaml
 from trainer.data import Described, batch_hash, eval_batches, train_loader

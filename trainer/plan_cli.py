@@ -18,8 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from client.plan import Edit, Plan
-from client.state import plan_of
+from client import Edit, Plan, state_plan
 
 EDITS_FILE = "data_plan_edits.json"
 
@@ -59,7 +58,7 @@ def show(ckpt: Path) -> str:
     now = int(data[0]["steps"])
     lines = [f"checkpoint {ckpt}: training step {step}, {loop['world_size']} ranks, grad_accum {accum}; the data "
              f"has read {now} global steps (one batch per rank each); next training step {step + 1}"]
-    plan = plan_of(data[0])
+    plan = state_plan(data[0])
     lines += [f"  {line}" for line in plan.describe(now)] or ["  data plan: no edits"]
     for edit in offline_edits(ckpt):
         lines.append(f"  {Plan((edit,)).describe()[0]} (added offline: applied when a job resumes here)")
@@ -76,7 +75,7 @@ def add_skip(ckpt: Path, at_step: int, steps: int) -> Edit:
         raise ValueError(f"--at-step {at_step} is in the past: checkpoint {ckpt.name} has trained steps 1 to {step}; "
                          f"the earliest step a skip can take effect at is {step + 1}")
     edit = Edit.skip((at_step - 1) * accum, steps * accum)
-    plan = plan_of(loop["data"][0])
+    plan = state_plan(loop["data"][0])
     for e in offline_edits(ckpt):
         plan = plan.apply(e, 0)
     plan.apply(edit, int(loop["data"][0]["steps"]))  # the same checks a running job makes
