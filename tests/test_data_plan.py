@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,6 @@ from client.loader import fork_safe_context
 from client.plan import Edit
 from client.state import STATE_VERSION
 from tests.conftest import jsonl_config, make_documents, write_jsonl
-from tests.test_trainer import ENV, ROOT, checkpoints, global_hashes, metrics, run_hashes, train
 
 pytestmark = pytest.mark.integration
 
@@ -148,58 +145,3 @@ def test_a_state_without_a_plan_keeps_version_1(address, reference):
     check(take(ds2, 2), [2, 3], reference)
     ds2.skip_steps(1)
     assert ds2.state_dict()["version"] == STATE_VERSION + 1
-
-
-@pytest.mark.slow
-def test_trainer_rewinds_to_an_older_checkpoint_and_skips_once(module_servers, tmp_path):
-    """A loss spike's recipe: resume from an older checkpoint and pass over the data around the spike."""
-    server, run_dir = module_servers(None).address, tmp_path / "run"
-    common = ["--checkpoint-every", "2", "eval.every=0", "checkpoint.keep=10"]
-    train(2, server, run_dir, "--max-steps", "6", *common)
-    (run_dir / "COMPLETE").unlink()
-    out = train(2, server, run_dir, "--max-steps", "8", "--rewind-to", "2", "--skip-data-steps", "3", *common)
-    assert "resumed from checkpoint step 2" in out
-    assert sorted(int(p.name[5:]) for p in (run_dir / "checkpoints" / "rewound").glob("*/step_*")) == [4, 6]
-    assert checkpoints(run_dir) == [2, 4, 6, 8]
-    g = global_hashes(server, 26)  # 2 ranks: step t (from 1) reads global batches 2(t-1), 2(t-1)+1
-    assert run_hashes(metrics(run_dir)) == g[:4] + g[10:22]  # steps 3.. read what steps 6.. would have
-    # the same command again (a requeue): no second rewind, no second skip
-    (run_dir / "COMPLETE").unlink()
-    out = train(2, server, run_dir, "--max-steps", "10", "--rewind-to", "2", "--skip-data-steps", "3", *common)
-    assert "resumed from checkpoint step 8" in out and "set aside" not in out
-    assert run_hashes(metrics(run_dir)) == g[:4] + g[10:26]
-    assert [r["step"] for r in metrics(run_dir)] == list(range(1, 11))
-
-
-def test_trainer_refuses_a_rewind_to_a_missing_checkpoint(module_servers, tmp_path):
-    server, run_dir = module_servers(None).address, tmp_path / "run"
-    train(1, server, run_dir, "--max-steps", "2", "--checkpoint-every", "1", "eval.every=0", "checkpoint.keep=5")
-    (run_dir / "COMPLETE").unlink()
-    out = train(1, server, run_dir, "--max-steps", "3", "--rewind-to", "7", ok=False)
-    assert "--rewind-to 7: there is no checkpoint step 7" in out and "(there are: 2, 1)" in out
-
-
-def plan_cli(*args: str, ok: bool = True) -> str:
-    proc = subprocess.run([sys.executable, "-m", "trainer.plan_cli", *args], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT, env=ENV)
-    assert (proc.returncode == 0) == ok, proc.stdout + proc.stderr
-    return proc.stdout + proc.stderr
-
-
-@pytest.mark.slow
-def test_tokenfeed_plan_shows_and_edits_a_checkpoint_offline(module_servers, tmp_path):
-    server, run_dir = module_servers(None).address, tmp_path / "run"
-    common = ["--checkpoint-every", "2", "eval.every=0", "checkpoint.keep=10"]
-    train(1, server, run_dir, "--max-steps", "4", *common)
-    ckpt = run_dir / "checkpoints" / "step_00000002"
-    assert "training step 2, 1 ranks" in plan_cli("show", str(ckpt)) and "data plan: no edits" in plan_cli(
-        "show", str(ckpt))
-    assert "--at-step 2 is in the past" in plan_cli("skip", "--at-step", "2", "--steps", "1", str(ckpt), ok=False)
-    assert "must be 0 or more" in plan_cli("skip", "--at-step", "3", "--steps", "-1", str(ckpt), ok=False)
-    out = plan_cli("skip", "--at-step", "4", "--steps", "2", str(ckpt))
-    assert "skip 2 global steps at step 3 (added offline" in out
-    (run_dir / "COMPLETE").unlink()
-    train(1, server, run_dir, "--max-steps", "6", "--rewind-to", "2", *common)
-    g = global_hashes(server, 8)
-    assert run_hashes(metrics(run_dir)) == g[:3] + g[5:8]  # step 4 reads what step 6 would have
-    assert "skip 2 global steps at step 3 (applied)" in plan_cli("show", str(run_dir / "checkpoints" / "step_00000006"))
