@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import mmap
 import os
 import threading
@@ -16,6 +17,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from client.ahead import Ahead
 from client.discovery import Replica, Replicas
+from client.plan import Edit, Plan
 from client.state import Identity, Position, make_state, parse_state
 from client.transport import Backoff, Channel, Tls, is_loopback, make_ring, stream_batches
 from tokenfeed import malloc, wire
@@ -229,6 +231,7 @@ class StreamingDataset(IterableDataset):
         self._cursor: pb.Cursor | None = None  # the last yielded batch's cursor, not yet a Position
         self._steps = 0
         self._cycle = 0
+        self._plan = Plan()
         self._per_worker_state = False  # a state loaded inside a DataLoader worker (StatefulDataLoader)
         self._attach_state = False      # set by StreamingDataLoader: each batch carries its state
         self._in_workers = _WorkerUse()  # iterated by DataLoader workers: this object's state is stale
@@ -248,16 +251,42 @@ class StreamingDataset(IterableDataset):
         """``state_dict()`` without the check: for the process that iterates (or a loader that
         knows this object's position is current, as before its first batch)."""
         return make_state(self.identity, self._current(), rank=self.rank, world_size=self.world_size,
-                          batch_size=self.batch_size, steps=self._steps, cycle=self._cycle)
+                          batch_size=self.batch_size, steps=self._steps, cycle=self._cycle, plan=self._plan)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue after the batch at which ``state`` was taken; raises ``ValueError`` for a state
         of another dataset, seed, seq_len or packing, or a damaged one. A state of another rank or
         world size is an elastic resume: this rank continues from the job's position."""
-        pos, meta = parse_state(state, self.identity)
+        pos, meta, self._plan = parse_state(state, self.identity)
         self._position, self._cursor, self._steps = pos, None, meta["steps"]
         self._per_worker_state = get_worker_info() is not None
         self._cycle = meta["worker_cycle"] if self._per_worker_state else 0
+
+    # ---- the data plan ---------------------------------------------------------------------
+    @property
+    def plan(self) -> Plan:
+        """The data plan: its edits before ``steps_read`` are in the position, the rest are pending."""
+        return self._plan
+
+    @property
+    def steps_read(self) -> int:
+        """Global steps this job has read (one batch per rank each): where a new edit can take effect."""
+        return self._steps
+
+    def skip_steps(self, n: int, at_step: int | None = None) -> None:
+        """Pass over ``n`` global steps of data from ``at_step`` (default: the next step): the job's
+        step ``t >= at_step`` reads what step ``t + n`` would have read. Each rank passes over its
+        own share, so the ranks stay aligned; the skip is part of ``state_dict()`` from now on and
+        takes effect from the next ``iter()``."""
+        self.apply(Edit.skip(self._steps if at_step is None else at_step, n))
+
+    def apply(self, edit: Edit) -> None:
+        """Add ``edit`` to the data plan (from the next ``iter()``). Raises ``ValueError`` for an edit
+        at a step the job has already read, and ``RuntimeError`` where this object's position is
+        stale (DataLoader workers iterate it: apply it to the ``StreamingDataLoader``)."""
+        if self._in_workers and get_worker_info() is None:
+            raise RuntimeError(STALE_STATE)
+        self._plan = self._plan.apply(edit, self._steps)
 
     def _current(self) -> Position:
         if self._cursor is not None:
@@ -324,46 +353,87 @@ class StreamingDataset(IterableDataset):
         first = (worker - base_cycle) % workers
         start, steps0 = self._current(), self._steps
         self._stride = workers
-        chunks = stream_batches(
-            self._channel, lambda cursor, step: self._request(cursor, step, worker),
-            start.to_cursor(self.identity), first, workers, self.backoff,
-            ring_from=functools.partial(make_ring, self._slots, self._slot_bytes) if self.shared_memory else None,
-            fail_over=self._fail_over)
+        segments = self._plan.segments(steps0)
+        if len(segments) > 1 or segments[0].offset:
+            self._check_can_skip(workers)
         raw = self._attach_state and info is not None  # a StreamingDataLoader worker: wire form
         malloc.tune_for_client()
+        # ``cursor`` lies before job step ``after`` and includes the plan's first ``offset`` skipped steps
+        cursor, after, offset = start.to_cursor(self.identity), steps0, 0
+        t = steps0 + first  # this worker's next job step
+        for seg in segments:
+            if seg.end is not None and t >= seg.end:
+                continue  # none of this worker's steps lie in it
+            count = None if seg.end is None else -(-(seg.end - t) // workers)
+            skip_rows = (seg.offset - offset) * self.world_size * self.batch_size
+            for item, cursors in self._segment(cursor, t - after, skip_rows, count, worker, raw):
+                states = []
+                for c in cursors:  # the rank's batch at job step t was taken
+                    self._cursor, self._steps, self._cycle = c, t + 1, base_cycle + t - steps0 + 1
+                    cursor, after, t = c, t + 1, t + workers
+                    if raw or self._attach_state:
+                        states.append(self._state())
+                if raw:  # one item per message; the loader yields its batches with these states
+                    yield {RAW_KEY: {**item, "states": states}}
+                    continue
+                if states:
+                    item[STATE_KEY] = states[0]
+                yield item
+            offset = seg.offset
+
+    def _check_can_skip(self, workers: int) -> None:
+        """Refuse a plan's skips where the stream cannot honour them, naming why."""
+        if self.max_tokens:
+            raise ValueError("data plan skips are not supported with token-budget batches (max_tokens) yet")
+        if workers > 1 and not self._attach_state:
+            raise ValueError("a data plan with pending skips needs client.StreamingDataLoader (or num_workers=0 "
+                             "or 1): a plain DataLoader's round robin over workers cannot follow a skip")
+
+    def _segment(self, cursor: pb.Cursor | None, first_step: int, skip_rows: int, count: int | None,
+                 worker: int, raw: bool) -> Iterator[Any]:
+        """One run of the plan, streamed from ``cursor`` with ``skip_rows`` passed over before
+        ``first_step``: ``(batch, [cursor])`` per batch, or for ``raw`` ``(message, cursors)`` per
+        message; at most ``count`` batches in all (a message the run ends inside is cut)."""
+        def request(c: pb.Cursor | None, step: int) -> pb.StreamRequest:
+            req = self._request(c, step, worker)
+            if c is cursor:  # a reconnect from a later batch's cursor already lies past the skipped rows
+                req.skip_rows = skip_rows
+            return req
+        chunks = stream_batches(
+            self._channel, request, cursor, first_step, self._stride, self.backoff,
+            ring_from=functools.partial(make_ring, self._slots, self._slot_bytes) if self.shared_memory else None,
+            fail_over=self._fail_over)
         # Ahead of the consumer, a message's batches are made together; in step with it, each
         # batch when it is asked for (fewer live tensors: a smaller working set).
         messages = _decoded(chunks, raw, self.provenance, self.fields, eager=self.decode_ahead > 0)
         if self.decode_ahead:  # decode in a thread, overlapping the training step
             messages = iter(Ahead(messages, self.decode_ahead, interrupt=chunks.close,
                                   name=f"{threading.current_thread().name}/tokenfeed-decode"))
-        k = 0
-
-        def consumed(cursor: pb.Cursor) -> None:  # the rank's next batch was taken
-            nonlocal k
-            j = first + k * workers  # the rank's step, counted from where this iteration started
-            k += 1
-            self._cursor = cursor  # the position, made a Position when asked for (state_dict)
-            self._steps, self._cycle = steps0 + j + 1, base_cycle + j + 1
-
+        expected = None
+        if skip_rows:
+            expected = (cursor.row if cursor else 0) + skip_rows + (first_step + 1) * self.world_size * self.batch_size
+        units = (((b, [c]) for b, c in m) for m in messages) if not raw else ([m] for m in messages)
         try:
-            for message in messages:
-                if raw:  # one item per message; the loader yields its batches with these states
-                    bundle, cursors = message
-                    states = []
-                    for cursor in cursors:
-                        consumed(cursor)
-                        states.append(self._state())
-                    yield {RAW_KEY: {**bundle, "states": states}}
-                    continue
-                for batch, cursor in message:
-                    consumed(cursor)
-                    if self._attach_state:
-                        batch[STATE_KEY] = self._state()
-                    yield batch
+            for item, cursors in itertools.chain.from_iterable(units):
+                if expected is not None:  # an old server ignores skip_rows: its cursor would not lie past them
+                    _check_skipped(cursors[0], expected, self.address)
+                    expected = None
+                if count is not None:
+                    cursors = cursors[:count]  # the run may end inside a message
+                    count -= len(cursors)
+                yield item, cursors
+                if count == 0:
+                    return  # never pull the next batch: it belongs to the next run
         finally:
             messages.close()  # type: ignore[attr-defined]
             chunks.close()
+
+
+def _check_skipped(first: pb.Cursor, expected: int, address: str) -> None:
+    if first.row != expected:
+        raise RuntimeError(f"the tokenfeed server at {address} did not pass over the data plan's skipped rows "
+                           f"(the batch's cursor is at row {first.row}, not {expected}): it predates data plans "
+                           "(StreamRequest.skip_rows); upgrade it")
 
 
 def _decoded(chunks: Iterator[tuple[pb.BatchChunk, int]], raw: bool, provenance: bool,

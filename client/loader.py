@@ -10,6 +10,7 @@ from typing import Any, cast
 import torch
 from torch.utils.data import DataLoader
 
+from client.plan import Edit, Plan
 from client.dataset import RAW_KEY, STATE_KEY, StreamingDataset, expand_raw
 from tokenfeed import malloc
 
@@ -54,35 +55,49 @@ class StreamingDataLoader(DataLoader):
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:  # type: ignore[override]
         self._stream._attach_state = True  # pickled into the workers this iterator starts
         malloc.tune_for_client()  # this process makes the tensors of the workers' messages
-        workers = max(1, self.num_workers)
-        rounds: list[dict[str, Any]] = []  # a message from each worker, in the loader's worker order
+        # Worker w's batches are the rank's steps w, w + workers, ...: yield them in step order (each
+        # state's "steps" is its batch's step + 1). Messages are cut where the data plan skips, so
+        # the workers' messages need not line up; what waits here is a message or two per worker.
+        waiting: dict[int, tuple[dict[str, Any], int]] = {}
+        upcoming = self._stream.steps_read + 1  # where the workers start: the dataset's own position
         for item in super().__iter__():
             bundle = item.get(RAW_KEY)
             if bundle is None:  # no workers: batches come whole, each with its state
                 self._state = item.pop(STATE_KEY)
                 yield item
                 continue
-            rounds.append(bundle)
-            if len(rounds) < workers:
-                continue
-            # Worker w's j-th batch is the rank's step w + workers * j: interleave the messages.
-            sizes = {len(b["states"]) for b in rounds}
-            if len(sizes) != 1:
-                raise RuntimeError(f"workers sent messages of different sizes {sorted(sizes)}")
-            for j in range(sizes.pop()):
-                for b in rounds:
-                    self._state = b["states"][j]
-                    batch = expand_raw(b, j)
-                    if self.pin_memory and torch.cuda.is_available():  # the workers pinned the wire form
-                        batch = {k: v.pin_memory() for k, v in batch.items()}
-                    yield batch
-            rounds = []
+            for j, state in enumerate(bundle["states"]):
+                waiting[int(state["steps"])] = (bundle, j)
+            while upcoming in waiting:
+                b, j = waiting.pop(upcoming)
+                upcoming += 1
+                self._state = b["states"][j]
+                batch = expand_raw(b, j)
+                if self.pin_memory and torch.cuda.is_available():  # the workers pinned the wire form
+                    batch = {k: v.pin_memory() for k, v in batch.items()}
+                yield batch
 
     def state_dict(self) -> dict[str, Any]:
         """The rank's position after the last batch this loader yielded. Before the first one, the
         dataset's own position (where it was made or loaded: current, even though workers iterate
         copies of it, which makes ``dataset.state_dict()`` refuse)."""
         return self._state if self._state is not None else self._stream._state()
+
+    @property
+    def plan(self) -> Plan:
+        """The data plan of the dataset (as loaded or edited; the workers' copies share it)."""
+        return self._stream.plan
+
+    def skip_steps(self, n: int, at_step: int | None = None) -> None:
+        """``StreamingDataset.skip_steps`` from this loader's position (before the next ``iter()``)."""
+        self.apply(Edit.skip(int(self.state_dict()["steps"]) if at_step is None else at_step, n))
+
+    def apply(self, edit: Edit) -> None:
+        """Add ``edit`` to the data plan from this loader's position (before the next ``iter()``);
+        ``ValueError`` for an edit at a step already read."""
+        self._stream.load_state_dict(self.state_dict())  # workers iterate copies: bring this one up to date
+        self._stream._plan = self._stream.plan.apply(edit, self._stream.steps_read)
+        self._state = None
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume after the batch at which ``state`` was taken (before the next ``iter()``)."""

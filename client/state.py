@@ -7,10 +7,14 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from client.plan import Plan
 from tokenfeed import wire
 from tokenfeed.v1 import tokenfeed_pb2 as pb
 
 STATE_VERSION = 1
+#: a state with a data plan: an older client must refuse it (it would ignore the plan and read
+#: the skipped steps), while a state without one stays version 1, readable by every client
+PLAN_STATE_VERSION = 2
 _POSITION_FIELDS = ("row", "epoch", "shard", "shard_row")
 _IDENTITY = ("dataset", "seed", "seq_len", "packing")
 
@@ -59,10 +63,11 @@ def _checksum(body: dict[str, Any]) -> str:
 
 
 def make_state(ident: Identity, pos: Position, *, rank: int, world_size: int, batch_size: int,
-               steps: int, cycle: int) -> dict[str, Any]:
-    """The state dict: identity, the job position, and this rank's bookkeeping."""
+               steps: int, cycle: int, plan: Plan | None = None) -> dict[str, Any]:
+    """The state dict: identity, the job position, this rank's bookkeeping and the data plan."""
+    plan = plan or Plan()
     body: dict[str, Any] = {
-        "version": STATE_VERSION,
+        "version": PLAN_STATE_VERSION if plan.edits else STATE_VERSION,
         **{k: getattr(ident, k) for k in _IDENTITY},
         "fingerprint": pos.fingerprint,
         "position": {k: getattr(pos, k) for k in _POSITION_FIELDS},
@@ -71,6 +76,8 @@ def make_state(ident: Identity, pos: Position, *, rank: int, world_size: int, ba
         "steps": steps,          # steps this rank consumed since the run began (informational)
         "worker_cycle": cycle,   # batches since the DataLoader's round robin began (for per-worker resume)
     }
+    if plan.edits:  # "steps" says which edits the position includes (those before it)
+        body["plan"] = plan.to_json()
     return {**body, "checksum": _checksum(body)}
 
 
@@ -83,13 +90,23 @@ def _component(c: Any) -> tuple[str, int, int, int, int]:
     return name, row, epoch, shard, shard_row
 
 
-def parse_state(state: Any, ident: Identity) -> tuple[Position, dict[str, Any]]:
+def parse_state(state: Any, ident: Identity) -> tuple[Position, dict[str, Any], Plan]:
     """Validate a state for ``ident``; a mismatch or damage raises ``ValueError`` naming it."""
+    check_state(state)
+    for field in _IDENTITY:
+        want, got = getattr(ident, field), state.get(field)
+        if got != want:
+            raise ValueError(f"tokenfeed state belongs to {field}={got!r}, but this dataset has {field}={want!r}")
+    return _position(state), _meta(state), plan_of(state)
+
+
+def check_state(state: Any) -> None:
+    """Refuse what is not a tokenfeed state of a version this client reads, or a damaged one."""
     if not isinstance(state, dict):
         raise ValueError(f"tokenfeed state must be a dict, got {type(state).__name__}")
-    if state.get("version") != STATE_VERSION:
+    if state.get("version") not in (STATE_VERSION, PLAN_STATE_VERSION):
         raise ValueError(f"tokenfeed state version {state.get('version')!r} is not supported "
-                         f"(expected {STATE_VERSION})")
+                         f"(expected {STATE_VERSION} or {PLAN_STATE_VERSION})")
     body = {k: v for k, v in state.items() if k != "checksum"}
     try:
         ok = state.get("checksum") == _checksum(body)
@@ -98,18 +115,47 @@ def parse_state(state: Any, ident: Identity) -> tuple[Position, dict[str, Any]]:
     if not ok:
         raise ValueError("tokenfeed state is damaged: its checksum does not match its content "
                          "(truncated or edited by hand?)")
-    for field in _IDENTITY:
-        want, got = getattr(ident, field), state.get(field)
-        if got != want:
-            raise ValueError(f"tokenfeed state belongs to {field}={got!r}, but this dataset has {field}={want!r}")
+
+
+def _position(state: dict[str, Any]) -> Position:
     try:
         parts = tuple(_component(c) for c in state.get("components", []))
         pos = Position(**{k: int(state["position"][k]) for k in _POSITION_FIELDS},
                        fingerprint=str(state["fingerprint"]), components=parts)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"tokenfeed state is missing or has a bad field: {err}") from None
+    if min(pos.row, pos.epoch, pos.shard, pos.shard_row, *(x for c in pos.components for x in c[1:])) < 0:
+        raise ValueError("tokenfeed state has a negative position")
+    return pos
+
+
+def _meta(state: dict[str, Any]) -> dict[str, int]:
+    try:
         meta = {k: int(state[k]) for k in ("rank", "world_size", "batch_size", "steps", "worker_cycle")}
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"tokenfeed state is missing or has a bad field: {err}") from None
-    if min(pos.row, pos.epoch, pos.shard, pos.shard_row, *meta.values(),
-           *(x for c in pos.components for x in c[1:])) < 0:
+    if min(meta.values()) < 0:
         raise ValueError("tokenfeed state has a negative position")
-    return pos, meta
+    return meta
+
+
+def plan_of(state: dict[str, Any]) -> Plan:
+    """The data plan a (checked) state carries: none in a version-1 state."""
+    if state.get("version") == STATE_VERSION:
+        if "plan" in state:
+            raise ValueError(f"a version-{STATE_VERSION} tokenfeed state cannot carry a data plan")
+        return Plan()
+    try:
+        return Plan.from_json(state["plan"])
+    except KeyError:
+        raise ValueError(f"a version-{PLAN_STATE_VERSION} tokenfeed state must carry a data plan") from None
+
+
+def with_plan(state: dict[str, Any], plan: Plan) -> dict[str, Any]:
+    """``state`` with its data plan replaced (re-versioned and re-checksummed): for offline edits."""
+    check_state(state)
+    body = {k: v for k, v in state.items() if k not in ("checksum", "plan")}
+    body["version"] = PLAN_STATE_VERSION if plan.edits else STATE_VERSION
+    if plan.edits:
+        body["plan"] = plan.to_json()
+    return {**body, "checksum": _checksum(body)}

@@ -10,6 +10,7 @@ from typing import Any
 
 from trainer.config import ConfigError, TrainConfig, build_config, parse_overrides
 from trainer.marker import finished
+from trainer.plan import DataRequest
 
 log = logging.getLogger("trainer")
 
@@ -31,6 +32,12 @@ def _parser() -> argparse.ArgumentParser:
                    "run resumes from its run directory when one is there, else starts fresh)")
     p.add_argument("--force-continue", action="store_true", help="train an early-stopped run further (up to "
                    "--max-steps); a run that ended at max_steps goes on by itself when launched with a larger one")
+    p.add_argument("--rewind-to", type=int, metavar="STEP", help="resume from checkpoint STEP instead of the newest "
+                   "(newer ones are set aside under checkpoints/rewound/); done once: the same command again "
+                   "continues from the newest checkpoint")
+    p.add_argument("--skip-data-steps", type=int, metavar="N", default=0, help="pass over the data of N steps "
+                   "from the resumed step (recorded in the data cursors' plan and RUN_DIR/data_plan.json, so a "
+                   "later launch never skips twice)")
     p.add_argument("overrides", nargs="*", metavar="section.field=value")
     return p
 
@@ -58,7 +65,17 @@ def load(argv: list[str]) -> tuple[TrainConfig, bool]:
 
 def load_launch(argv: list[str]) -> tuple[TrainConfig, bool, bool]:
     """The validated config and the ``--resume`` and ``--force-continue`` flags from a command line."""
-    args = _parser().parse_intermixed_args(argv)
+    return _build(_parser().parse_intermixed_args(argv))
+
+
+def _data_request(args: argparse.Namespace) -> DataRequest:
+    try:
+        return DataRequest(rewind_to=args.rewind_to, skip_steps=args.skip_data_steps)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _build(args: argparse.Namespace) -> tuple[TrainConfig, bool, bool]:
     overrides = parse_overrides(args.overrides)
     for section, value in _flag_overrides(args).items():
         if isinstance(value, dict):
@@ -87,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code (2: bad config, 1: failure, 0: done)."""
     _setup_logging()
     try:
-        cfg, require_resume, force_continue = load_launch(sys.argv[1:] if argv is None else argv)
+        args = _parser().parse_intermixed_args(sys.argv[1:] if argv is None else argv)
+        cfg, require_resume, force_continue = _build(args)
+        request = _data_request(args)
     except ConfigError as err:
         print(f"tokenfeed-train: {err}", file=sys.stderr)
         return 2
@@ -115,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         served = describe(cfg, rank, world)  # before joining the job: an unreachable server fails fast
-        code = Trainer(cfg, init_distributed(), served).run(require_resume or extend, force_continue)
+        code = Trainer(cfg, init_distributed(), served).run(require_resume or extend, force_continue, request)
         # Only after a clean run: a rank that failed must not wait in a teardown collective for the
         # others (torchrun stops them). The Trainer is gone by now, so the process group's
         # resources are released while the interpreter is fully alive.

@@ -20,7 +20,8 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 
-from trainer import checkpoint
+from client import Edit, Plan
+from trainer import checkpoint, plan
 from trainer.config import TrainConfig, to_yaml
 from trainer.data import Described, batch_hash, eval_batches, tokenizer_files, train_loader
 from trainer.export import CONFIG_FILE, MODEL_FILE, export
@@ -28,6 +29,8 @@ from trainer.marker import MARKER
 from trainer.metrics import MetricsLog, TrainerMetrics, rewind
 from trainer.model import GPT, build_model, shape_of
 from trainer.parallelize import Runtime, autocast, shard_model
+from trainer.plan_cli import offline_edits
+from trainer.plan import DataRequest, Honoured, is_repeat, last_honoured, record
 from trainer.provenance import run_metadata
 from trainer.tokenizer import save_run_tokenizer
 from trainer.tracking import TrackedRun, TrackingError
@@ -100,8 +103,10 @@ class Trainer:
         self.tracking: TrackedRun | None = None
 
     # ---- the run -------------------------------------------------------------------------
-    def run(self, require_resume: bool = False, force_continue: bool = False) -> int:
-        """Resume if the run directory has a checkpoint, train to the end, export; 0 on success.
+    def run(self, require_resume: bool = False, force_continue: bool = False,
+            request: DataRequest | None = None) -> int:
+        """Resume if the run directory has a checkpoint (``request``: rewind to an older one, skip
+        data), train to the end, export; 0 on success.
 
         ``force_continue``: a run that stopped early trains on (its patience counted afresh)."""
         code = 1
@@ -111,7 +116,7 @@ class Trainer:
                 (self.cfg.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
                 self.tokenizer_file = save_run_tokenizer(self.cfg.run_dir, str(self.meta["tokenizer"]),
                                                          partial(tokenizer_files, self.cfg))
-            self._resume(require_resume)
+            self._resume(require_resume, request or DataRequest())
             self._reopen(force_continue)
             self._open_tracking()
             if self.rt.is_main:
@@ -265,18 +270,61 @@ class Trainer:
         checkpoint.save(self.ckpt_root, step, self.model, self.optimizer, loop, self.shape, self.rt,
                         keep=self.cfg.checkpoint.keep, protect=best, metadata=self.provenance)
 
-    def _resume(self, require: bool) -> None:
+    def _resume(self, require: bool, request: DataRequest) -> None:
+        last = last_honoured(self.cfg.run_dir)  # every rank reads it before rank 0 may write it
+        error: list[Any] = [None]
         if self.rt.is_main:
             checkpoint.remove_partial(self.ckpt_root)
-        dist.barrier()
+            if request.rewind_to is not None and not is_repeat(request, last):
+                try:
+                    moved = plan.rewind(self.ckpt_root, request.rewind_to)
+                    log.info("--rewind-to %d: set aside the newer checkpoints %s under %s", request.rewind_to,
+                             moved or "(none)", self.ckpt_root / plan.REWOUND)
+                except ValueError as err:
+                    error[0] = str(err)
+        dist.broadcast_object_list(error, src=0)  # also the barrier before anyone lists checkpoints
+        if error[0] is not None:
+            raise ValueError(error[0])
         found = checkpoint.load_latest(self.ckpt_root, self.model, self.optimizer, self.shape, self.rt)
-        if found is None:
-            if require:
-                raise ValueError(f"--resume: no valid checkpoint in {self.ckpt_root}")
+        if found is not None:
+            self._load(*found)
+            self._apply_offline(found[0])
+        elif require:
+            raise ValueError(f"--resume: no valid checkpoint in {self.ckpt_root}")
+        elif self.rt.is_main:
+            rewind(self.cfg.run_dir / "metrics.jsonl", 0)  # a fresh start: steps of a run killed early
+        self._skip_data(request, last, found[0] if found is not None else 0)
+
+    def _apply_offline(self, step: int) -> None:
+        """The edits ``tokenfeed-plan`` added beside checkpoint ``step`` (the checkpoints saved after
+        this resume carry them in the data cursors' plan)."""
+        for edit in offline_edits(checkpoint.step_dir(self.ckpt_root, step)):
+            if edit not in self.loader.plan.edits:
+                self.loader.apply(edit)
+                if self.rt.is_main:
+                    log.info("data plan: %s (added offline with tokenfeed-plan)", Plan((edit,)).describe()[0])
+
+    def _skip_data(self, request: DataRequest, last: Honoured | None, step: int) -> None:
+        """Apply ``--skip-data-steps`` at the resumed ``step``: a new request, or the recorded one
+        again when this is the checkpoint it was applied at (which predates it), never twice."""
+        accum = self.cfg.grad_accum
+        if not request.empty and not is_repeat(request, last):
+            last = Honoured(request, step, step * accum, request.skip_steps * accum)
+            dist.barrier()  # every rank has read the record
             if self.rt.is_main:
-                rewind(self.cfg.run_dir / "metrics.jsonl", 0)  # a fresh start: steps of a run killed early
+                record(self.cfg.run_dir, last)
+        if last is None or not last.data_steps or last.resumed_step != step:
             return
-        step, loop = found
+        edit = Edit.skip(last.data_step, last.data_steps)
+        if edit in self.loader.plan.edits:
+            return  # in the checkpoint's data plan already
+        self.loader.apply(edit)
+        if self.rt.is_main:
+            log.info("skipping the data of %d steps (%d global data steps) from step %d: step %d reads what "
+                     "step %d would have read", last.request.skip_steps, last.data_steps, step + 1, step + 1,
+                     step + 1 + last.request.skip_steps)
+
+    def _load(self, step: int, loop: dict[str, Any]) -> None:
         self.scheduler.load_state_dict(loop["scheduler"])
         # Same world size: each rank continues its own stream. Resized: every rank starts from the
         # job position that any old rank's cursor carries (rank 0's), in the new dealing.

@@ -116,7 +116,7 @@ def check_request(params: StreamParams, settings: ServerSettings) -> int:
                               "plans every step); ask for fewer batches per message, use fixed-size batches at this "
                               "scale, or raise server.max_budget_pieces_per_message")
     start = p.start
-    for field, value in [("row", start.row), ("epoch", start.epoch)] + [
+    for field, value in [("row", start.row + p.skip_rows), ("epoch", start.epoch)] + [
             (f"components[{i}].{f}", getattr(loc, f)) for i, (_, loc) in enumerate(start.components)
             for f in ("row", "epoch")]:
         if value >= MAX_POSITION:

@@ -58,11 +58,14 @@ def parse_request(req: pb.StreamRequest, datasets: Mapping[str, Served],
     if req.compression not in (pb.COMPRESSION_NONE, pb.COMPRESSION_ZSTD):
         raise InvalidArgument("compression", f"unknown value {req.compression}")
     start = _check_cursor(req, ds, packing) if req.HasField("cursor") else Locator()
+    if req.skip_rows and req.max_tokens:  # a budget step holds no fixed number of rows to pass over
+        raise InvalidArgument("skip_rows", "token-budget streams (max_tokens) cannot skip rows")
     return StreamParams(
         dataset=ds, seed=req.seed, seq_len=req.seq_len, batch_size=req.batch_size, packing=packing,
         rank=req.rank, world_size=req.world_size, first_step=req.first_step,
         step_stride=req.step_stride or 1, batches_per_message=per_msg,
         zstd=req.compression == pb.COMPRESSION_ZSTD, start=start, provenance=req.provenance, max_tokens=req.max_tokens,
+        skip_rows=req.skip_rows,
     )
 
 

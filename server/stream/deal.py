@@ -17,14 +17,15 @@ from server.stream.walker import PROVENANCE_WIDTH, Walker, make_walker
 async def stream_chunks(params: StreamParams, store: ShardStore,
                         buffers: Buffers | None = None) -> AsyncIterator[Chunk]:
     """The rank's steps ``first_step, first_step + stride, ...`` counted from the start cursor.
-    Step t is global rows ``R + (t*W + rank)*B ...`` and leaves the job at ``R + (t+1)*W*B``.
+    Step t is global rows ``R + S + (t*W + rank)*B ...`` and leaves the job at ``R + S + (t+1)*W*B``,
+    where ``S`` is ``skip_rows`` (a data plan's skip: the walker jumps over them by ``locate``).
     Each chunk's tokens go where ``buffers`` says (a message buffer, a shared-memory ring's slot)."""
     p = params
     if p.max_tokens:
         async for chunk in budget_chunks(p, store):
             yield chunk
         return
-    deal, step = Dealing(p.start.row, p.world_size, p.batch_size), p.first_step
+    deal, step = Dealing(p.start.row + p.skip_rows, p.world_size, p.batch_size), p.first_step
     # keep packed ahead the rows of the next 16 messages (all ranks' rows: the walker passes them)
     ahead = 16 * p.batches_per_message * p.step_stride * deal.rows_per_step
     walker = make_walker(store, p.dataset, p.seed, p.seq_len, p.packing, p.start, ahead_rows=ahead)

@@ -30,6 +30,8 @@ class StreamParams:
     provenance: bool = False
     max_tokens: int = 0  # token-budget batches when > 0
     zstd: bool = False  # the tokens are zstd-compressed on the wire
+    #: rows passed over after ``start`` before step 0 (a data plan's skip): the dealing's origin moves
+    skip_rows: int = 0
 
 
 @dataclass

@@ -64,7 +64,7 @@ class ComponentCursor(_message.Message):
     def __init__(self, dataset: _Optional[str] = ..., row: _Optional[int] = ..., epoch: _Optional[int] = ..., shard: _Optional[int] = ..., shard_row: _Optional[int] = ...) -> None: ...
 
 class StreamRequest(_message.Message):
-    __slots__ = ("dataset", "seed", "seq_len", "batch_size", "packing", "rank", "world_size", "cursor", "first_step", "step_stride", "batches_per_message", "compression", "worker_id", "provenance", "max_tokens", "shared_memory")
+    __slots__ = ("dataset", "seed", "seq_len", "batch_size", "packing", "rank", "world_size", "cursor", "first_step", "step_stride", "batches_per_message", "compression", "worker_id", "provenance", "max_tokens", "shared_memory", "skip_rows")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +81,7 @@ class StreamRequest(_message.Message):
     PROVENANCE_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    SKIP_ROWS_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     seed: int
     seq_len: int
@@ -97,7 +98,8 @@ class StreamRequest(_message.Message):
     provenance: bool
     max_tokens: int
     shared_memory: SharedMemory
-    def __init__(self, dataset: _Optional[str] = ..., seed: _Optional[int] = ..., seq_len: _Optional[int] = ..., batch_size: _Optional[int] = ..., packing: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., cursor: _Optional[_Union[Cursor, _Mapping]] = ..., first_step: _Optional[int] = ..., step_stride: _Optional[int] = ..., batches_per_message: _Optional[int] = ..., compression: _Optional[_Union[Compression, str]] = ..., worker_id: _Optional[int] = ..., provenance: _Optional[bool] = ..., max_tokens: _Optional[int] = ..., shared_memory: _Optional[_Union[SharedMemory, _Mapping]] = ...) -> None: ...
+    skip_rows: int
+    def __init__(self, dataset: _Optional[str] = ..., seed: _Optional[int] = ..., seq_len: _Optional[int] = ..., batch_size: _Optional[int] = ..., packing: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., cursor: _Optional[_Union[Cursor, _Mapping]] = ..., first_step: _Optional[int] = ..., step_stride: _Optional[int] = ..., batches_per_message: _Optional[int] = ..., compression: _Optional[_Union[Compression, str]] = ..., worker_id: _Optional[int] = ..., provenance: _Optional[bool] = ..., max_tokens: _Optional[int] = ..., shared_memory: _Optional[_Union[SharedMemory, _Mapping]] = ..., skip_rows: _Optional[int] = ...) -> None: ...
 
 class SharedMemory(_message.Message):
     __slots__ = ("path", "nonce", "slots", "slot_bytes")
