@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import http.server
+import os
 import socket
 import struct
 import subprocess
@@ -31,12 +32,15 @@ def free_port() -> int:
 class S3Server:
     """``python -m moto.server`` on a free port; ``stop()`` ends it."""
 
-    def __init__(self, timeout: float = 60.0) -> None:
+    def __init__(self, timeout: float = 60.0, authenticate: bool = False) -> None:
+        """``authenticate``: check every request's credentials against moto's IAM (which holds no
+        user), so that any key is refused as a real store refuses a wrong one."""
         self.port = free_port()
+        env = {**os.environ, **({"INITIAL_NO_AUTH_ACTION_COUNT": "0"} if authenticate else {})}
         # Its log (a line per request) goes to a file: a pipe nobody reads fills up and blocks it.
         self.log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=self.log)
+                                     stdout=subprocess.DEVNULL, stderr=self.log, env=env)
         deadline = time.monotonic() + timeout
         while True:
             try:

@@ -114,6 +114,20 @@ def test_a_missing_bucket_or_an_empty_glob_stops_the_server_naming_the_field(s3,
     assert "Traceback" not in result.stderr
 
 
+def test_refused_credentials_stop_the_server_naming_the_field(tmp_path):
+    store = S3Server(authenticate=True)
+    try:
+        opts = storage_options(store.endpoint)
+        source = {"type": "jsonl", "paths": ["s3://corpus/web/*.jsonl"], "storage_options": opts}
+        result = run_cli(tmp_path, {"datasets": {"web": {"source": source}}})
+    finally:
+        store.stop()
+    assert result.returncode == 2, result.stderr
+    assert "datasets.web.source.paths[0]: cannot list s3://corpus/web/*.jsonl" in result.stderr, result.stderr
+    assert "PermissionError: The AWS Access Key Id you provided does not exist" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_unknown_storage_options_are_named_at_start(s3, corpora, tmp_path):
     result = run_cli(tmp_path, {"datasets": {"web": {"source": {
         "type": "jsonl", "paths": ["s3://corpus/jsonl/*.jsonl"], "storage_options": {"no_such_option": 1}}}}})
