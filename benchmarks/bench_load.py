@@ -269,12 +269,17 @@ def _abandon(address: str, n: int, concurrent: int, seed: int) -> dict[str, int]
     return codes
 
 
-def quiet(server: ServerProcess, baseline: dict[str, float]) -> Callable[[], bool]:
+def quiet(server: ServerProcess, baseline: dict[str, float],
+          seen: dict[str, float] | None = None) -> Callable[[], bool]:
     """No stream left open, no prefetch or load running, and no more tasks or descriptors than at
     ``baseline`` (a closing connection holds its descriptor for a moment: wait for it; a leaked one
-    never goes, and the caller compares after the wait times out)."""
+    never goes, and the caller compares after the wait times out). ``seen`` gets the snapshot judged
+    last: the one to report, since a later one can catch the descriptor of the /metrics request
+    that the snapshot itself made, not yet closed by the server."""
     def check() -> bool:
         s = snapshot(server)
+        if seen is not None:
+            seen.update(s)
         return s["admitted"] == 0 and s["active"] == 0 and s["prefetch_queue"] == 0 and s["inflight_loads"] == 0 \
             and s["loop_tasks"] <= baseline["loop_tasks"] and s["fds"] <= baseline.get("fds", s["fds"])
     return check
@@ -285,14 +290,13 @@ def abandoned_streams(server: ServerProcess, n: int = 200, concurrent: int = 50)
     compare descriptors, memory and event-loop tasks of the server before and after."""
     _abandon(server.address, 40, concurrent, seed=1)  # warm: caches, pools, metrics series
     wait_until(lambda: snapshot(server)["admitted"] == 0)
-    before = snapshot(server)
-    wait_until(quiet(server, before))
-    before = snapshot(server)
+    before: dict[str, float] = {}
+    wait_until(quiet(server, snapshot(server), seen=before))
     t0 = time.perf_counter()
     codes = _abandon(server.address, n, concurrent, seed=2)
     elapsed = time.perf_counter() - t0
-    settled = wait_until(quiet(server, before), timeout=20)
-    after = snapshot(server)
+    after: dict[str, float] = {}
+    settled = wait_until(quiet(server, before, seen=after), timeout=20)
     return {"streams": n, "concurrent": concurrent, "seconds": round(elapsed, 2), "codes": codes,
             "settled": settled, "before": before, "after": after,
             "leaked": {"fds": after["fds"] - before["fds"], "loop_tasks": after["loop_tasks"] - before["loop_tasks"],

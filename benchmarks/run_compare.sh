@@ -11,6 +11,8 @@
 # torch; it is uninstalled from .venv-bench and benchmarks/compare/stubs/torchvision (names only,
 # on the peers' PYTHONPATH) satisfies the import. The corpus and every peer's format are written
 # once under /tmp/tokenfeed-bench (TOKENFEED_BENCH_CACHE) and reused: ~2 GB for the full scale.
+# The plot needs matplotlib, which the project's .venv need not have (a fresh clone's does not):
+# the report then draws it with .venv-bench's python, where the bench extra installs it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}

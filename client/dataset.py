@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import mmap
 import os
 import threading
+import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from multiprocessing.context import get_spawning_popen
 from typing import Any
 
@@ -15,7 +18,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from client.ahead import Ahead
+from client.ahead import Ahead, Pacer, Paced
+from client.batch import DEFAULT_FIELDS, FIELDS, lazy_batch, to_batch
 from client.discovery import Replica, Replicas
 from client.plan import Edit, Plan
 from client.state import Identity, Position, make_state, parse_state
@@ -23,7 +27,7 @@ from client.transport import Backoff, Channel, Tls, is_loopback, make_ring, stre
 from tokenfeed import malloc, wire
 from tokenfeed.v1 import tokenfeed_pb2 as pb
 
-__all__ = ["DEFAULT_FIELDS", "FIELDS", "DatasetInfo", "StreamingDataset"]
+__all__ = ["DEFAULT_FIELDS", "FIELDS", "DatasetInfo", "StreamingDataset", "default_batches_per_message", "to_batch"]
 
 #: What ``StreamingDataset.describe()`` returns: the server's description of a dataset (name, vocab_size,
 #: eos_id, pad_id, tokenizer, num_shards, total_tokens, fingerprint, sources, ...).
@@ -38,9 +42,6 @@ STATE_KEY = "_tokenfeed_state"
 #: message's uint16 rows as one item (one storage to share per message instead of four int64 ones
 #: per batch), with the state after each of its batches; the loader expands and interleaves them.
 RAW_KEY = "_tokenfeed_raw"
-#: The tensors a batch can hold (``StreamingDataset(fields=...)``), and those it holds by default.
-FIELDS = ("input_ids", "labels", "position_ids", "cu_seqlens", "tokens")
-DEFAULT_FIELDS = FIELDS[:4]
 
 
 #: Why ``state_dict()`` refuses in the main process of a plain ``DataLoader`` with workers.
@@ -87,13 +88,39 @@ def _shared_byte(value: bool) -> mmap.mmap:
     return byte
 
 
+#: Batches in flight per message round of a whole job (one message per rank), through the
+#: shared-memory ring and through gRPC: a message is a few hundred bytes of gRPC through the ring,
+#: so larger messages only spread the per-message cost wider (64 gave 25% more tokens/s at 35% less
+#: trainer CPU per token than 16, issue 9); inline tokens are protobuf bytes, copied per message.
+RING_MESSAGE_BATCHES, WIRE_MESSAGE_BATCHES = 64, 16
+#: Tokens per message at most (ring: 4 MiB slots at the widest dtype; gRPC: 512 KiB of uint16).
+RING_MESSAGE_TOKENS, WIRE_MESSAGE_TOKENS = 1 << 20, 1 << 18
+
+
+#: Ranks of a job that may all get the transport's largest messages; beyond, the ceiling shrinks.
+PACED_RANKS = 16
+
+
+def default_batches_per_message(batch_tokens: int, shared_memory: bool, world_size: int) -> int:
+    """Batches per message when the caller names none, a ceiling the server sizes each message
+    under (``StreamRequest.batches_adaptive``, ``server.serve.pacing``): as many as the transport
+    carries cheaply (``RING_*`` through shared memory, ``WIRE_*`` inline), shared among the ranks
+    of a job of more than ``PACED_RANKS`` (which bounds what the server holds for its streams).
+    The server sends fewer while many streams share it: a rank waits a round of the server's loop
+    between two messages, and large messages make the round long (64 ranks at a fixed 16 batches
+    had a p99 gap of 258 ms, at 1 batch 40 ms but a tenth of one stream's tokens/s)."""
+    batches, tokens = (RING_MESSAGE_BATCHES, RING_MESSAGE_TOKENS) if shared_memory else (
+        WIRE_MESSAGE_BATCHES, WIRE_MESSAGE_TOKENS)
+    return max(1, min(batches, batches * PACED_RANKS // max(1, world_size), tokens // max(1, batch_tokens)))
+
+
 def _default_rank_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-class StreamingDataset(IterableDataset):
+class StreamingDataset(IterableDataset[dict[str, Any]]):
     """The batches of one rank, streamed from a tokenfeed server.
 
     Yields dicts of tensors ``[batch_size, seq_len]``: ``input_ids``, ``labels`` (the next token,
@@ -134,13 +161,20 @@ class StreamingDataset(IterableDataset):
         failover_s: how long a replica may keep failing before the stream moves to the next one
             (when there are several, or a name to resolve again); a rolling restart costs a rank about
             this much data-wait per replica it was on.
-        batches_per_message: batches the server packs into one gRPC message; by default as many
-            as fit in about 256 KiB (at most 16): fewer messages cost less per token, and the
-            state stays exact per batch.
+        batches_per_message: batches the server packs into one message; the state stays exact
+            per batch whatever it is. Default (None): at most 64 through the shared-memory ring,
+            16 inline, about 1 M / 256 K tokens, less for a job of more than 16 ranks
+            (``default_batches_per_message``), and the server sends fewer while many streams
+            share it, keeping each rank's wait between messages short (``server.serve.pacing``).
+            A number given here is exact.
         compression: ``"zstd"`` to compress tokens on the wire (pays off only on slow links).
         decode_ahead: messages turned into tensors ahead of the trainer, in a background thread,
-            so that ``next`` finds the batch ready while the training step runs (default 2);
-            0 decodes in the consumer's thread when each batch is asked for.
+            so that ``next`` finds the batch ready while the training step runs; 0 decodes in the
+            consumer's thread when each batch is asked for. Default (None): in the consumer's
+            thread while it asks for batches back to back (no step to hide decoding behind), and
+            2 ahead from when its steps average 2 ms or more. Decoding in the consumer's thread
+            makes each field when it is first read (``client.batch.LazyBatch``): fields a
+            trainer never reads cost nothing.
         max_tokens: token-budget batches: each batch is one row of ``max_tokens`` tokens holding
             whole document pieces (documents split at ``seq_len``); each step takes the next
             pieces of the global order and balances them across ranks by longest-processing-time,
@@ -165,7 +199,7 @@ class StreamingDataset(IterableDataset):
                  seed: int = 0, rank: int | None = None, world_size: int | None = None, *,
                  packing: str = wire.DEFAULT_PACKING, max_tokens: int | None = None, provenance: bool = False,
                  reconnect_deadline_s: float = 60.0, failover_s: float = 1.0, batches_per_message: int | None = None,
-                 compression: str | None = None, decode_ahead: int = 2, token: str | None = None,
+                 compression: str | None = None, decode_ahead: int | None = None, token: str | None = None,
                  tls_ca: str | None = None, tls_cert: str | None = None, tls_key: str | None = None,
                  shared_memory: bool | None = None, fields: Sequence[str] = DEFAULT_FIELDS) -> None:
         super().__init__()
@@ -201,13 +235,19 @@ class StreamingDataset(IterableDataset):
         if failover_s < 0:
             raise ValueError(f"failover_s must be 0 or more seconds, got {failover_s}")
         self.backoff = Backoff(deadline_s=reconnect_deadline_s, failover_s=failover_s)
+        if shared_memory is None:
+            shared_memory = is_loopback(self._replicas.current.target)
+        self.shared_memory = shared_memory and compression in (None, "none") and not max_tokens
+        self.batches_adaptive = batches_per_message is None and not max_tokens  # a ceiling for the server
         if batches_per_message is None:
-            batch_bytes = (max_tokens + 1 if max_tokens else batch_size * (seq_len + 1)) * 2
-            batches_per_message = max(1, min(16, (256 << 10) // batch_bytes))
+            batches_per_message = default_batches_per_message(max_tokens or batch_size * seq_len, self.shared_memory,
+                                                              self.world_size)
+        elif batches_per_message < 1:
+            raise ValueError(f"batches_per_message must be 1 or more (or None: chosen), got {batches_per_message}")
         self.batches_per_message = batches_per_message
         self.compression = pb.COMPRESSION_ZSTD if compression == "zstd" else pb.COMPRESSION_NONE
-        if decode_ahead < 0:
-            raise ValueError(f"decode_ahead must be 0 or more, got {decode_ahead}")
+        if decode_ahead is not None and decode_ahead < 0:
+            raise ValueError(f"decode_ahead must be 0 or more (or None: when the steps leave time), got {decode_ahead}")
         self.decode_ahead = decode_ahead
         row_tokens = max_tokens + 1 if max_tokens else batch_size * (seq_len + 1)
         max_message = batches_per_message * row_tokens * 4 + (1 << 20)
@@ -217,11 +257,8 @@ class StreamingDataset(IterableDataset):
             max_message += batches_per_message * 5 * row_tokens
         token = token if token is not None else os.environ.get("TOKENFEED_TOKEN") or None
         self._connect = functools.partial(Channel, max_message_bytes=max(max_message, 4 << 20), token=token,
-                                          tls=Tls.load(tls_ca, tls_cert, tls_key), read_on_caller=decode_ahead == 0)
+                                          tls=Tls.load(tls_ca, tls_cert, tls_key), read_on_caller=not decode_ahead)
         self._channel = self._channel_to(self._replicas.current)
-        if shared_memory is None:
-            shared_memory = is_loopback(self.address)
-        self.shared_memory = shared_memory and compression in (None, "none") and not max_tokens
         # Slots sized for 4-byte tokens (the dtype is the server's to choose): eight messages ahead
         # (four ran ~10% slower, the server waiting on a full ring), at most 8 MiB a stream. No
         # deeper: small batches would put a thousand batches in flight, past any need.
@@ -286,7 +323,20 @@ class StreamingDataset(IterableDataset):
         stale (DataLoader workers iterate it: apply it to the ``StreamingDataLoader``)."""
         if self._in_workers and get_worker_info() is None:
             raise RuntimeError(STALE_STATE)
-        self._plan = self._plan.apply(edit, self._steps)
+        self._plan = self._plan.apply(self._checked(edit), self._steps)
+
+    def _checked(self, edit: Edit) -> Edit:
+        """``edit`` with what this client can check checked; the server checks ids it alone knows."""
+        components = self._current().components
+        if edit.op == "weights" and components:
+            names = [c[0] for c in components]
+            unknown = sorted(set(dict(edit.weights)) - set(names))
+            if unknown:
+                raise ValueError(f"weights for {', '.join(map(repr, unknown))}: not in the mixture "
+                                 f"{self.identity.dataset!r} (its components: {', '.join(names)})")
+        if edit.op == "exclude" and not edit.dataset:  # the job's own dataset
+            edit = dataclasses.replace(edit, dataset=self.identity.dataset)
+        return edit
 
     def _current(self) -> Position:
         if self._cursor is not None:
@@ -339,7 +389,7 @@ class StreamingDataset(IterableDataset):
             packing=ident.packing, rank=self.rank, world_size=self.world_size, first_step=first_step,
             step_stride=self._stride, batches_per_message=self.batches_per_message,
             compression=self.compression, worker_id=worker, provenance=self.provenance,
-            max_tokens=self.max_tokens)
+            max_tokens=self.max_tokens, batches_adaptive=self.batches_adaptive)
         if cursor is not None:
             req.cursor.CopyFrom(cursor)
         return req
@@ -353,9 +403,11 @@ class StreamingDataset(IterableDataset):
         first = (worker - base_cycle) % workers
         start, steps0 = self._current(), self._steps
         self._stride = workers
+        # fix the job rows of pending exclude/weights edits (this job's world size decides them)
+        self._plan = self._plan.resolve(steps0, start.row, self.world_size * self.batch_size)
         segments = self._plan.segments(steps0)
-        if len(segments) > 1 or segments[0].offset:
-            self._check_can_skip(workers)
+        if len(segments) > 1 or segments[0].offset or segments[0].edits:
+            self._check_can_skip(workers, moves=len(segments) > 1 or bool(segments[0].offset))
         raw = self._attach_state and info is not None  # a StreamingDataLoader worker: wire form
         malloc.tune_for_client()
         # ``cursor`` lies before job step ``after`` and includes the plan's first ``offset`` skipped steps
@@ -366,7 +418,8 @@ class StreamingDataset(IterableDataset):
                 continue  # none of this worker's steps lie in it
             count = None if seg.end is None else -(-(seg.end - t) // workers)
             skip_rows = (seg.offset - offset) * self.world_size * self.batch_size
-            for item, cursors in self._segment(cursor, t - after, skip_rows, count, worker, raw):
+            edits = [_plan_edit(e) for e in seg.edits]
+            for item, cursors in self._segment(cursor, t - after, skip_rows, count, worker, raw, edits):
                 states = []
                 for c in cursors:  # the rank's batch at job step t was taken
                     self._cursor, self._steps, self._cycle = c, t + 1, base_cycle + t - steps0 + 1
@@ -381,21 +434,23 @@ class StreamingDataset(IterableDataset):
                 yield item
             offset = seg.offset
 
-    def _check_can_skip(self, workers: int) -> None:
-        """Refuse a plan's skips where the stream cannot honour them, naming why."""
+    def _check_can_skip(self, workers: int, moves: bool) -> None:
+        """Refuse a plan's edits where the stream cannot honour them, naming why (``moves``: a skip
+        or an edit ahead: the streams end and reopen at its step)."""
         if self.max_tokens:
-            raise ValueError("data plan skips are not supported with token-budget batches (max_tokens) yet")
-        if workers > 1 and not self._attach_state:
-            raise ValueError("a data plan with pending skips needs client.StreamingDataLoader (or num_workers=0 "
-                             "or 1): a plain DataLoader's round robin over workers cannot follow a skip")
+            raise ValueError("data plan edits are not supported with token-budget batches (max_tokens) yet")
+        if moves and workers > 1 and not self._attach_state:
+            raise ValueError("a data plan with pending edits needs client.StreamingDataLoader (or num_workers=0 "
+                             "or 1): a plain DataLoader's round robin over workers cannot follow an edit ahead")
 
     def _segment(self, cursor: pb.Cursor | None, first_step: int, skip_rows: int, count: int | None,
-                 worker: int, raw: bool) -> Iterator[Any]:
+                 worker: int, raw: bool, edits: Sequence[pb.PlanEdit] = ()) -> Iterator[Any]:
         """One run of the plan, streamed from ``cursor`` with ``skip_rows`` passed over before
         ``first_step``: ``(batch, [cursor])`` per batch, or for ``raw`` ``(message, cursors)`` per
         message; at most ``count`` batches in all (a message the run ends inside is cut)."""
         def request(c: pb.Cursor | None, step: int) -> pb.StreamRequest:
             req = self._request(c, step, worker)
+            req.plan.extend(edits)
             if c is cursor:  # a reconnect from a later batch's cursor already lies past the skipped rows
                 req.skip_rows = skip_rows
             return req
@@ -404,11 +459,18 @@ class StreamingDataset(IterableDataset):
             ring_from=functools.partial(make_ring, self._slots, self._slot_bytes) if self.shared_memory else None,
             fail_over=self._fail_over)
         # Ahead of the consumer, a message's batches are made together; in step with it, each
-        # batch when it is asked for (fewer live tensors: a smaller working set).
-        messages = _decoded(chunks, raw, self.provenance, self.fields, eager=self.decode_ahead > 0)
+        # batch when it is asked for (fewer live tensors: a smaller working set), each field of it
+        # when it is read.
+        mode = _Decode(ahead=bool(self.decode_ahead), lazy=len(self.fields) > 1)
+        source = _decoded(chunks, raw, self.provenance, self.fields, mode, plan_edits=len(edits),
+                          address=self.address)
+        name = f"{threading.current_thread().name}/tokenfeed-decode"
+        pacer = Pacer() if self.decode_ahead is None else None
+        messages: Any = source
         if self.decode_ahead:  # decode in a thread, overlapping the training step
-            messages = iter(Ahead(messages, self.decode_ahead, interrupt=chunks.close,
-                                  name=f"{threading.current_thread().name}/tokenfeed-decode"))
+            messages = iter(Ahead(source, self.decode_ahead, interrupt=chunks.close, name=name))
+        elif pacer is not None:  # in this thread until the consumer's steps leave time to hide it behind
+            messages = iter(Paced(source, pacer, AUTO_DECODE_AHEAD, mode.go_ahead, interrupt=chunks.close, name=name))
         expected = None
         if skip_rows:
             expected = (cursor.row if cursor else 0) + skip_rows + (first_step + 1) * self.world_size * self.batch_size
@@ -421,12 +483,24 @@ class StreamingDataset(IterableDataset):
                 if count is not None:
                     cursors = cursors[:count]  # the run may end inside a message
                     count -= len(cursors)
-                yield item, cursors
+                if pacer is None:
+                    yield item, cursors
+                else:
+                    handed = time.perf_counter()
+                    yield item, cursors
+                    pacer.stepped(time.perf_counter() - handed)  # the consumer's step
                 if count == 0:
                     return  # never pull the next batch: it belongs to the next run
         finally:
-            messages.close()  # type: ignore[attr-defined]
+            messages.close()
             chunks.close()
+
+
+def _plan_edit(e: Edit) -> pb.PlanEdit:
+    """An exclude or weights edit as a stream carries it (its job row fixed)."""
+    assert e.row is not None, "resolved before streaming"
+    return pb.PlanEdit(op=e.op, from_row=e.row, at_step=e.at_step, dataset=e.dataset, shard=max(e.shard, 0),
+                       document=e.document, weights=dict(e.weights))
 
 
 def _check_skipped(first: pb.Cursor, expected: int, address: str) -> None:
@@ -436,14 +510,36 @@ def _check_skipped(first: pb.Cursor, expected: int, address: str) -> None:
                            "(StreamRequest.skip_rows); upgrade it")
 
 
+#: Messages decoded ahead once ``decode_ahead=None`` finds steps to hide decoding behind.
+AUTO_DECODE_AHEAD = 2
+
+
+@dataclass
+class _Decode:
+    """How messages are decoded: ``ahead`` (in a thread: every field of a message's batches at
+    once), else batch by batch as asked for, each field when first read where ``lazy``."""
+
+    ahead: bool
+    lazy: bool
+
+    def go_ahead(self) -> None:
+        self.ahead = True
+
+
 def _decoded(chunks: Iterator[tuple[pb.BatchChunk, int]], raw: bool, provenance: bool,
-             fields: tuple[str, ...] = DEFAULT_FIELDS, eager: bool = True) -> Iterator[Any]:
-    """Per message: its batches as tensors and the cursor after each (a list when ``eager``, else
-    made one by one as they are iterated); for ``raw``, the message in wire form (one uint16
-    tensor of all its batches) and the cursors."""
+             fields: tuple[str, ...] = DEFAULT_FIELDS, mode: _Decode | None = None, plan_edits: int = 0,
+             address: str = "") -> Iterator[Any]:
+    """Per message: its batches as tensors and the cursor after each (a list when ``mode.ahead``,
+    else made one by one as they are iterated); for ``raw``, the message in wire form (one uint16
+    tensor of all its batches) and the cursors. ``mode`` is read per message (it may change).
+    Each message must say the server applied the request's ``plan_edits`` data-plan edits."""
+    mode = mode or _Decode(ahead=True, lazy=False)
     for chunk, i in chunks:
         if i != 0:
             continue
+        if chunk.plan_edits != plan_edits:
+            raise RuntimeError(f"the tokenfeed server at {address} did not apply the data plan's {plan_edits} "
+                               "exclude/weights edit(s): it predates them (StreamRequest.plan); upgrade it")
         tokens = wire.decode_chunk(chunk)
         records = wire.decode_provenance(chunk) if provenance else None
         piece_starts = wire.decode_piece_starts(chunk)
@@ -453,17 +549,22 @@ def _decoded(chunks: Iterator[tuple[pb.BatchChunk, int]], raw: bool, provenance:
                     "provenance": [torch.from_numpy(r.copy()) for r in records] if records is not None else None},
                    list(chunk.cursors))
         else:
-            batches = _batches_of(chunk, tokens, records, piece_starts, fields)
-            yield list(batches) if eager else batches
+            lazy = mode.lazy and not mode.ahead
+            batches = _batches_of(chunk, tokens, records, piece_starts, fields, lazy)
+            yield list(batches) if mode.ahead else batches
         for _ in range(chunk.num_batches - 1):  # the stream's (chunk, i) for the other batches
             next(chunks)
 
 
 def _batches_of(chunk: pb.BatchChunk, tokens: np.ndarray, records: list[np.ndarray] | None,
-                piece_starts: list[list[int]] | None,
-                fields: tuple[str, ...]) -> Iterator[tuple[dict[str, torch.Tensor], pb.Cursor]]:
+                piece_starts: list[list[int]] | None, fields: tuple[str, ...],
+                lazy: bool = False) -> Iterator[tuple[dict[str, torch.Tensor], pb.Cursor]]:
+    """The chunk's batches; ``lazy``: each field made when first read, from a copy of the rows
+    (``tokens`` may be a shared-memory slot, reused once the stream moves past the chunk)."""
     for i in range(chunk.num_batches):
-        batch = to_batch(tokens[i], chunk.eos_id, chunk.pad_id, piece_starts[i] if piece_starts else None, fields)
+        starts = piece_starts[i] if piece_starts else None
+        batch = (lazy_batch(tokens[i].copy(), chunk.eos_id, chunk.pad_id, starts, fields) if lazy
+                 else to_batch(tokens[i], chunk.eos_id, chunk.pad_id, starts, fields))
         if records is not None:
             batch["provenance"] = torch.from_numpy(records[i].copy())
         yield batch, chunk.cursors[i]
@@ -477,61 +578,3 @@ def expand_raw(bundle: dict[str, Any], j: int) -> dict[str, torch.Tensor]:
     if bundle["provenance"] is not None:
         batch["provenance"] = bundle["provenance"][j]
     return batch
-
-
-def _mask_cuts(labels: np.ndarray, ids: np.ndarray, eos_id: int, piece_starts: list[int]) -> None:
-    """No loss at the last token of a piece cut mid-document (one not ending in EOS): a token-budget
-    row holds pieces back to back, so the token after it in the row starts another piece, not its
-    document's next token (that is in another piece, of this rank or another: the row does not
-    say which, so a continuation that happens to follow is masked too, one label in a cut).
-    Piece ends at EOS keep the next piece's first token, as a document's end does in every
-    packing."""
-    ends = np.asarray(piece_starts, dtype=np.int64) - 1
-    ends = ends[ends >= 0]
-    labels[ends[ids[ends] != eos_id]] = -100
-
-
-@functools.lru_cache(maxsize=8)
-def _arange(size: int) -> np.ndarray:
-    out = np.arange(size, dtype=np.int64)
-    out.flags.writeable = False
-    return out
-
-
-def to_batch(tokens: np.ndarray, eos_id: int, pad_id: int, piece_starts: list[int] | None = None,
-             fields: Sequence[str] = DEFAULT_FIELDS) -> dict[str, torch.Tensor]:
-    """The ``fields`` of one batch from its rows of ``seq_len + 1`` tokens (contract 4 of DESIGN.md).
-    ``piece_starts``: columns of row 0 where a token-budget piece starts; a piece cut mid-document
-    gets no label at its last token (what follows it in the row starts another piece)."""
-    rows, width = tokens.shape
-    seq_len = width - 1
-    ids, nxt = tokens[:, :-1], tokens[:, 1:]
-    out: dict[str, torch.Tensor] = {}
-    if "input_ids" in fields:
-        out["input_ids"] = torch.from_numpy(ids.astype(np.int64))
-    if "labels" in fields:
-        labels = nxt.astype(np.int64)
-        padded = np.flatnonzero(nxt[:, -1] == pad_id)  # every packing pads only the end of a row
-        if len(padded):
-            labels[padded] = np.where(nxt[padded] == pad_id, -100, labels[padded])
-        if piece_starts:
-            _mask_cuts(labels[0], ids[0], eos_id, piece_starts)
-        out["labels"] = torch.from_numpy(labels)
-    if "position_ids" in fields or "cu_seqlens" in fields:
-        starts = np.empty((rows, seq_len), dtype=bool)  # a segment starts at each row start and after EOS
-        starts[:, 0] = True
-        np.equal(ids[:, :-1], eos_id, out=starts[:, 1:])
-        if piece_starts:
-            starts[0, piece_starts] = True
-        seg = np.flatnonzero(starts)
-        size = rows * seq_len
-        if "position_ids" in fields:
-            lengths = np.empty_like(seg)
-            np.subtract(seg[1:], seg[:-1], out=lengths[:-1])
-            lengths[-1] = size - seg[-1]
-            out["position_ids"] = torch.from_numpy((_arange(size) - np.repeat(seg, lengths)).reshape(rows, seq_len))
-        if "cu_seqlens" in fields:  # flash-attention varlen layout: segment boundaries over the flattened batch
-            out["cu_seqlens"] = torch.from_numpy(np.append(seg, size).astype(np.int32))
-    if "tokens" in fields:
-        out["tokens"] = torch.from_numpy(tokens.astype(np.int64))
-    return out

@@ -26,7 +26,12 @@ def fork_safe_context() -> multiprocessing.context.BaseContext:
     return ctx
 
 
-class StreamingDataLoader(DataLoader):
+def _as_is(item: Any) -> Any:
+    """The loader's collate_fn: a dataset's item is a batch of tensors as it is."""
+    return item
+
+
+class StreamingDataLoader(DataLoader[dict[str, Any]]):
     """Iterates a ``StreamingDataset`` (one batch per item) and checkpoints what was consumed.
 
     Each batch travels from its worker with the state taken right after it, so batches still
@@ -43,6 +48,8 @@ class StreamingDataLoader(DataLoader):
             raise ValueError("StreamingDataLoader takes batch_size from the dataset; leave it unset")
         if num_workers > 0 and kwargs.get("multiprocessing_context") is None:
             kwargs["multiprocessing_context"] = fork_safe_context()
+        if kwargs.get("collate_fn") is None:  # items are tensors already: converting them again only costs
+            kwargs["collate_fn"] = _as_is   # (and would make every field of a batch that makes them on read)
         super().__init__(dataset, batch_size=None, num_workers=num_workers, **kwargs)
         self._state: dict[str, Any] | None = None
 
@@ -96,7 +103,7 @@ class StreamingDataLoader(DataLoader):
         """Add ``edit`` to the data plan from this loader's position (before the next ``iter()``);
         ``ValueError`` for an edit at a step already read."""
         self._stream.load_state_dict(self.state_dict())  # workers iterate copies: bring this one up to date
-        self._stream._plan = self._stream.plan.apply(edit, self._stream.steps_read)
+        self._stream._plan = self._stream.plan.apply(self._stream._checked(edit), self._stream.steps_read)
         self._state = None
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

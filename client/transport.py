@@ -172,7 +172,8 @@ class Channel:
         if self._pid != os.getpid():  # new process (or first use): never reuse a forked channel
             self._channel = (grpc.secure_channel(self.address, self._tls.credentials(), options=self._options)
                              if self._tls is not None else grpc.insecure_channel(self.address, options=self._options))
-            self._stub = pb_grpc.TokenFeedStub(self._channel)
+            # (grpc_tools writes the stub class without annotations)
+            self._stub = pb_grpc.TokenFeedStub(self._channel)  # type: ignore[no-untyped-call]
             # StreamBatches with a deserializer that leaves the tokens in the received bytes
             self._stream = self._channel.unary_stream(
                 "/tokenfeed.v1.TokenFeed/StreamBatches", request_serializer=pb.StreamRequest.SerializeToString,
@@ -192,13 +193,15 @@ class Channel:
             self._channel.close()
         self._channel = self._stub = self._pid = None
 
-    def __getstate__(self) -> dict:
+    def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_pid": None, "_channel": None, "_stub": None}
 
     def describe(self, dataset: str = "", timeout: float = 30.0, tokenizer_files: bool = False) -> pb.DescribeResponse:
         try:
-            return self.stub.Describe(pb.DescribeRequest(dataset=dataset, tokenizer_files=tokenizer_files),
-                                      timeout=timeout, wait_for_ready=True, metadata=self.metadata)
+            info: pb.DescribeResponse = self.stub.Describe(
+                pb.DescribeRequest(dataset=dataset, tokenizer_files=tokenizer_files),
+                timeout=timeout, wait_for_ready=True, metadata=self.metadata)
+            return info
         except grpc.RpcError as err:
             raise from_rpc_error(err, self.address) from None
 
@@ -208,7 +211,7 @@ FailOver = Callable[[], Channel | None]
 
 #: Streams still open, closed at interpreter exit while gRPC is still importable (a suspended
 #: iterator is otherwise finalised during module teardown and fails noisily).
-_LIVE: weakref.WeakSet = weakref.WeakSet()
+_LIVE: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 @atexit.register

@@ -266,9 +266,16 @@ class ServerSettings(_Strict):
     shared_memory_dir: str | None = Field(
         default=None, min_length=1, description="Where clients' rings must be; unset: $TOKENFEED_SHM_DIR, else "
         "/dev/shm.")
+    paced_gap_s: float = Field(
+        default=0.025, gt=0, le=10, description="While many streams share the server, the wait between two "
+        "messages of a rank it aims for, for clients that leave their batches a message to it (the default): "
+        "longer gives larger messages and more tokens/s in all, shorter makes a many-rank job's batches come more "
+        "evenly.")
     # ---- limits ----
     max_streams: int = Field(
-        default=256, gt=0, description="Concurrent batch streams; more get RESOURCE_EXHAUSTED.")
+        default=1024, gt=0, description="Concurrent batch streams; more get RESOURCE_EXHAUSTED (with a retry "
+        "key: clients retry). Headroom above ranks / replicas: a rank that fails over or reconnects before its old "
+        "stream closed holds two slots for a moment; stream_memory_bytes bounds their memory.")
     stream_memory_bytes: ByteSize = Field(
         default=ByteSize(1 << 30), gt=0, description="Budget of what all open streams may hold (each is charged "
         "its largest message, token-budget step and padded packed shard); resident memory stays within about 3x.")
@@ -346,15 +353,18 @@ class DiskCacheSettings(_Strict):
 
 
 class CacheSettings(_Strict):
-    """Cache of tokenized shards: zstd-compressed in memory, content-addressed, optional disk tier."""
+    """Cache of tokenized shards in memory (uncompressed while they fit, else zstd), content-addressed,
+    optional disk tier."""
 
     max_bytes: ByteSize = Field(default=ByteSize(2 << 30), ge=0,
                                 description="Memory budget (compressed bytes + per-entry overhead); 0 disables.")
     ttl_s: float = Field(default=3600.0, gt=0, description="An entry unused for this long is dropped.")
     zstd_level: int = Field(default=3, ge=1, le=22, description="zstd level of cached shards.")
-    compression: Literal["zstd", "none"] = Field(
-        default="zstd", description="`none` keeps shards uncompressed in memory: ~2.3x the bytes, no zstd "
-                                    "decompression each epoch (a quarter of a warm server's CPU); disk stays zstd.")
+    compression: Literal["auto", "zstd", "none"] = Field(
+        default="auto", description="`auto`: shards uncompressed in memory while they fit in max_bytes, zstd once "
+                                    "it is short; `none` always uncompressed (~2.3x the bytes, no zstd "
+                                    "decompression each epoch: a quarter of a warm server's CPU); `zstd` always "
+                                    "compressed; disk stays zstd.")
     policy: Literal["smart", "lru"] = Field(
         default="smart", description="Eviction: `smart` uses the streams' known future order, `lru` does not.")
     hot_slots: int = Field(default=4096, ge=1, description="Uncompressed packed shards kept in front of the cache, "

@@ -43,6 +43,9 @@ FIRST_BATCH_SECONDS = Histogram("tokenfeed_stream_first_batch_seconds",
 ASSEMBLY_SECONDS = Histogram("tokenfeed_batch_assembly_seconds",
                              "Time to assemble one message of batches (waiting for shards included).",
                              ["dataset"], buckets=_FAST, registry=REGISTRY)
+PACED_BATCHES = Gauge("tokenfeed_paced_batches_per_message",
+                      "Batches a message the server chooses now for streams that let it (before each one's ceiling).",
+                      registry=REGISTRY)
 SENT_MESSAGES = Counter("tokenfeed_sent_messages_total", "Stream messages sent.", ["dataset"], registry=REGISTRY)
 SENT_BATCHES = Counter("tokenfeed_sent_batches_total", "Batches sent.", ["dataset"], registry=REGISTRY)
 SENT_ROWS = Counter("tokenfeed_sent_rows_total", "Rows sent.", ["dataset"], registry=REGISTRY)
@@ -95,6 +98,13 @@ MIXTURE_WEIGHT = Gauge("tokenfeed_mixture_weight", "Configured share of a mixtur
 MIXTURE_TOKENS = Counter("tokenfeed_mixture_tokens_total",
                          "Tokens served per mixture component; realised share = rate / sum of rates.",
                          ["dataset", "source"], registry=REGISTRY)
+
+# ---- data plans ----------------------------------------------------------------------------------
+PLAN_KINDS = ("skip", "exclude", "weights")
+PLAN_EDITS = Gauge("tokenfeed_plan_edits", "Data plan edits carried by the streams open now, by kind.",
+                   ["kind"], registry=REGISTRY)
+for _kind in PLAN_KINDS:
+    PLAN_EDITS.labels(_kind)
 
 
 def broken_reason(err: BaseException) -> str:

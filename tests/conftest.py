@@ -14,6 +14,9 @@ from benchmarks._common import ROOT, ServerProcess, jsonl_config, make_documents
 __all__ = ["ROOT", "ServerProcess", "jsonl_config", "make_documents", "write_jsonl"]
 
 
+_LIVE: list[ServerProcess] = []  # servers the fixtures started and have not stopped yet
+
+
 def _servers(workdir: Path) -> Iterator:
     """A ``start(config_dict | None, **kwargs)`` function; stops every server it started."""
     servers: list[ServerProcess] = []
@@ -21,11 +24,24 @@ def _servers(workdir: Path) -> Iterator:
     def start(config: dict[str, Any] | None = None, **kwargs: Any) -> ServerProcess:
         server = ServerProcess(config, workdir, **kwargs).start()
         servers.append(server)
+        _LIVE.append(server)
         return server
 
     yield start
     for server in servers:
         server.stop()
+        _LIVE.remove(server)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator:
+    """A failed test's report ends with the log of every server it was talking to: a timeout seen by
+    the client is explained (or ruled out) by what the server said meanwhile."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" and report.failed:
+        for server in _LIVE:
+            report.sections.append((f"server {server.address} log (last 40 lines)", "".join(server.lines[-40:])))
 
 
 @pytest.fixture

@@ -163,8 +163,12 @@ def test_smart_policy_evicts_the_furthest_next_use_and_declines_a_later_one() ->
     assert cache.stats()["admissions_declined"] == 1
     # ...while one nobody will read is declined too, and the three stay.
     assert not cache.put("x", shard(0), slot=None)
-    # The stream moves on: shard order[1] is now the current one (next use: next epoch).
+    # The stream reaches shard order[1]: it is in use until the stream moves past it, so a
+    # later newcomer is still declined (evicting k1 now would read it again from the source).
     future.update("s", "ds", seed, n, epoch=0, ordinal=1)
+    assert not cache.put("k5", shard(0), slot=("ds", int(order[5])))
+    # The stream moves on: k1's next use is next epoch.
+    future.update("s", "ds", seed, n, epoch=0, ordinal=2)
     assert cache.put("k5", shard(0), slot=("ds", int(order[5])))
     assert [k for k in ("k1", "k2", "k3", "k5") if k in cache._entries] == ["k2", "k3", "k5"]
     # With no stream left, every entry is "never needed": plain LRU order.

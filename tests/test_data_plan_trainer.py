@@ -64,3 +64,42 @@ def test_rewind_and_skip_by_flag_and_offline_exactly_once(module_servers: Any, t
     assert [r["step"] for r in metrics(run_dir)] == list(range(1, 11))
     shown = plan_cli("show", str(run_dir / "checkpoints" / "step_00000010"))
     assert "skip 3 global steps at step 2 (applied)" in shown and "skip 1 global steps at step 5 (applied)" in shown
+
+
+def test_a_spike_traced_by_provenance_is_excluded_rewound_and_the_run_finishes(module_servers: Any,
+                                                                                 tmp_path: Any) -> None:
+    """The README's worked example: step 4's documents (from provenance) excluded from step 3 on,
+    the run rewound to step 2 and finished; it reads the global order without the rows that hold them."""
+    import hashlib
+    from itertools import islice
+
+    import torch
+
+    from client import Edit, StreamingDataset
+
+    server, run_dir = module_servers(None).address, tmp_path / "run"
+    common = ["--checkpoint-every", "2", "eval.every=0", "checkpoint.keep=10"]
+    train(2, server, run_dir, "--max-steps", "4", *common)
+    (run_dir / "COMPLETE").unlink()
+
+    def stream(*edits: Edit, provenance: bool = False) -> StreamingDataset:
+        ds = StreamingDataset(server, "stdlib", seq_len=64, batch_size=4, seed=0, world_size=1, rank=0,
+                              provenance=provenance)
+        for e in edits:
+            ds.apply(e)
+        return ds
+    # training step 4 on 2 ranks read global batches 6 and 7: the spike's documents
+    spike = list(islice(stream(provenance=True), 8))[6:]
+    torch.save([b["provenance"] for b in spike], tmp_path / "dump.pt")
+    ckpt = run_dir / "checkpoints" / "step_00000002"
+    out = plan_cli("exclude", "--from-provenance", str(tmp_path / "dump.pt"), "--at-step", "3", str(ckpt))
+    assert "exclusion(s) from training step 3" in out and "exclude document" in out
+    assert "dataset 'stdlib' is not a mixture" in plan_cli("weights", "--at-step", "3", "web=1", str(ckpt), ok=False)
+    assert "--at-step 2 is in the past" in plan_cli("exclude", "--shard", "0", "--at-step", "2", str(ckpt), ok=False)
+    train(2, server, run_dir, "--max-steps", "6", "--rewind-to", "2", *common)
+    docs = {(s, d) for b in spike for s, d in b["provenance"][:, [4, 5]].tolist()}
+    want = stream(*(Edit.exclude(4, s, d) for s, d in sorted(docs)))  # training step 3 = global batch 4
+    hashes = [hashlib.blake2b(b["input_ids"].numpy().astype("<i8").tobytes(), digest_size=6).hexdigest()
+              for b in islice(want, 12)]
+    assert run_hashes(metrics(run_dir)) == hashes
+    assert "(applied)" in plan_cli("show", str(run_dir / "checkpoints" / "step_00000006"))

@@ -1,6 +1,6 @@
 """``BatchChunk.epochs`` (issue 16): each batch's epoch is that of its first row, on the fast path
-(``Walker.take_now``, a message's rows copied from packed shards without awaiting) as on the slow
-path (``Walker.take``). A message of several batches can straddle an epoch's end: the fast path
+(``Walker.take_now``, a message's rows copied from packed shards at once) as on the row-by-row
+path (``Walker.take_now_rows``). A message of several batches can straddle an epoch's end: the fast path
 used to stamp all its batches with the epoch where the message ended."""
 
 from __future__ import annotations

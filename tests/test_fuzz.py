@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 from client import StreamingDataset
 from server.config import ServerSettings
+from server.serve.ring import RING_START_WINDOW
 from tests.conftest import ServerProcess, decode_rows, jsonl_config, make_documents, write_jsonl
 from tests.resume_helpers import same_batches, take
 from tokenfeed import shm
@@ -305,10 +306,11 @@ def message_bytes(req: pb.StreamRequest) -> int:
 
 
 def cut_mid_stream(call: Iterator[pb.BatchChunk], ring: ClientRing, cut: int) -> grpc.StatusCode:
-    """With every slot written (the server now waits for one), truncate the ring to ``cut`` bytes
-    and free every slot: the server's next read or write of the ring must end the stream with
-    FAILED_PRECONDITION, never SIGBUS. The slots are never read here: that would kill us."""
-    for _ in range(ring.slots - 1):  # the first message is in
+    """With every slot the server writes before a first release written (it now waits for one),
+    truncate the ring to ``cut`` bytes and free every slot: the server's next read or write of the
+    ring must end the stream with FAILED_PRECONDITION, never SIGBUS. The slots are never read
+    here: that would kill us."""
+    for _ in range(min(ring.slots, RING_START_WINDOW) - 1):  # the first message is in
         assert next(call).HasField("shm_slot")
     os.truncate(ring.path, cut)
     if cut >= _RELEASED_AT + 8:

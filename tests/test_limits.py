@@ -92,7 +92,7 @@ def test_largest_messages_pass_both_limits_and_larger_ones_are_refused_up_front(
     # 16 batches of 64 x 4097 uint16 tokens: 8.4 MB a message, twice gRPC's default receive limit.
     ds = StreamingDataset(server.address, "docs", seq_len=4096, batch_size=64, batches_per_message=16)
     assert len(take(ds, 20)) == 20
-    with pytest.raises(RequestError, match="max message size of 16777216") as info:
+    with pytest.raises(RequestError, match="batches_per_message.*max message size of 16777216") as info:
         next(iter(StreamingDataset(server.address, "docs", seq_len=4096, batch_size=64, batches_per_message=32)))
     assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
 
@@ -271,3 +271,17 @@ def test_a_client_that_stopped_reading_does_not_hold_up_shutdown(start_server, d
     assert time.monotonic() - t0 < 5
     assert "drained 1 stream(s)" in server.log()
     channel.close()
+
+
+def test_default_max_streams_leaves_headroom_for_1024_ranks_on_4_replicas():
+    """256 ranks a replica was exactly the old default: a rank that failed over, or reconnected
+    before its old stream closed, was refused until its deadline (bench_scale jobstart). The
+    default admits twice that many a replica; the memory budget still bounds them."""
+    from server.serve.limits import Admission
+    settings = ServerSettings()
+    admission = Admission(settings.max_streams, int(settings.stream_memory_bytes))
+    tickets = [admission.admit(1 << 20) for _ in range(2 * 1024 // 4)]  # 1 MiB each: a 16-batch message
+    assert admission.streams == 512
+    for t in tickets:
+        t.release()
+    assert admission.streams == 0

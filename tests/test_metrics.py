@@ -21,6 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import ServerProcess, jsonl_config, make_documents, write_jsonl
 from server import exporter, metrics
+from server.serve.drive import complete
+from server.stream import walk
 from server.supply.cache import ShardCache
 from server.supply.cache_disk import DiskTier
 from server.stages.packing import tokenized_shard
@@ -33,6 +35,7 @@ _METRICS_LINE = re.compile(r"metrics: serving (http://\S+/metrics)")
 STREAM = "tokenfeed.v1.TokenFeed"
 #: Every label name the server may use: all from small fixed sets (DESIGN.md habit 10).
 ALLOWED_LABELS = {"dataset", "packing", "source", "reason", "tier", "tokenizer", "service", "method", "code", "le",
+                  "kind",  # tokenfeed_plan_edits: the data plan's edit kinds (skip, exclude, weights)
                   # prometheus_client's own process/platform/gc collectors:
                   "generation", "implementation", "major", "minor", "patchlevel", "version"}
 
@@ -315,7 +318,7 @@ async def test_collector_exports_what_a_real_tiered_store_reports(dataset, pool,
     for first in (True, False):  # the second pass finds the shards on disk: memory expired meanwhile
         walker = make_walker(store, dataset, 5, 32, "concat", Locator())
         for _ in range(40):
-            await walker.take(rows)
+            await complete(walker.store, walk.take(walker, rows))
         walker.close()
         await store.prefetcher.idle()
         if first:

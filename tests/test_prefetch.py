@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 
 from server import exporter
+from server.serve.drive import complete, stream_chunks
+from server.stream import walk
 from server.supply.cache import ShardCache
 from server.config import PrefetchSettings, ServerSettings
 from server.stages.dataset import Dataset
@@ -25,7 +27,6 @@ from server.stages.order import shard_order
 from server.serve.service import TokenFeedService, add_to_server
 from server.supply.store import ShardStore
 from server.serve.protocol import parse_request
-from server.stream.deal import stream_chunks
 from tokenfeed.v1 import tokenfeed_pb2 as pb
 from tokenfeed.v1 import tokenfeed_pb2_grpc as pb_grpc
 
@@ -273,7 +274,7 @@ async def test_a_walker_dropped_without_closing_still_lets_go(dataset: Dataset, 
 
     store = make_store(pool, depth=2)
     walker = make_walker(store, dataset, 3, 32, "concat", Locator())
-    await walker.skip(5)
+    await complete(walker.store, walk.skip(walker, 5))
     assert len(store.cache.future) == 1 and store.prefetcher.stats()["prefetch_streams"] == 1
     del walker
     gc.collect()

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 
 from client import StreamingDataset
+from server.serve.drive import complete
+from server.stream import walk
 from server.supply.cache import ShardCache
 from server.config import DatasetConfig, MixtureConfig
 from server.stages.dataset import Dataset
@@ -43,21 +45,21 @@ async def test_a_far_skip_on_a_small_dataset_is_one_jump(tmp_path: Path, pool: T
     reader = Walker(store, ds, 3, SEQ, "concat", Locator())
     out = np.empty((1, SEQ + 1), dtype=ds.dtype)
     while len(ds.shard_tokens) < ds.num_shards:  # learn every count (one epoch and a bit)
-        await reader.take(out)
+        await complete(reader.store, walk.take(reader, out))
     per_epoch = store.epoch_rows(ds, 3, 0, SEQ, "concat")[-1]
     far = 5000 * per_epoch + 7
     jumper = Walker(store, ds, 3, SEQ, "concat", Locator())
-    await jumper.skip(1)
+    await complete(jumper.store, walk.skip(jumper, 1))
     t0 = time.perf_counter()
-    await jumper.skip(far - 1)
+    await complete(jumper.store, walk.skip(jumper, far - 1))
     took = time.perf_counter() - t0
     first = np.empty((1, SEQ + 1), dtype=ds.dtype)
-    await jumper.take(first)
+    await complete(jumper.store, walk.take(jumper, first))
     walker = Walker(store, ds, 3, SEQ, "concat", Locator(row=0))
     walker.epoch, walker.row = 5000, 5000 * per_epoch  # the epoch start, by the definition of the order
-    await walker.skip(7)
+    await complete(walker.store, walk.skip(walker, 7))
     expected = np.empty((1, SEQ + 1), dtype=ds.dtype)
-    await walker.take(expected)
+    await complete(walker.store, walk.take(walker, expected))
     assert np.array_equal(first, expected) and jumper.epoch == 5000
     assert took < 0.05, f"skipping 5,000 epochs took {took:.3f} s"
     for w in (reader, jumper, walker):
@@ -70,7 +72,7 @@ async def test_a_long_mixture_assignment_leaves_the_loop_free(tmp_path: Path, po
     store = ShardStore(ShardCache(64 << 20), pool)
     walker = MixtureWalker(store, mix, 1, SEQ, "concat", Locator())
     out = np.empty((64, SEQ + 1), dtype=a.dtype)
-    await walker.take(out)  # counts learned
+    await complete(walker.store, walk.take(walker, out))  # counts learned
     counts = [p.row for p in walker.parts]
     mix.schedule.assign(walker.row, counts, 1_000_000)  # in one go: what the sliced assignment must reach
     ticks: list[float] = []
@@ -82,7 +84,8 @@ async def test_a_long_mixture_assignment_leaves_the_loop_free(tmp_path: Path, po
 
     task = asyncio.get_running_loop().create_task(ticker())
     await asyncio.sleep(0.02)
-    await walker.skip(1_000_000)  # ~1.7 s of sequential assignment: a loop that waited for it stalls that long
+    # ~1.7 s of sequential assignment: a loop that waited for it stalls that long
+    await complete(walker.store, walk.skip(walker, 1_000_000))
     task.cancel()
     gaps = np.diff(ticks)
     assert len(gaps) > 20 and gaps.max() < 0.5, f"the loop stalled {gaps.max():.3f} s"

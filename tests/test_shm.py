@@ -209,3 +209,47 @@ def test_rings_left_by_killed_clients_are_swept(tmp_path):
             os.utime(path, (old, old))
     assert shm.sweep(str(tmp_path)) == [str(leftovers["stale"])]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for k, p in leftovers.items() if k != "stale")
+
+
+async def test_a_client_holding_its_ring_is_polled_by_the_time_it_has_been_idle():
+    """A client that holds every slot (a rank with its first batch, waiting for the job's other
+    ranks to start) is polled about as often as it has been idle, up to 0.25 s apart: at the pace's
+    first guess (40 ms) each of a 1,024-rank job's ranks woke its server 50 times a second while
+    the rest started, 0.6 of the machine's two cores on four replicas (issue 23)."""
+    import asyncio
+
+    from server.serve.ring import RingWriter
+
+    class Held:  # a ring whose client frees nothing
+        slots, slot_bytes, reads = 2, 1 << 12, 0
+
+        def released(self) -> int:
+            self.reads += 1
+            return 0
+
+    ring = Held()
+    writer = RingWriter(ring)  # type: ignore[arg-type]
+    writer.message = 2  # both slots written, none freed
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(writer.take((1, 4), np.dtype(np.uint16)), 2.0)
+    polls = ring.reads // 2  # each poll reads the counter twice
+    assert 5 <= polls <= 30, polls  # 2 s at 20 ms apart: about 100
+
+
+def test_only_the_first_messages_are_written_before_the_client_frees_a_slot():
+    """Until a client frees its first slot, two messages are written ahead, then as many as its
+    ring holds: a 1,024-rank job's servers filled every rank's eight slots before the job's last
+    rank held its first batch (issue 23)."""
+    from server.serve.ring import RING_START_WINDOW, RingWriter
+
+    class Ring:
+        slots, slot_bytes, freed = 8, 1 << 12, 0
+
+        def released(self) -> int:
+            return self.freed
+
+    ring = Ring()
+    writer = RingWriter(ring)  # type: ignore[arg-type]
+    assert [writer._writable(m) for m in range(4)] == [m < RING_START_WINDOW for m in range(4)]
+    ring.freed = 1
+    assert writer._writable(8) and not writer._writable(9)

@@ -36,8 +36,8 @@ class MlflowServer:
     """``mlflow server`` on 127.0.0.1 with a SQLite backend store and a local artifact root served over
     HTTP (so uploads go through the server and fail when it is down). Restarts on the same port."""
 
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
+    def __init__(self, workdir: Path, extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> None:
+        self.workdir, self.extra_args, self.env = workdir, list(extra_args), dict(env or {})
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
@@ -54,9 +54,9 @@ class MlflowServer:
         self.proc = subprocess.Popen(
             [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
              "--backend-store-uri", f"sqlite:///{self.workdir / 'mlflow.db'}",
-             "--artifacts-destination", str(self.workdir / "artifacts")],
+             "--artifacts-destination", str(self.workdir / "artifacts"), *self.extra_args],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **self.env})
         return self
 
     def wait_ready(self, deadline_s: float = 180.0) -> MlflowServer:
@@ -311,6 +311,52 @@ def test_mlflow_down_at_the_end_keeps_checkpoints_and_a_relaunch_uploads(server:
     marker = json.loads((run_dir / "COMPLETE").read_text())
     assert marker["reason"] == "max_steps" and marker["tracking"]["uploaded"] is True
     assert checkpoints(run_dir) == [16]
+    assert client(mlflow_server).get_run(run_id).info.status == "FINISHED"
+
+
+def read_until(stream: Any, pattern: str, out: list[str]) -> None:
+    """Read ``stream`` line by line into ``out`` until a line matches ``pattern``."""
+    for line in stream:
+        out.append(line)
+        if re.search(pattern, line):
+            return
+    raise AssertionError(f"no line matched {pattern!r}:\n{''.join(out)[-4000:]}")
+
+
+def test_mlflow_down_mid_run_training_goes_on_and_the_queue_is_sent_when_it_is_back(
+        server: str, mlflow_server: MlflowServer, tmp_path: Path) -> None:
+    """The tracker dies at step 3 and comes back mid-run: every step arrives once, without a relaunch. A queue
+    longer than tracking.max_queued_steps is sent from metrics.jsonl."""
+    run_dir = tmp_path / "blip"
+    proc = subprocess.Popen(command(1, server, run_dir, "--max-steps", "40", "eval.every=10", *MLFLOW_ARGS,
+                                    f"tracking.uri={mlflow_server.uri}", "tracking.retry_after_s=0.5",
+                                    "tracking.max_queued_steps=3"),
+                            cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    out: list[str] = []
+    try:
+        assert proc.stderr is not None
+        read_until(proc.stderr, r"step 3/40", out)
+        mlflow_server.kill()
+        read_until(proc.stderr, r"training goes on: \d+ steps queued", out)
+        read_until(proc.stderr, r"the queue now lives in .*metrics.jsonl only", out)
+        proc.send_signal(signal.SIGSTOP)  # hold the run while the tracker restarts (seconds)
+        try:
+            mlflow_server.start()
+        finally:
+            proc.send_signal(signal.SIGCONT)
+        out.extend(proc.stderr)
+        assert proc.wait(240) == 0, "".join(out)[-4000:]
+    finally:
+        proc.kill()
+    text = "".join(out)
+    back = re.search(r"tracking: mlflow answers again; sent the steps (\d+)-(\d+) queued during (\d+) failed", text)
+    assert back and int(back.group(1)) <= 4 and int(back.group(3)) >= 1, text[-4000:]
+    lines = metrics(run_dir)
+    assert [r["step"] for r in lines] == list(range(1, 41))
+    run_id = run_id_of(run_dir, "mlflow")
+    assert history(mlflow_server, run_id, "loss") == pytest.approx({r["step"]: r["loss"] for r in lines})
+    marker = json.loads((run_dir / "COMPLETE").read_text())
+    assert marker["tracking"]["uploaded"] is True
     assert client(mlflow_server).get_run(run_id).info.status == "FINISHED"
 
 

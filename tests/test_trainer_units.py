@@ -100,3 +100,18 @@ def test_prometheus_metrics_are_per_rank_on_port_plus_rank() -> None:
 def test_the_example_config_is_valid() -> None:
     cfg = build_config(Path(__file__).resolve().parents[1] / "examples" / "train.yaml")
     assert cfg.data.seq_len <= cfg.model.context and cfg.eval.dataset is None
+
+
+def test_tracker_secrets_are_never_written_out() -> None:
+    """tracking.password/token are kept for the tracker client and shown as ********** in every dump (config.yaml,
+    checkpoints, tracker params); credentials in tracking.uri are refused without repeating them."""
+    from trainer.config import to_yaml
+
+    cfg = build_config(None, {"tracking": {"backend": "mlflow", "uri": "http://mlflow:5000", "username": "ann",
+                                           "password": "s3cret-pw", "token": "s3cret-tok"}})
+    assert cfg.tracking.password is not None and cfg.tracking.password.get_secret_value() == "s3cret-pw"
+    for dumped in (to_yaml(cfg), str(cfg.model_dump(mode="json")), repr(cfg)):
+        assert "s3cret" not in dumped and "ann" in dumped
+    with pytest.raises(ConfigError, match="tracking.uri: .*must not hold credentials") as err:
+        build_config(None, {"tracking": {"backend": "mlflow", "uri": "http://ann:s3cret-pw@mlflow:5000"}})
+    assert "s3cret" not in str(err.value)

@@ -8,7 +8,7 @@ from typing import Any
 import importlib.util
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from tokenfeed import wire
 
@@ -125,6 +125,10 @@ class TrackingConfig(_Section):
     The tracker run's id is kept in ``RUN_DIR/tracking.json``, so a resumed run continues the same
     tracker run. MLflow needs ``uri`` (a tracking server); W&B reads its usual settings
     (``WANDB_API_KEY``, ``WANDB_MODE=offline``) and ``uri`` as its base URL when set.
+
+    MLflow credentials come from ``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD`` or
+    ``MLFLOW_TRACKING_TOKEN``, or from ``username``/``password``/``token`` here (these win). Secrets are
+    ``SecretStr``: every dump of the config (``config.yaml``, checkpoints, tracker params) shows ``**********``.
     """
 
     backend: str = Field(default="none", description="`none`, `mlflow` or `wandb`.")
@@ -136,6 +140,16 @@ class TrackingConfig(_Section):
     tags: dict[str, str] = Field(default_factory=dict, description="Tags of the tracker run (W&B: `key:value`).")
     timeout_s: float = Field(default=30.0, gt=0, description="Timeout of one tracker request.")
     retries: int = Field(default=2, ge=0, description="Retries of a failed tracker request (MLflow), with backoff.")
+    retry_after_s: float = Field(default=30.0, ge=0, description="After a failed send mid-run, steps queue for this "
+                                 "long before the next try (training goes on).")
+    max_queued_steps: int = Field(default=10_000, ge=1, description="Steps held in memory while the tracker is down; "
+                                  "later ones are sent from metrics.jsonl once it answers.")
+    username: str | None = Field(default=None, description="MLflow basic-auth user (default: "
+                                 "MLFLOW_TRACKING_USERNAME).")
+    password: SecretStr | None = Field(default=None, description="MLflow basic-auth password (default: "
+                                       "MLFLOW_TRACKING_PASSWORD); never written out.")
+    token: SecretStr | None = Field(default=None, description="MLflow bearer token (default: MLFLOW_TRACKING_TOKEN); "
+                                    "never written out.")
 
     @field_validator("backend")
     @classmethod
@@ -147,6 +161,15 @@ class TrackingConfig(_Section):
         if package is not None and importlib.util.find_spec(package) is None:
             raise ValueError(f"backend {backend!r} needs the {package} package: pip install 'tokenfeed[{package}]'")
         return backend
+
+    @field_validator("uri")
+    @classmethod
+    def _no_userinfo(cls, uri: str | None) -> str | None:
+        # the URI is logged, written to config.yaml and sent as a param: no credentials in it
+        if uri and "@" in uri.split("://", 1)[-1].split("/", 1)[0]:
+            raise ValueError("must not hold credentials (user:password@); use MLFLOW_TRACKING_USERNAME and "
+                             "MLFLOW_TRACKING_PASSWORD, or tracking.username and tracking.password")
+        return uri
 
     @model_validator(mode="after")
     def _mlflow_needs_uri(self) -> TrackingConfig:
@@ -194,11 +217,16 @@ class TrainConfig(_Section):
         return self.seed if self.eval.dataset else self.seed + EVAL_SEED_OFFSET
 
 
+#: Fields whose rejected value is not repeated in an error message: it may hold a secret.
+_UNECHOED = ("password", "token", "uri")
+
+
 def _describe(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         field = ".".join(str(p) for p in e["loc"]) or "(config)"
-        got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
+        shown = "input" in e and not isinstance(e["input"], dict) and e["loc"][-1] not in _UNECHOED
+        got = f" (got {e['input']!r})" if shown else ""
         lines.append(f"{field}: {e['msg']}{got}")
     return "invalid trainer config: " + "; ".join(lines)
 

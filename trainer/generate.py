@@ -72,9 +72,11 @@ def generate(model: GPT, prompt: list[int], max_new_tokens: int, *, top_k: int =
 def main(argv: list[str] | None = None) -> int:
     """Command line: print the prompt and its continuation."""
     p = argparse.ArgumentParser(prog="python -m trainer.generate", description=__doc__)
-    p.add_argument("--model", required=True, help="exported model.pt (or its directory, RUN_DIR/final), or "
-                   "mlflow:runs:/RUN_ID/model (fetched once into --cache-dir)")
-    p.add_argument("--tracking-uri", help="MLflow tracking server for mlflow: models (default: MLFLOW_TRACKING_URI)")
+    p.add_argument("--model", required=True, help="exported model.pt (or its directory, RUN_DIR/final), "
+                   "mlflow:runs:/RUN_ID/model or wandb:ENTITY/PROJECT/NAME:VERSION (fetched once into --cache-dir; "
+                   "a W&B alias such as :latest is looked up each time, a version such as :v3 is not)")
+    p.add_argument("--tracking-uri", help="MLflow tracking server for mlflow: models (default: MLFLOW_TRACKING_URI); "
+                   "W&B base URL for wandb: models (default: WANDB_BASE_URL, else W&B's)")
     p.add_argument("--cache-dir", type=Path, default=None, help=f"fetched models (default: {default_cache()})")
     p.add_argument("--prompt", default="", help="text to continue (encoded with the model's tokenizer, "
                    "truncated to the context)")

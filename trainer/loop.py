@@ -299,7 +299,7 @@ class Trainer:
         """The edits ``tokenfeed-plan`` added beside checkpoint ``step`` (the checkpoints saved after
         this resume carry them in the data cursors' plan)."""
         for edit in offline_edits(checkpoint.step_dir(self.ckpt_root, step)):
-            if edit not in self.loader.plan.edits:
+            if not any(edit.same_as(e) for e in self.loader.plan.edits):
                 self.loader.apply(edit)
                 if self.rt.is_main:
                     log.info("data plan: %s (added offline with tokenfeed-plan)", Plan((edit,)).describe()[0])

@@ -3,8 +3,9 @@
 The loop talks to ``TrackedRun``. It keeps the tracker run's id and the last step the tracker
 confirmed in ``RUN_DIR/tracking.json``: a resumed run continues the same tracker run, and a step is
 sent once (a step redone after a resume was already sent, so it is skipped). Steps that could not be
-sent (tracker down) stay pending and go with a later step, or with the next launch, which reads
-them back from ``metrics.jsonl``. The backends import their packages only when chosen.
+sent (tracker down) stay pending, training goes on, and they go with a later step, or with the next
+launch; ``metrics.jsonl`` is the durable queue (a long outage keeps only ``tracking.max_queued_steps`` in
+memory and sends the rest from there). The backends import their packages only when chosen.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -26,10 +29,6 @@ STATE_FILE = "tracking.json"
 ARTIFACT_DIR = "model"
 #: The fields of a metrics.jsonl record that go to the tracker.
 METRIC_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s", "data_wait_fraction", "eval_loss", "step_s", "data_wait_s")
-#: After a failed send, steps queue up for this long before the next try, so a tracker that is down
-#: (each try waiting up to tracking.timeout_s) does not slow every step.
-RETRY_AFTER_S = 30.0
-
 _T = TypeVar("_T")
 Step = dict[str, float]  # "step", "time" and the METRIC_KEYS present
 
@@ -85,6 +84,13 @@ class MlflowBackend:
         # minutes on a tracker that is down. An explicit environment setting wins.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(cfg.retries))
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, round(cfg.timeout_s))))
+        # MLflow reads credentials from the environment on every request (no other way in through
+        # MlflowClient); the config's win. Only this process's environment: nothing is written out.
+        for var, value in (("MLFLOW_TRACKING_USERNAME", cfg.username),
+                           ("MLFLOW_TRACKING_PASSWORD", cfg.password and cfg.password.get_secret_value()),
+                           ("MLFLOW_TRACKING_TOKEN", cfg.token and cfg.token.get_secret_value())):
+            if value:
+                os.environ[var] = value
         from mlflow.tracking import MlflowClient
 
         self.cfg = cfg
@@ -169,9 +175,11 @@ class WandbBackend:
         artifact = self.wandb.Artifact(name, type=ARTIFACT_DIR, metadata=meta)
         artifact.add_dir(str(directory))
         logged = self.run.log_artifact(artifact, aliases=["best"])
-        if not self.run.offline:  # offline, the artifact is in the run's local files (synced later)
-            logged.wait(timeout=round(self.cfg.timeout_s))
-        return f"{self.cfg.project}/{name}:latest"
+        if self.run.offline:  # the artifact is in the run's local files (synced later): no version number yet
+            return f"{self.cfg.project}/{name}:latest"
+        logged.wait(timeout=round(self.cfg.timeout_s))
+        # ENTITY/PROJECT/NAME:vN, what `trainer.generate --model wandb:...` takes (a version: cached for good)
+        return f"{logged.entity}/{logged.project}/{name}:{logged.version}"
 
     def finish(self, ok: bool) -> None:
         self.run.finish(exit_code=0 if ok else 1)
@@ -189,7 +197,11 @@ class TrackedRun:
         self.state_path = cfg.run_dir / STATE_FILE
         self.run_id = ""
         self.logged_step = 0
+        self.metrics_path = cfg.run_dir / "metrics.jsonl"
         self.pending: list[Step] = []
+        #: the queue outgrew tracking.max_queued_steps: the steps after logged_step are read from metrics.jsonl
+        self.spilled = False
+        self.failures = 0  # failed sends since the tracker last answered
         self._next_try = 0.0
 
     @classmethod
@@ -211,12 +223,13 @@ class TrackedRun:
             raise TrackingError(f"{err}; this run directory continues tracker run {mine['run_id']} (in "
                                 f"{run.state_path}): if that run is gone, remove the {run.name!r} entry to start "
                                 "a new one") from None
+        run.metrics_path = metrics_path
         run.run_id, run.logged_step = run_id, 0 if created else int(mine.get("logged_step", 0))
         run._write_state()  # before anything else: a relaunch must find this run, not make another
         if created:
             run._call("logging the config", lambda: run.backend.log_config(_flatten(cfg.model_dump(mode="json"))))
         run._call("logging the metadata", lambda: run.backend.log_metadata(meta))
-        run.pending = [to_step(r) for r in _read_jsonl(metrics_path) if r.get("step", 0) > run.logged_step]
+        run.pending = run._backlog()
         log.info("tracking: %s run %s (%s)%s", run.name, run_id, "new" if created else "continued",
                  f"; sending {len(run.pending)} steps not sent before" if run.pending else "")
         run.flush()
@@ -224,17 +237,28 @@ class TrackedRun:
 
     # ---- steps ---------------------------------------------------------------------------
     def log(self, record: dict[str, Any]) -> None:
-        """Queue a step's record and send the queue, unless a recent failure says to wait."""
+        """Queue a step's record (already in metrics.jsonl) and send the queue, unless a recent failure says
+        to wait. A failure never raises: training goes on, the steps stay queued, the log says how many."""
         if record["step"] <= self.logged_step:
             return  # redone after a resume: the tracker has this step already
-        self.pending.append(to_step(record))
-        if time.monotonic() >= self._next_try:
-            try:
-                self.flush()
-            except TrackingError as err:
-                self._next_try = time.monotonic() + RETRY_AFTER_S
-                log.warning("%s; %d steps queued, retrying in %.0f s (metrics.jsonl has them all)", err,
-                            len(self.pending), RETRY_AFTER_S)
+        if not self.spilled and len(self.pending) >= self.cfg.tracking.max_queued_steps:
+            self.spilled = True  # bounded memory: metrics.jsonl holds them, flush reads them back
+            self.pending.clear()
+            log.warning("tracking: more than %d steps queued (tracking.max_queued_steps); the queue now lives in "
+                        "%s only and is sent from there once the tracker answers", self.cfg.tracking.max_queued_steps,
+                        self.metrics_path)
+        if not self.spilled:
+            self.pending.append(to_step(record))
+        if time.monotonic() < self._next_try:
+            return
+        try:
+            self.flush()
+        except TrackingError as err:
+            self.failures += 1
+            wait = self.cfg.tracking.retry_after_s
+            self._next_try = time.monotonic() + wait
+            log.warning("%s; training goes on: %d steps queued (since step %d, all in metrics.jsonl), retrying in "
+                        "%.0f s", err, int(record["step"]) - self.logged_step, self.logged_step + 1, wait)
 
     def flush(self) -> None:
         """Send the queued steps; the mark moves only once the tracker has them.
@@ -242,14 +266,23 @@ class TrackedRun:
         Raises:
             TrackingError: the tracker did not take them (they stay queued).
         """
-        if not self.pending:
-            return
-        batch = list(self.pending)
-        self._call(f"logging steps {int(batch[0]['step'])}-{int(batch[-1]['step'])}",
-                   lambda: self.backend.log_steps(batch))
-        del self.pending[:len(batch)]
-        self.logged_step = int(batch[-1]["step"])
-        self._write_state()
+        first = self.logged_step + 1
+        while self.spilled or self.pending:
+            if self.spilled:  # read back the next stretch from metrics.jsonl
+                self.pending = self._backlog()
+                self.spilled = len(self.pending) > self.cfg.tracking.max_queued_steps
+            if not self.pending:
+                break
+            batch = self.pending[:self.cfg.tracking.max_queued_steps]
+            self._call(f"logging steps {int(batch[0]['step'])}-{int(batch[-1]['step'])}",
+                       partial(self.backend.log_steps, batch))
+            del self.pending[:len(batch)]
+            self.logged_step = int(batch[-1]["step"])
+            self._write_state()
+        if self.failures:
+            log.info("tracking: %s answers again; sent the steps %d-%d queued during %d failed tries", self.name,
+                     first, self.logged_step, self.failures)
+            self.failures = 0
 
     # ---- the end -------------------------------------------------------------------------
     def upload(self, directory: Path, meta: dict[str, Any]) -> str:
@@ -283,8 +316,14 @@ class TrackedRun:
             raise
         except Exception as err:  # noqa: BLE001 -- the tracker clients raise many types (HTTP, their own)
             where = f" at {cfg.tracking.uri}" if cfg.tracking.uri else ""
-            raise TrackingError(f"tracker {cfg.tracking.backend}{where}: {what} failed "
-                                f"({type(err).__name__}: {_brief(err)})") from None
+            status = http_status(err)
+            hint = f"HTTP {status}: {_auth_hint(cfg.tracking, status)}; " if status in (401, 403) else ""
+            raise TrackingError(f"tracker {cfg.tracking.backend}{where}: {what} failed ({hint}"
+                                f"{type(err).__name__}: {_brief(err)})") from None
+
+    def _backlog(self) -> list[Step]:
+        """The steps of metrics.jsonl the tracker has not confirmed."""
+        return [to_step(r) for r in _read_jsonl(self.metrics_path) if r.get("step", 0) > self.logged_step]
 
     def _read_state(self) -> dict[str, Any]:
         try:
@@ -302,6 +341,35 @@ class TrackedRun:
         tmp = self.state_path.with_name(STATE_FILE + ".tmp")
         tmp.write_text(json.dumps(state, indent=1))
         os.replace(tmp, self.state_path)
+
+
+def http_status(err: BaseException) -> int | None:
+    """The HTTP status of a tracker client's error, when it carries one (MLflow's ``MlflowException``,
+    a ``requests`` ``HTTPError``, or a message saying ``error code 401``)."""
+    getter = getattr(err, "get_http_status_code", None)
+    response = getattr(err, "response", None)
+    for status in (getter() if callable(getter) else None, getattr(response, "status_code", None)):
+        if isinstance(status, int) and status not in (200, 500):  # MLflow's default for "no status" is 500
+            return status
+    found = re.search(r"\b(?:error code|status(?: code)?:?|HTTP) ?(401|403)\b", str(err))
+    return int(found.group(1)) if found else None
+
+
+def _auth_hint(cfg: TrackingConfig, status: int | None) -> str:
+    """What to change after a 401 or 403 (never a secret: the user name and where it came from)."""
+    if cfg.backend != "mlflow":
+        return ("not authenticated: set WANDB_API_KEY (or `wandb login`)" if status == 401
+                else "permission denied: the API key's user may not write to this project")
+    user = cfg.username or os.environ.get("MLFLOW_TRACKING_USERNAME")
+    source = "tracking.username" if cfg.username else "MLFLOW_TRACKING_USERNAME"
+    if status == 401:
+        given = (f"user {user!r} ({source}) was refused: check the password" if user else
+                 "a token was refused" if os.environ.get("MLFLOW_TRACKING_TOKEN") else "no credentials were given")
+        return (f"not authenticated, {given}; set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
+                "MLFLOW_TRACKING_TOKEN, or tracking.username and tracking.password)")
+    who = f"user {user!r} ({source})" if user else "these credentials"
+    return (f"permission denied: {who} may not write to experiment {cfg.experiment!r}; ask the tracker's admin "
+            "for EDIT permission, or choose another tracking.experiment")
 
 
 def _brief(err: Exception, limit: int = 500) -> str:

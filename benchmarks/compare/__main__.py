@@ -1,7 +1,7 @@
 """Run the comparison suite of issue 9 and write ``benchmarks/results/compare.{json,md,png}``.
 
     python -m benchmarks.compare [--quick] [--bench-python .venv-bench/bin/python] [--cache DIR]
-                                 [--only q1,q2,q3,q4,q5,q6]
+                                 [--only q1,q2,q3,q4,q5,q6] [--repeats N]
 
 Use ``benchmarks/run_compare.sh``, which also sets up the peers' environment. ``--quick`` (a
 corpus of ~25 M tokens instead of ~200 M, shorter windows, one repeat) writes ``compare-quick.*``.
@@ -27,9 +27,11 @@ QUESTIONS = ("q1", "q2", "q3", "q4", "q5", "q6")
 def settings(args: argparse.Namespace, corpus: Corpus, corpus_json: str, logs: Path) -> suite.Settings:
     """Full-scale settings, or the shrunken ones of ``--quick``."""
     common = {"bench_python": args.bench_python, "corpus": corpus, "corpus_json": corpus_json, "logs": logs}
+    if args.repeats:
+        common["repeats"] = args.repeats
     if not args.quick:
         return suite.Settings(**common)
-    return suite.Settings(**common, seconds=1.5, repeats=1, raw_parts=2, raw_repeats=1, resume_repeats=1,
+    return suite.Settings(**{"repeats": 1, **common}, seconds=1.5, raw_parts=2, raw_repeats=1, resume_repeats=1,
                           many_seconds=2.0, stall_steps=((5.0, 100), (20.0, 50), (100.0, 12)))
 
 
@@ -65,9 +67,9 @@ def run(args: argparse.Namespace, previous: dict) -> dict:
             result["warm_epoch"] = warm
             log.info("tokenfeed cold epoch (fills the cache): %s", warm)
             if "q1" in only:
-                with Server(suite.tokens_config(s, "none")) as raw_server:
-                    log.info("tokenfeed cold epoch, uncompressed cache: %s", suite.warm(s, raw_server))
-                    result["q1_peers"], result["q1_tokenfeed"] = suite.pretokenized(s, server, raw_server)
+                with Server(suite.tokens_config(s, "zstd")) as zstd_server:
+                    log.info("tokenfeed cold epoch, zstd cache: %s", suite.warm(s, zstd_server))
+                    result["q1_peers"], result["q1_tokenfeed"] = suite.pretokenized(s, server, zstd_server)
             bpm = best_bpm(result.get("q1_tokenfeed") or previous.get("q1_tokenfeed", []))
             result["chosen_bpm"] = bpm
             if "q4" in only:
@@ -93,6 +95,8 @@ def main() -> None:
                         help="python of the peers' environment (made by run_compare.sh)")
     parser.add_argument("--cache", default=os.environ.get("TOKENFEED_BENCH_CACHE", "/tmp/tokenfeed-bench"),
                         help="where the corpus and the peers' formats are written once and reused")
+    parser.add_argument("--repeats", type=int, default=0,
+                        help="interleaved repeats of each setting (default: 3, with --quick 1)")
     parser.add_argument("--only", default="", help=f"comma-separated subset of {','.join(QUESTIONS)}; "
                         "the other questions' results of the last run are kept")
     args = parser.parse_args()
@@ -108,8 +112,8 @@ def main() -> None:
         result = {**kept, **result, "rerun": args.only}
     path = save(name, result)
     result = json.loads(path.read_text())  # with the machine and time that save() adds
-    md, png = report.write(name, result)
-    print(f"saved {path}, {md}, {png} ({result['elapsed_s']:.0f} s)")
+    md, png = report.write(name, result, plot_python=args.bench_python)
+    print(f"saved {path}, {md}, {png or 'no plot'} ({result['elapsed_s']:.0f} s)")
     print(md.read_text())
 
 

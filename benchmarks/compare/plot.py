@@ -1,10 +1,24 @@
-"""The comparison suite's PNG: one panel per question (benchmarks/results/<name>.png)."""
+"""The comparison suite's PNG: one panel per question (benchmarks/results/<name>.png).
+
+    python -m benchmarks.compare.plot RESULT.json OUT.png   # in an environment with matplotlib
+"""
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
-from benchmarks.compare.targets import ok_rows
+from benchmarks.compare.targets import evaluate, ok_rows
+
+
+def _label(r: dict) -> str:
+    if r["loader"] != "tokenfeed":
+        return str(r["loader"])
+    if r.get("variant") == "defaults":
+        return f"tf all defaults (bpm {r['batches_per_message']})"
+    variant = r.get("variant", "default")
+    return f"tf bpm{r['batches_per_message']}" + ("" if variant == "default" else f" {variant[:28]}")
 
 
 def plot(res: dict, ev: dict, path: Path) -> None:
@@ -18,15 +32,16 @@ def plot(res: dict, ev: dict, path: Path) -> None:
     rows = ok_rows(res.get("q1_peers")) + ok_rows(res.get("q1_tokenfeed"))
     ax = axes[0][0]
     labels = [
-        f"{'tf bpm' + str(r['batches_per_message']) if r['loader'] == 'tokenfeed' else r['loader']} w{r['workers']}"
+        f"{_label(r)} w{r['workers']}"
         for r in rows
     ]
-    colors = ["tab:red" if r["loader"] == "tokenfeed" else "tab:gray" for r in rows]
+    colors = ["tab:green" if r.get("variant") == "defaults" else "tab:red" if r["loader"] == "tokenfeed"
+              else "tab:gray" for r in rows]
     ax.barh(labels, [r["tokens_per_s"] / 1e6 for r in rows], color=colors)
     for c in res.get("q3", []):
         ax.axvline(c["tokens_per_s"] / 1e6, ls="--", lw=0.8, color="tab:blue")
     ax.set_xscale("log")
-    ax.set_title("1. warm pre-tokenized: M tokens/s (dashed: raw gRPC ceilings)")
+    ax.set_title("1. warm pre-tokenized: M tokens/s (green: all defaults; dashed: raw gRPC ceilings)")
     ax = axes[0][1]
     ax.barh(labels, [r["cpu_s_per_m_tokens"] for r in rows], color=colors)
     ax.set_xscale("log")
@@ -89,3 +104,15 @@ def plot(res: dict, ev: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def main() -> None:
+    """Draw a saved result (``report.write`` runs this in the peers' environment, which has matplotlib)."""
+    if len(sys.argv) != 3:
+        sys.exit("usage: python -m benchmarks.compare.plot RESULT.json OUT.png")
+    res = json.loads(Path(sys.argv[1]).read_text())
+    plot(res, evaluate(res), Path(sys.argv[2]))
+
+
+if __name__ == "__main__":
+    main()

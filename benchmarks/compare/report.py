@@ -3,10 +3,14 @@ and one PNG of plots (``benchmarks/results/<name>.{md,png}``)."""
 
 from __future__ import annotations
 
+import logging
+import subprocess
 from pathlib import Path
 
-from benchmarks.common import RESULTS
+from benchmarks.common import RESULTS, ROOT
 from benchmarks.compare.targets import evaluate, ok_rows
+
+log = logging.getLogger(__name__)
 
 NAMES = {
     "memmap": "numpy memmap (the floor)",
@@ -35,6 +39,8 @@ def _name(r: dict) -> str:
     if r["loader"] != "tokenfeed":
         return name
     variant = r.get("variant", "default")
+    if variant == "defaults":
+        return f"{name}, all defaults ({r['batches_per_message']} batches/message chosen)"
     return f"{name}, {r['batches_per_message']} batches/message" + ("" if variant == "default" else f", {variant}")
 
 
@@ -61,6 +67,7 @@ def _summary(ev: dict) -> list[str]:
                 q["ceiling_ok"],
             ),
         ]
+    rows += _goal1_rows(ev.get("goal1"))
     if q := ev.get("q2"):
         t, r = q["tokenfeed"], q["recipe"]
         rows += [
@@ -102,10 +109,26 @@ def _summary(ev: dict) -> list[str]:
     if not rows:
         return []
     return (
-        ["## Targets of issue 9", "", "| target | figure | result |", "|---|---|---|"]
+        ["## Targets of issues 9 and 23", "", "| target | figure | result |", "|---|---|---|"]
         + [f"| {a} | {b} | {_met(c)} |" for a, b, c in rows]
         + [""]
     )
+
+
+def _goal1_rows(g: dict | None) -> list[tuple[str, str, bool | None]]:
+    """Issue 23, goal 1: the defaults against the best tuned row and the best peer (one run)."""
+    if not g:
+        return []
+    d, t, p = g["defaults"], g["best_tuned"], g["best_peer"]
+    return [
+        ("23.1 defaults >= 0.8x the best tuned tokenfeed (tokens/s)",
+         f"{g['vs_tuned']:.2f}x: {_m(d['tokens_per_s'])} vs {_m(t['tokens_per_s'])} ({_name(t)})", g["vs_tuned_ok"]),
+        ("23.1 defaults > the best peer (tokens/s)",
+         f"{g['vs_peer']:.2f}x: {_m(d['tokens_per_s'])} vs {_name(p)} {_m(p['tokens_per_s'])}", g["vs_peer_ok"]),
+        ("23.1 defaults' trainer CPU per token <= 0.5x the best peer's",
+         f"{g['cpu_ratio']:.2f}x: {d['cpu_s_per_m_tokens']:.4f} vs {p['cpu_s_per_m_tokens']:.4f} s / M tokens",
+         g["cpu_ok"]),
+    ]
 
 
 def _q1(res: dict, ev: dict) -> list[str]:
@@ -116,14 +139,18 @@ def _q1(res: dict, ev: dict) -> list[str]:
         "",
         "Medians of the repeats; the trainer process tree's CPU (user + sys, its DataLoader workers "
         "included, not the server). tokenfeed: `StreamingDataset` (`num_workers=0`) or "
-        "`StreamingDataLoader`, no wire compression, with its defaults (zstd cache, tokens through "
-        "a shared-memory ring since the server is on this host, `decode_ahead=2`) unless the row "
-        "names a variant; its server's own CPU is shown apart.",
+        "`StreamingDataLoader`, no wire compression, with its defaults (the cache uncompressed while "
+        "it fits its budget, tokens through a shared-memory ring since the server is on this host, "
+        "decoding in the trainer's thread while it asks for batches back to back, each field made "
+        "when read) unless the row names a variant; *all defaults* also lets the client choose the "
+        "batches per message. The server's own CPU is shown apart.",
         "",
         "What each batch holds differs: every peer hands the trainer the rows as one int64 `[8, 2049]` "
         "tensor, and tokenfeed by default hands it four (`input_ids`, `labels` with -100 on padding, "
-        "`position_ids` restarting at each document, `cu_seqlens`), about 30 us more CPU per batch. "
-        "The `fields=tokens` rows ask tokenfeed for the peers' tensor: the like-for-like comparison.",
+        "`position_ids` restarting at each document, `cu_seqlens`), about 30 us more CPU per batch when "
+        "all are made. The consumer here reads `input_ids` (the peers' tensor); decoding in its thread, "
+        "tokenfeed makes only that one (`decode_ahead=2` rows make all four, in the decode thread). "
+        "The `fields=tokens` rows ask tokenfeed for the peers' tensor.",
         "",
         "| loader | num_workers | M tokens/s | trainer CPU s / M tokens | server CPU s / M tokens "
         "| runs (M tokens/s) |",
@@ -169,6 +196,11 @@ def _q1(res: dict, ev: dict) -> list[str]:
                 + f" the best peer's {_m(bp['tokens_per_s'])}: gRPC on this machine "
                 + ("makes the first target impossible." if q["grpc_bound"] else "does not rule the first target out."),
             ]
+    if goal1 := _goal1_rows(ev.get("goal1")):
+        lines += ["", "Issue 23, goal 1: a `StreamingDataset` built with only address, dataset, seq_len and batch_size "
+                  "(the *all defaults* row), against the fastest other tokenfeed row and the fastest peer of this run.",
+                  "", "| target | figure | result |", "|---|---|---|"]
+        lines += [f"| {a} | {b} | {_met(c)} |" for a, b, c in goal1]
     return lines + [""]
 
 
@@ -354,12 +386,27 @@ def markdown(res: dict, ev: dict) -> str:
     return "\n".join(head + body)
 
 
-def write(name: str, res: dict) -> tuple[Path, Path]:
-    """Write ``<name>.md`` and ``<name>.png`` next to the JSON; their paths."""
-    from benchmarks.compare.plot import plot  # matplotlib only when writing
-
+def write(name: str, res: dict, plot_python: str | None = None) -> tuple[Path, Path | None]:
+    """Write ``<name>.md`` and ``<name>.png`` next to the JSON; their paths (the PNG's None when no
+    environment could draw it). matplotlib is not a dependency of the project's environment: where
+    it is missing, the plot is drawn by ``plot_python`` (the peers' ``.venv-bench``, whose ``bench``
+    extra declares it) from the saved JSON."""
     ev = evaluate(res)
     md, png = RESULTS / f"{name}.md", RESULTS / f"{name}.png"
     md.write_text(markdown(res, ev) + "\n")
-    plot(res, ev, png)
+    try:
+        from benchmarks.compare.plot import plot
+
+        plot(res, ev, png)
+        return md, png
+    except ImportError as err:
+        if plot_python is None:
+            log.warning("no plot (%s); pass plot_python, an environment with matplotlib", err)
+            return md, None
+    data = RESULTS / f"{name}.json"
+    proc = subprocess.run([plot_python, "-m", "benchmarks.compare.plot", str(data), str(png)], cwd=ROOT,
+                          check=False, capture_output=True, text=True)
+    if proc.returncode != 0:
+        log.warning("the plot failed in %s: %s", plot_python, proc.stderr.strip()[-500:])
+        return md, None
     return md, png

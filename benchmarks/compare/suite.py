@@ -74,35 +74,40 @@ def _tf(s: Settings, command: str, address: str, tag: str, *args: str) -> dict:
     return _run(sys.executable, "benchmarks.compare.tf_client", [command, "--address", address, *args], s.logs, tag)
 
 
-def tokens_config(s: Settings, cache_compression: str = "zstd") -> Path:
-    """The server config that serves the corpus's token shards as dataset ``bench`` (its cache
-    zstd-compressed, the default, or uncompressed: ``cache.compression: none``)."""
+def tokens_config(s: Settings, cache_compression: str | None = None) -> Path:
+    """The server config that serves the corpus's token shards as dataset ``bench``: the server's
+    defaults, or the cache's ``compression`` named (``zstd``: the default before issue 23)."""
     s.logs.mkdir(parents=True, exist_ok=True)
-    path = s.logs / ("tokens.yaml" if cache_compression == "zstd" else f"tokens-{cache_compression}.yaml")
-    path.write_text(json.dumps({"datasets": {"bench": {"source": {"type": "tokens", "path": s.corpus.tokenfeed_dir}}},
-                                "cache": {"compression": cache_compression}}))
+    path = s.logs / ("tokens.yaml" if cache_compression is None else f"tokens-{cache_compression}.yaml")
+    config: dict[str, Any] = {"datasets": {"bench": {"source": {"type": "tokens", "path": s.corpus.tokenfeed_dir}}}}
+    if cache_compression is not None:
+        config["cache"] = {"compression": cache_compression}
+    path.write_text(json.dumps(config))
     return path
 
 
 #: tokenfeed settings measured besides the defaults, at the largest batches_per_message unless
-#: they name theirs: (variant, num_workers, tf_client arguments, whether on the server with an
-#: uncompressed cache[, batches_per_message]).
+#: they name theirs: (variant, num_workers, tf_client arguments, whether on the server with a
+#: zstd cache[, batches_per_message]). The rows without a variant name the batches per message
+#: and leave the rest to the client; "defaults" leaves it everything (``--bpm 0``).
 VARIANTS: tuple[tuple, ...] = (
+    # what a user got before issue 23: at most 256 KiB a message (7 here), a decode thread, zstd cache
+    ("before issue 23 (zstd cache, decode_ahead=2)", 0, ("--decode-ahead", "2"), True, 7),
     ("decode_ahead=0", 0, ("--decode-ahead", "0"), False),
+    ("decode_ahead=2", 0, ("--decode-ahead", "2"), False),
     ("gRPC only (shared memory off)", 0, ("--shared-memory", "off"), False),
-    ("uncompressed cache", 0, (), True),
-    ("uncompressed cache, decode_ahead=0", 0, ("--decode-ahead", "0"), True),
-    ("uncompressed cache", 2, (), True),
+    ("zstd cache", 0, (), True),
     # the batch the peers deliver: the rows as one int64 [8, 2049] tensor, no labels or positions
     ("fields=tokens", 0, ("--fields", "tokens"), False),
     ("fields=tokens, decode_ahead=0", 0, ("--fields", "tokens", "--decode-ahead", "0"), False),
-    ("uncompressed cache, fields=tokens", 0, ("--fields", "tokens"), True),
-    ("uncompressed cache, fields=tokens, decode_ahead=0", 0, ("--fields", "tokens", "--decode-ahead", "0"), True),
     # through the shared-memory ring a message is a few hundred bytes of gRPC whatever its size:
     # more batches per message spread the per-message cost wider (the ring holds 2 of these)
+    ("decode_ahead=0", 0, ("--decode-ahead", "0"), False, 64),
     ("fields=tokens, decode_ahead=0", 0, ("--fields", "tokens", "--decode-ahead", "0"), False, 64),
-    ("uncompressed cache, fields=tokens, decode_ahead=0", 0, ("--fields", "tokens", "--decode-ahead", "0"), True, 64),
+    ("zstd cache, fields=tokens, decode_ahead=0", 0, ("--fields", "tokens", "--decode-ahead", "0"), True, 64),
 )
+#: The row a StreamingDataset built with only address, dataset, seq_len and batch_size gives (issue 23, goal 1).
+DEFAULTS = "defaults"
 
 
 def warm(s: Settings, server: Server) -> dict:
@@ -127,24 +132,27 @@ def _summary(base: dict, runs: list[dict], errors: list[str]) -> dict:
     """Medians over the repeats of one setting (or its error when no repeat succeeded)."""
     if not runs:
         return {**base, "error": errors[0] if errors else "no run"}
+    if base.get("batches_per_message") == 0:  # chosen by the client: what it chose
+        base = {**base, "batches_per_message": runs[0].get("batches_per_message", 0)}
     med = {k: statistics.median(r[k] for r in runs) for k in ("tokens_per_s", "cpu_s_per_m_tokens")}
     server = [r["server_cpu_s_per_m_tokens"] for r in runs if r.get("server_cpu_s_per_m_tokens") is not None]
     return {**base, **med, "server_cpu_s_per_m_tokens": statistics.median(server) if server else None,
             "runs": runs, "errors": errors}
 
 
-def pretokenized(s: Settings, server: Server, raw_server: Server | None = None) -> tuple[list[dict], list[dict]]:
+def pretokenized(s: Settings, server: Server, zstd_server: Server | None = None) -> tuple[list[dict], list[dict]]:
     """Question 1: tokens/s and trainer CPU per M tokens for every peer x num_workers and tokenfeed
-    x num_workers x batches_per_message (defaults: zstd cache, shared memory on loopback, decode
-    ahead 2), plus the ``VARIANTS`` (``raw_server``: the same corpus with an uncompressed cache).
-    Repeats are interleaved (every setting once, then again) so that the load of this shared
-    machine falls on all of them alike."""
+    x num_workers x batches_per_message (the rest the client's and server's defaults), tokenfeed
+    with every default (``DEFAULTS``), plus the ``VARIANTS`` (``zstd_server``: the same corpus with
+    a zstd cache). Repeats are interleaved (every setting once, then again) so that the load of this
+    shared machine falls on all of them alike."""
     settings: list[dict] = [{"loader": lo, "workers": w} for lo in PEER_LOADERS for w in s.workers]
+    settings += [{"loader": "tokenfeed", "workers": 0, "batches_per_message": 0, "variant": DEFAULTS}]
     settings += [{"loader": "tokenfeed", "workers": w, "batches_per_message": b, "variant": "default"}
                  for w in s.workers for b in s.bpms]
     settings += [{"loader": "tokenfeed", "workers": w, "batches_per_message": (bpm or [max(s.bpms)])[0],
                   "variant": name, "args": list(args), "raw": raw} for name, w, args, raw, *bpm in VARIANTS
-                 if w in s.workers and (raw_server is not None or not raw)]
+                 if w in s.workers and (zstd_server is not None or not raw)]
     runs: list[list[dict]] = [[] for _ in settings]
     errors: list[list[str]] = [[] for _ in settings]
     for rep in range(s.repeats):
@@ -152,7 +160,7 @@ def pretokenized(s: Settings, server: Server, raw_server: Server | None = None) 
             w = str(st["workers"])
             log.info("warm throughput %d/%d: %s", rep + 1, s.repeats, st)
             if st["loader"] == "tokenfeed":
-                bpm, srv = str(st["batches_per_message"]), raw_server if st.get("raw") else server
+                bpm, srv = str(st["batches_per_message"]), zstd_server if st.get("raw") else server
                 assert srv is not None
                 tag = f"q1-tokenfeed-w{w}-bpm{bpm}-{st['variant'].replace(' ', '_').replace(',', '')}-{rep}"
                 r = _tf(s, "throughput", srv.address, tag, "--workers", w,

@@ -1,4 +1,4 @@
-"""The targets of issue 9, checked against the figures of a comparison run."""
+"""The targets of issues 9 and 23, checked against the figures of a comparison run."""
 
 from __future__ import annotations
 
@@ -44,6 +44,8 @@ def evaluate(res: dict) -> dict[str, Any]:
         ev["q1"]["grpc_bound"] = ceiling["tokens_per_s"] < bp["tokens_per_s"] if ceiling else None
         # the fallback target applies only where gRPC rules the first one out
         ev["q1"]["ceiling_ok"] = ev["q1"]["ceiling_ratio"] >= 0.8 if ceiling and ev["q1"]["grpc_bound"] else None
+    if peers and (goal1 := defaults_goal(peers, tf)):
+        ev["goal1"] = goal1
     q2 = res.get("q2")
     if q2:
 
@@ -105,3 +107,22 @@ def evaluate(res: dict) -> dict[str, Any]:
             "by_workers": {r["workers"]: r["stall_fraction"] for r in q6},
         }
     return ev
+
+
+def defaults_goal(peers: list[dict], tf: list[dict]) -> dict[str, Any] | None:
+    """Issue 23, goal 1: tokenfeed with every default (the ``defaults`` row) against the best tuned
+    tokenfeed row (>= 0.8x its tokens/s) and the best peer (more tokens/s, <= 0.5x its trainer CPU
+    per token), each a ratio of figures measured side by side in the same run."""
+    defaults = next((r for r in tf if r.get("variant") == "defaults"), None)
+    tuned = [r for r in tf if r.get("variant") != "defaults"]
+    if defaults is None or not tuned or not peers:
+        return None
+    best_tuned = max(tuned, key=lambda r: r["tokens_per_s"])
+    best_peer = max(peers, key=lambda r: r["tokens_per_s"])
+    vs_tuned = defaults["tokens_per_s"] / best_tuned["tokens_per_s"]
+    vs_peer = defaults["tokens_per_s"] / best_peer["tokens_per_s"]
+    cpu_ratio = defaults["cpu_s_per_m_tokens"] / best_peer["cpu_s_per_m_tokens"]
+    return {"defaults": defaults, "best_tuned": best_tuned, "best_peer": best_peer,
+            "vs_tuned": vs_tuned, "vs_tuned_ok": vs_tuned >= 0.8,
+            "vs_peer": vs_peer, "vs_peer_ok": vs_peer > 1.0,
+            "cpu_ratio": cpu_ratio, "cpu_ok": cpu_ratio <= 0.5}

@@ -36,8 +36,11 @@ def dataset(args: argparse.Namespace, **kw: Any) -> StreamingDataset:
         kw.setdefault("shared_memory", args.shared_memory == "on")
     if args.fields:
         kw.setdefault("fields", args.fields.split(","))
-    return StreamingDataset(args.address, args.dataset, seq_len=SEQ, batch_size=BATCH,
-                            batches_per_message=args.bpm, compression=args.compression, **kw)
+    if args.compression:
+        kw.setdefault("compression", args.compression)
+    if args.bpm:  # 0: the client chooses
+        kw.setdefault("batches_per_message", args.bpm)
+    return StreamingDataset(args.address, args.dataset, seq_len=SEQ, batch_size=BATCH, **kw)
 
 
 def loader(ds: StreamingDataset, workers: int) -> Any:
@@ -75,8 +78,10 @@ def cmd_warm(args: argparse.Namespace) -> dict:
 def cmd_throughput(args: argparse.Namespace) -> dict:
     runs = []
     for _ in range(args.repeats):
-        it: Iterator[Any] = iter(loader(dataset(args), args.workers))
+        ds = dataset(args)
+        it: Iterator[Any] = iter(loader(ds, args.workers))
         runs.append(measure(it, tokens_of, warmup=args.warmup, seconds=args.seconds, server=args.server_pid).as_dict())
+        runs[-1]["batches_per_message"] = ds.batches_per_message  # what the client chose, for --bpm 0
         del it
     med = {k: statistics.median(r[k] for r in runs) for k in ("tokens_per_s", "cpu_s_per_m_tokens")}
     server = [r["server_cpu_s_per_m_tokens"] for r in runs if r["server_cpu_s_per_m_tokens"] is not None]
@@ -202,7 +207,7 @@ def main() -> None:
                                             "rawtext"])
     parser.add_argument("--address", required=True)
     parser.add_argument("--dataset", default="bench")
-    parser.add_argument("--bpm", type=int, default=1, help="batches per message")
+    parser.add_argument("--bpm", type=int, default=1, help="batches per message; 0: the client's choice")
     parser.add_argument("--compression", default=None)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--decode-ahead", type=int, default=None, help="StreamingDataset(decode_ahead=...)")

@@ -6,6 +6,7 @@ limit, and a cap on the streams anyone may open without a token (health Watch, r
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
@@ -123,9 +124,15 @@ def check_request(params: StreamParams, settings: ServerSettings) -> int:
             raise InvalidArgument(f"cursor.{field}", f"must be below 2**62, got {value}")
     bound = message_bound(p)
     if bound > settings.max_message_bytes:
-        raise InvalidArgument("batches_per_message", f"messages of this stream may take {bound} bytes (provenance, "
-                              f"piece starts and cursors included), above the server's max message size of "
-                              f"{int(settings.max_message_bytes)} bytes; ask for fewer or smaller batches")
+        # Named after what to change: one batch alone too large, else the batches per message.
+        one = message_bound(dataclasses.replace(p, batches_per_message=1))
+        field = ("max_tokens" if p.max_tokens else "batch_size") if one > settings.max_message_bytes \
+            else "batches_per_message"
+        raise InvalidArgument(field, f"messages of this stream ({p.batches_per_message} batch(es) of "
+                              f"{1 if p.max_tokens else p.batch_size} x {p.max_tokens or p.seq_len} tokens) may take "
+                              f"{bound} bytes (provenance, piece starts and cursors included), above the server's "
+                              f"max message size of {int(settings.max_message_bytes)} bytes; ask for fewer or "
+                              "smaller batches")
     charge = stream_charge(p)
     if charge > settings.stream_memory_bytes:
         packed = packing_charge(p)

@@ -13,6 +13,8 @@ import numpy as np
 
 from server.config import ServerSettings
 from server.errors import FailedPrecondition, InvalidArgument, NotFound
+from server.stages.exclusion import Stages, stages_of
+from server.stages.mixture import EditedSchedule, Mixture, WeightSchedule
 from server.stages.order import Locator
 from server.stages.served import Served
 from server.stages.sources.tokens import MANIFEST, TokensSource
@@ -41,32 +43,61 @@ def parse_request(req: pb.StreamRequest, datasets: Mapping[str, Served],
         raise InvalidArgument("packing", f"must be one of {', '.join(wire.PACKINGS)}, got {packing!r}")
     per_msg = req.batches_per_message or 1
     _check_range("batches_per_message", per_msg, 1, MAX_BATCHES_PER_MESSAGE)
-    rows, width = req.batch_size, req.seq_len + 1
     if req.max_tokens:
         if req.packing not in ("", "split"):
             raise InvalidArgument("packing", f"token-budget batches pack pieces ('split'), got {req.packing!r}")
         packing = "split"
         _check_range("max_tokens", req.max_tokens, req.seq_len, limits.max_seq_len * limits.max_batch_size)
-        rows, width = 1, req.max_tokens + 1
-    payload = per_msg * rows * width * ds.dtype.itemsize
-    if payload + 65536 > limits.max_message_bytes:
-        raise InvalidArgument(
-            "max_tokens" if req.max_tokens else "batch_size",
-            f"{per_msg} batch(es) of {rows} x {width - 1} tokens take {payload} bytes, "
-            f"above the server's max message size of {int(limits.max_message_bytes)} bytes",
-        )
+    # (the size of the stream's messages is checked with its other bounds: limits.check_request)
     if req.compression not in (pb.COMPRESSION_NONE, pb.COMPRESSION_ZSTD):
         raise InvalidArgument("compression", f"unknown value {req.compression}")
     start = _check_cursor(req, ds, packing) if req.HasField("cursor") else Locator()
     if req.skip_rows and req.max_tokens:  # a budget step holds no fixed number of rows to pass over
         raise InvalidArgument("skip_rows", "token-budget streams (max_tokens) cannot skip rows")
+    if req.plan and req.max_tokens:
+        raise InvalidArgument("plan", "token-budget streams (max_tokens) cannot carry exclude or weights edits")
+    schedule, stages = _check_plan(req, ds)
     return StreamParams(
         dataset=ds, seed=req.seed, seq_len=req.seq_len, batch_size=req.batch_size, packing=packing,
         rank=req.rank, world_size=req.world_size, first_step=req.first_step,
         step_stride=req.step_stride or 1, batches_per_message=per_msg,
         zstd=req.compression == pb.COMPRESSION_ZSTD, start=start, provenance=req.provenance, max_tokens=req.max_tokens,
-        skip_rows=req.skip_rows,
+        skip_rows=req.skip_rows, schedule=schedule, stages=stages,
+        plan_edits=(*(e.op for e in req.plan), *(("skip",) if req.skip_rows else ())),
+        batches_adaptive=req.batches_adaptive and not req.max_tokens,
     )
+
+
+def _check_plan(req: pb.StreamRequest, ds: Served) -> tuple[WeightSchedule | None, dict[str, Stages]]:
+    """The data plan's edits a stream carries: exclusions of known shards (documents are checked
+    against their shard's count when the stream starts, where it may not be known yet) and mixture
+    weights; errors name the edit and the problem."""
+    plain = {part.name: part for part in ds.parts}
+    excludes, schedule = [], None
+    for i, e in enumerate(req.plan):
+        field = f"plan[{i}]"
+        if e.op == "exclude":
+            part = plain.get(e.dataset or ds.name)
+            if part is None:
+                raise InvalidArgument(f"{field}.dataset", f"{e.dataset!r} is not {ds.name!r} or one of its "
+                                      f"components ({', '.join(plain)})")
+            if e.shard >= part.num_shards:
+                raise InvalidArgument(f"{field}.shard", f"unknown shard {e.shard} of {part.name!r}, which has "
+                                      f"{part.num_shards} shards (0 to {part.num_shards - 1})")
+            if e.document < -1:
+                raise InvalidArgument(f"{field}.document", f"must be a document id >= 0 (or -1: the whole shard), "
+                                      f"got {e.document}")
+            excludes.append((e.from_row, part.name, e.shard, e.document))
+        elif e.op == "weights":
+            if not isinstance(ds, Mixture):
+                raise InvalidArgument(f"{field}.weights", f"dataset {ds.name!r} is not a mixture: it has no weights")
+            try:
+                schedule = EditedSchedule(schedule or ds.schedule, e.from_row, dict(e.weights))
+            except ValueError as err:
+                raise InvalidArgument(f"{field}.weights", str(err)) from None
+        else:
+            raise InvalidArgument(f"{field}.op", f"must be 'exclude' or 'weights', got {e.op!r}")
+    return schedule, stages_of(excludes)
 
 
 def _check_range(field: str, value: int, lo: int, hi: int) -> None:
@@ -132,6 +163,7 @@ def encode_chunk(chunk: Chunk, params: StreamParams) -> tuple[bytes, int]:
         provenance_counts=[len(p) for p in chunk.provenance] if chunk.provenance else [],
         piece_starts=[c for s in chunk.starts for c in s] if chunk.starts else [],
         piece_start_counts=[len(s) for s in chunk.starts] if chunk.starts else [],
+        plan_edits=sum(1 for kind in params.plan_edits if kind != "skip"),
     ).SerializeToString()
     if chunk.shm_slot is not None:  # the tokens are in the client's ring already
         return pb.BatchChunk(shm_slot=chunk.shm_slot).SerializeToString() + header, chunk.tokens.nbytes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 
 import numpy as np
@@ -13,6 +14,8 @@ from tokenfeed.shm import ServerRing
 
 #: Waiting on a full ring: the first poll, and the bounds on the longest (see ``RingWriter``).
 RING_POLL_S = (0.0002, 0.25)
+#: Messages written ahead of a client that has freed no slot yet (see ``RingWriter``).
+RING_START_WINDOW = 2
 
 
 class RingWriter:
@@ -21,7 +24,19 @@ class RingWriter:
     A full ring means the client has ``slots`` messages to go through; it frees the next slot
     about one message's time from now. So the server polls (doubling from 0.2 ms) up to half the
     time the client has been taking per message: the wake-ups follow the client's pace, a few per
-    message, instead of a fixed rate per waiting stream (a slow trainer keeps its ring full).
+    message, instead of a fixed rate per waiting stream (a slow trainer keeps its ring full). A
+    client that has freed nothing for longer than its pace (a rank holding its first batch while
+    the job's other ranks start, an evaluation pause) is taking at least that long: the polls
+    follow the time it has been idle, up to 0.25 s apart. (At the pace's first guess, 40 ms, each
+    of a 1,024-rank job's ranks woke its server 50 times a second while it waited for the rest:
+    256 streams a replica took 0.6 of the machine's 2 cores, and the job started later.)
+
+    Until the client frees its first slot (it asks past its first message), only
+    ``RING_START_WINDOW`` messages are written ahead, then as many as the ring holds: the ranks of
+    a job each hold a first batch while the job's other ranks start, and filling every rank's ring
+    (eight messages) before the last rank had its first one made the servers do four times the
+    work a job's start needs. A trainer finds its second batch there after its first step, and
+    the third is written during its second.
 
     A message is assembled in a buffer of this stream's own, never in the client's file (which the
     client may truncate under a mapping: SIGBUS, the whole server gone); the caller copies it into
@@ -42,21 +57,32 @@ class RingWriter:
         broke its ring meanwhile."""
         ring, message = self.ring, self.message
         delay = RING_POLL_S[0]
-        while not ring.writable(message):
+        while not self._writable(message):
             await asyncio.sleep(delay)
-            self._observe()
-            delay = min(delay * 2, max(RING_POLL_S[0], min(RING_POLL_S[1], self._per_message / 2)))
+            pace = self._observe()
+            delay = min(delay * 2, max(RING_POLL_S[0], min(RING_POLL_S[1], pace / 2)))
         self.message += 1
-        nbytes = int(np.prod(shape)) * dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize
         if nbytes > ring.slot_bytes:
             raise ValueError(f"a message of {nbytes} bytes does not fit a slot of {ring.slot_bytes}")
-        if self._buffer is None or self._buffer.nbytes != nbytes:
+        if self._buffer is None or self._buffer.nbytes < nbytes:  # (paced messages may be smaller)
             self._buffer = np.empty(nbytes, dtype=np.uint8)
-        return MessageSpace(self._buffer.view(dtype).reshape(shape), shm_slot=message % ring.slots)
+        return MessageSpace(self._buffer[:nbytes].view(dtype).reshape(shape), shm_slot=message % ring.slots)
 
-    def _observe(self) -> None:
+    def _writable(self, message: int) -> bool:
+        """Whether message ``message`` may be written now: a slot is free, and the client has freed
+        one already or the message is among its first ``RING_START_WINDOW``."""
+        released = self.ring.released()
+        window = self.ring.slots if released else min(self.ring.slots, RING_START_WINDOW)
+        return message < released + window
+
+    def _observe(self) -> float:
+        """Update the client's pace from its released count; the seconds a message takes it: its
+        pace, or the time since it last freed a slot where that is longer."""
         released, now = self.ring.released(), time.monotonic()
         count, when = self._seen
         if released > count:
             self._per_message = 0.5 * self._per_message + 0.5 * (now - when) / (released - count)
             self._seen = (released, now)
+            return self._per_message
+        return max(self._per_message, now - when)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections import Counter
 from collections.abc import AsyncIterator, Mapping
 
 import grpc
@@ -13,12 +14,13 @@ from google.protobuf.message import Message
 from server import metrics
 from server.config import ServerSettings
 from server.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, TokenfeedError, Unavailable
+from server.serve.drive import Buffers, stream_chunks
 from server.serve.limits import Admission, Overloaded, ShuttingDown, check_request
+from server.serve.pacing import Pacing
 from server.serve.protocol import MessageBuffers, dataset_info, encode_chunk, parse_request, tokenizer_files
 from server.serve.ring import RingWriter
 from server.stages.served import Served
-from server.stream.deal import stream_chunks
-from server.stream.params import Buffers, StreamParams
+from server.stream.params import StreamParams
 from server.supply.store import ShardStore
 from tokenfeed import shm, wire
 from tokenfeed.shm import RingBroken, ServerRing
@@ -55,26 +57,40 @@ class TokenFeedService(pb_grpc.TokenFeedServicer):
                  settings: ServerSettings) -> None:
         self.datasets, self.store, self.settings = datasets, store, settings
         self.admission = Admission(settings.max_streams, int(settings.stream_memory_bytes))
+        self.pacing = Pacing(settings.paced_gap_s)  # batches a message, for the streams that let the server choose
+        self.plan_edits: Counter[str] = Counter()  # data plan edits the open streams carry, by kind
+
+    def _count_edits(self, kinds: tuple[str, ...], sign: int) -> None:
+        for kind in kinds:
+            self.plan_edits[kind] += sign
+            metrics.PLAN_EDITS.labels(kind).inc(sign)
 
     async def StreamBatches(self, request: pb.StreamRequest,
                             context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         ticket = ring = None  # the admission slot and the ring, released however the stream ends
+        paced = False  # counted among the streams sharing the loop (``Pacing``)
+        edits: tuple[str, ...] = ()
         try:
             params = parse_request(request, self.datasets, self.settings)
             ticket = self.admission.admit(check_request(params, self.settings))
+            edits = params.plan_edits
+            self._count_edits(edits, +1)
             ring = self._ring(request, params)
             log.info("stream opened: %s rank %d/%d worker %d from %s (row %d%s)", request.dataset,
                      request.rank, request.world_size, request.worker_id, context.peer(), params.start.row,
                      ", tokens through shared memory" if ring is not None else "")
             shm_bytes = metrics.SHARED_MEMORY_BYTES.labels(params.dataset.name)
+            self.pacing.opened()
+            paced = True
             with metrics.StreamMeter(params.dataset.name, params.packing, params.dataset.info.pad_id) as meter:
                 buffers: Buffers = RingWriter(ring) if ring is not None else MessageBuffers()
-                async for chunk in stream_chunks(params, self.store, buffers):
+                async for chunk in stream_chunks(params, self.store, buffers, self.pacing):
                     if params.zstd:  # ~4 s per GiB: never on the loop
                         message, payload_bytes = await asyncio.to_thread(encode_chunk, chunk, params)
                     else:
                         message, payload_bytes = encode_chunk(chunk, params)
                     meter.sent(chunk.tokens, payload_bytes)
+                    self.pacing.sent()
                     if chunk.shm_slot is not None:  # the tokens into the ring before the message naming their slot
                         assert ring is not None
                         ring.write(chunk.shm_slot, chunk.tokens.data)
@@ -96,6 +112,9 @@ class TokenFeedService(pb_grpc.TokenFeedServicer):
             log.exception("stream for %s rank %d failed", request.dataset, request.rank)
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}")
         finally:
+            if paced:
+                self.pacing.closed()
+            self._count_edits(edits, -1)
             if ticket is not None:
                 ticket.release()
             if ring is not None:
@@ -136,7 +155,8 @@ class TokenFeedService(pb_grpc.TokenFeedServicer):
                 await context.abort(code, f"tokenizer_files: {err}")
             else:
                 infos[0].tokenizer_files.extend(files)
-        return pb.DescribeResponse(datasets=infos, server_version=SERVER_VERSION)
+        return pb.DescribeResponse(datasets=infos, server_version=SERVER_VERSION,
+                                   plan_edits={k: n for k, n in self.plan_edits.items() if n > 0})
 
 
 def _serialize(message: bytes | Message) -> bytes:

@@ -6,20 +6,25 @@ empty shard; a file that changed since start-up is refused, never served as a mi
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
 import random
 import time
+from json.encoder import encode_basestring_ascii as _encode_str
+from typing import Any
 
 import numpy as np
 
 from server import metrics
 from server.config import DatasetConfig, SourceConfig
 from server.errors import ConfigError, DataLoss, FailedPrecondition, Unavailable
-from server.stages.files import FileChanged, OutsideDataRoots, common_root, is_url, relative
-from server.stages.identity import FileIdentity, FileStat, check_unchanged, identify_all
+from server.stages.files import (FileChanged, OutsideDataRoots, common_root, is_url, listing_stats, relative,
+                                 relative_all)
+from server.stages.identity import (DigestCache, FileIdentity, FileStat, check_unchanged, default_cache_dir,
+                                    identify_all, remembering)
 from server.stages.packing import TokenizedShard, tokenized_shard
 from server.stages.sources import BadRecords, BrokenShard, ShardSpec, TokensSource, build_source
 from server.stages.storage import ObjectStat, Storage
@@ -44,7 +49,17 @@ class Dataset:
         if config.source is None:
             raise ConfigError(f"{field}: a mixture, not a dataset with a source of its own")
         self.source_config: SourceConfig = config.source
-        self.source = build_source(self.source_config, f"{field}.source")
+        digests = DigestCache(digest_cache_dir if digest_cache_dir is not None else default_cache_dir())
+        self._rel: dict[str, str] = {}  # each local file's path relative to the root (``relpath``)
+        with listing_stats():  # each local file stat'ed once, by the listing
+            self._build(field, digests)
+        self.fingerprint = self._fingerprint()
+
+    def _build(self, field: str, digests: DigestCache) -> None:
+        """Source, tokenizer, shards and the files' identities (start-up work)."""
+        config = self.config
+        with remembering(digests):  # the formats sources sniff: a restart opens no file for them
+            self.source = build_source(self.source_config, f"{field}.source")
         # A prepared (tokens) source carries its tokenizer: serving it tokenizes nothing.
         self.tokenizer: Tokenizer | None = None
         if isinstance(self.source, TokensSource):
@@ -68,21 +83,20 @@ class Dataset:
         files = [] if isinstance(self.source, TokensSource) else self.source.files()
         self.root = self.source.path if isinstance(self.source, TokensSource) else common_root(files)
         self.storage: Storage = self.source.storage
+        local = [p for p in files if not is_url(p)]
+        remote = [p for p in files if is_url(p)] if len(local) < len(files) else []
         try:
-            self._files: dict[str, FileIdentity] = identify_all([p for p in files if not is_url(p)],
-                                                                digest_cache_dir)
+            self._files: dict[str, FileIdentity] = identify_all(local, cache=digests)
         except FileChanged:
             raise  # outside server.data_roots: a ConfigError of its own
         except OSError as err:
             raise ConfigError(f"{field}.source: cannot read {err.filename or 'a file'} to identify its content: "
                               f"{err.strerror or err}") from None
         # Objects in a store: their size and version (ETag, generation) from the start-up listing.
-        for path in (p for p in files if is_url(p)):
+        for path in remote:
             seen = self.storage.listed(path)
             self._files[path] = FileIdentity(seen.size, seen.version, FileStat(seen.size, 0, 0))
-        self._all_files = hashlib.sha256(json.dumps(
-            sorted([self.relpath(p), *i.content()] for p, i in self._files.items())).encode()).hexdigest()
-        self.fingerprint = self._fingerprint()
+        self._rel = relative_all(local, self.root)
 
     #: A dataset is no mixture: no components (``Served``), and it reads only its own shards.
     components: tuple[()] = ()
@@ -106,9 +120,12 @@ class Dataset:
 
     def relpath(self, path: str) -> str:
         """``path`` relative to the dataset's root (what identities and messages name)."""
+        rel = self._rel.get(path)
+        if rel is not None:
+            return rel
         if is_url(path):
             return relative(path, self.root)
-        return os.path.relpath(path, self.root) if self.root and os.path.isabs(path) else path
+        return relative(path, self.root) if self.root and os.path.isabs(path) else path
 
     def shard_label(self, shard: ShardSpec) -> str:
         """A shard's name for clients (Describe, error messages): relative to the dataset's root,
@@ -119,12 +136,19 @@ class Dataset:
         inside = self.root and shard.name.startswith(self.root.rstrip(sep) + sep)
         return self.relpath(shard.name) if inside else os.path.basename(shard.name.split(":", 1)[-1])
 
-    def shard_content(self, index: int) -> list:
+    @functools.cached_property
+    def _all_files(self) -> str:
+        """A digest of every file's relative path, size and digest: the content of a shard whose
+        parts are not files of their own (computed when first needed: none is for plain files)."""
+        return hashlib.sha256(json.dumps(
+            sorted([self.relpath(p), *i.content()] for p, i in self._files.items())).encode()).hexdigest()
+
+    def shard_content(self, index: int) -> list[Any]:
         """What shard ``index`` holds, as JSON-able values that depend on content only: its
         files' relative paths, ranges, sizes and digests (or, prepared, the manifest's checksum)."""
         if isinstance(self.source, TokensSource):
             return self.source.content(index)
-        out: list = []
+        out: list[Any] = []
         for part in self.shards[index].parts:
             ident = self._files.get(part.path)
             content = ident.content() if ident is not None else ["all files", self._all_files]
@@ -142,8 +166,22 @@ class Dataset:
         h = hashlib.sha256(_IDENTITY_VERSION.encode())
         h.update(self.document_settings().encode())
         h.update(self.info.identity.encode())
+        lines: list[str] = []
+        files, rel = self._files, self._rel
+        plain = not isinstance(self.source, TokensSource)
         for shard in self.shards:
-            h.update(json.dumps(self.shard_content(shard.index)).encode())
+            if len(lines) >= 4096:  # hashed in pieces: the same digest as one update a shard
+                h.update("".join(lines).encode())
+                lines.clear()
+            parts = shard.parts
+            if plain and len(parts) == 1:  # one local file or a range of it: written here, as dumps_flat would
+                path, start, end = parts[0]
+                ident, name = files.get(path), rel.get(path)
+                if ident is not None and name is not None and type(start) is int and type(end) is int:
+                    lines.append(f"[[{_encode_str(name)}, {start}, {end}, {ident.size}, {_encode_str(ident.digest)}]]")
+                    continue
+            lines.append(dumps_flat(self.shard_content(shard.index)))
+        h.update("".join(lines).encode())
         return h.hexdigest()[:16]
 
     def _shard_files(self, shard: ShardSpec) -> list[str]:
@@ -257,7 +295,7 @@ class Dataset:
             bad.add("empty_document", len(tokens) - len(kept), sample=f"{shard.name}: a document has no tokens")
         return tokenized_shard(kept, self.info.eos_id, self.dtype) if kept else empty_tokenized(self.dtype)
 
-    def sources(self) -> list[dict]:
+    def sources(self) -> list[dict[str, Any]]:
         """Itself as the one source of its rows (``Served.sources``)."""
         return [{"name": self.name, "weight": 1.0, "tokens": self.total_tokens(), "rows_served": 0}]
 
@@ -265,7 +303,7 @@ class Dataset:
         """Tokens of every shard, or -1 while a shard's count is not known yet."""
         return sum(self.shard_tokens.values()) if len(self.shard_tokens) == self.num_shards else -1
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         """A plain summary (also the source of the Describe RPC)."""
         known = len(self.shard_tokens) == self.num_shards
         return {
@@ -286,6 +324,26 @@ class Dataset:
             ],
             "bad_records": self.bad.snapshot(),
         }
+
+
+def dumps_flat(parts: list[Any]) -> str:
+    """``json.dumps(parts)`` for a list of lists of strings and ints (what ``shard_content``
+    returns), written directly: a third of the time, which a 100,000-shard start-up feels
+    (measured 0.4 s of 3 s). Anything else goes through ``json.dumps``."""
+    out = []
+    for part in parts:
+        if not isinstance(part, list):
+            return json.dumps(parts)
+        items = []
+        for v in part:
+            if isinstance(v, str):
+                items.append(_encode_str(v))
+            elif type(v) is int:
+                items.append(int.__repr__(v))
+            else:
+                return json.dumps(parts)
+        out.append("[" + ", ".join(items) + "]")
+    return "[" + ", ".join(out) + "]"
 
 
 def empty_tokenized(dtype: np.dtype) -> TokenizedShard:

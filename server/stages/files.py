@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import errno
+import functools
 import logging
 import os
-from collections.abc import Iterable
-from typing import IO, Any
+from collections.abc import Iterable, Iterator
+from typing import IO, Any, NamedTuple
 
 from server.errors import ConfigError
 
@@ -107,8 +110,80 @@ def _escape(path: str, real: str, roots: tuple[str, ...]) -> OutsideDataRoots:
     return OutsideDataRoots(path)
 
 
+class FileStat(NamedTuple):
+    """What ``os.stat`` said of a file that content identity needs: enough to tell that it may have
+    changed. A tuple (cheap to make: one a file at start-up, where a frozen dataclass cost 1 us)."""
+
+    size: int
+    mtime_ns: int
+    inode: int
+
+    @classmethod
+    def of(cls, path: str) -> FileStat:
+        """The file's stat now."""
+        st = os.stat(path)
+        return cls(st.st_size, st.st_mtime_ns, st.st_ino)
+
+    @classmethod
+    def listed(cls, path: str) -> FileStat:
+        """The stat the start-up's listing took (``listing_stats``), else the stat now."""
+        return stat_listed(path)
+
+    @classmethod
+    def from_stat(cls, st: os.stat_result) -> FileStat:
+        return cls(st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+#: What a stat says of a file that content identity needs: (size, mtime in ns, inode).
+Seen = FileStat
+
+#: What a start-up's listing saw of each local file (``listing_stats``): path -> ``FileStat``. Three
+#: ints, not the ``os.stat_result``: at 100,000 files the whole result held 40 MiB more at the peak.
+_LISTED: contextvars.ContextVar[dict[str, FileStat] | None] = contextvars.ContextVar("tokenfeed_listed",
+                                                                                    default=None)
+
+
+@contextlib.contextmanager
+def listing_stats() -> Iterator[dict[str, FileStat]]:
+    """Inside the block, the stat the listing took of each local file (``remember_stat``) answers
+    ``stat_listed``: building a dataset stats each file once (its size, its digest-cache key, its
+    remembered format), not four times (measured: 4 stat calls a file, ~2 us each, at 100k files).
+    Outside it, ``stat_listed`` stats afresh, as the checks while serving must."""
+    listed: dict[str, FileStat] = {}
+    token = _LISTED.set(listed)
+    try:
+        yield listed
+    finally:
+        _LISTED.reset(token)
+
+
+def listed_stats() -> dict[str, FileStat] | None:
+    """The listing's stats of the start-up being built (``listing_stats``), else ``None``."""
+    return _LISTED.get()
+
+
+def seen_of(st: os.stat_result) -> FileStat:
+    return FileStat(st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def remember_stat(path: str, st: os.stat_result) -> None:
+    """Keep the listing's stat of ``path`` for the rest of the start-up (if one is being built)."""
+    listed = _LISTED.get()
+    if listed is not None:
+        listed[path] = FileStat(st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def stat_listed(path: str) -> FileStat:
+    """What the start-up's listing saw of ``path``, else what ``os.stat(path)`` says now."""
+    listed = _LISTED.get()
+    seen = listed.get(path) if listed is not None else None
+    return seen if seen is not None else seen_of(os.stat(path))
+
+
 def is_url(path: str) -> bool:
     """True for ``proto://...`` paths (an object store) other than ``file://``."""
+    if "://" not in path:  # a local path (the common case: a million calls at a 100k-file start-up)
+        return False
     head, sep, _ = path.partition("://")
     return bool(sep) and head.isidentifier() and head != "file"
 
@@ -120,8 +195,23 @@ def common_root(paths: list[str]) -> str:
         return ""
     if any(is_url(p) for p in paths):
         return _url_root(paths)
-    root = os.path.commonpath(paths)
+    root = _common_dir(paths) or os.path.commonpath(paths)
     return os.path.dirname(root) if len(paths) == 1 or os.path.isfile(root) else root
+
+
+def _common_dir(paths: list[str]) -> str | None:
+    """``os.path.commonpath(paths)`` from the first and the last path in string order (their
+    common prefix is every path's), when both are absolute and normal; ``None`` otherwise.
+    ``commonpath`` splits every path: 1.2 s of a 100,000-file start-up (measured)."""
+    lo, hi = min(paths), max(paths)
+    if not (_is_normal(lo) and _is_normal(hi)):
+        return None
+    prefix = os.path.commonprefix([lo, hi])
+    sep = os.sep
+    if all(len(p) == len(prefix) or p[len(prefix)] == sep for p in (lo, hi)):
+        return prefix or sep  # the prefix ends at a component's end in both
+    cut = prefix.rfind(sep)
+    return prefix[:cut] or sep
 
 
 def _url_root(paths: list[str]) -> str:
@@ -142,4 +232,53 @@ def relative(path: str, root: str) -> str:
     if is_url(path) or is_url(root):
         prefix = root.rstrip("/") + "/"
         return path[len(prefix):] if root and path.startswith(prefix) else path
-    return os.path.relpath(path, root) if root else path
+    if not root:
+        return path
+    return _relative_fast(path, root) or os.path.relpath(path, root)
+
+
+def relative_all(paths: list[str], root: str) -> dict[str, str]:
+    """``{path: relative(path, root)}`` for local ``paths`` (one prefix cut each where they lie
+    under a normal ``root``)."""
+    if not root:
+        return {p: p for p in paths}
+    sep = os.sep
+    prefix = root if root.endswith(sep) else root + sep
+    if not _is_normal(root):
+        return {p: _relative_fast(p, root) or os.path.relpath(p, root) for p in paths}
+    cut, dot, double = len(prefix), sep + ".", sep * 2
+    out = {}
+    for p in paths:  # _relative_fast inlined (a call a file was half the cost)
+        rest = p[cut:]
+        if (p.startswith(prefix) and rest and rest[0] != "." and rest[0] != sep and rest[-1] != sep
+                and dot not in rest and double not in rest):
+            out[p] = rest  # no empty, "." or ".." component: already normal
+        else:
+            out[p] = _relative_fast(p, root) or os.path.relpath(p, root)
+    return out
+
+
+def _relative_fast(path: str, root: str) -> str | None:
+    """``os.path.relpath(path, root)`` by cutting the prefix, when both are absolute, normal paths
+    and ``path`` lies under ``root`` (the common case: every file of a dataset under its root);
+    ``None`` otherwise. ``relpath`` normalises both paths each call: 17 us a file, most of a
+    100,000-file start-up's dataset building (measured), where cutting costs well under 1 us."""
+    prefix = root if root.endswith(os.sep) else root + os.sep
+    if not (path.startswith(prefix) and _is_normal(root)):
+        return None
+    rest = path[len(prefix):]
+    return rest if rest and _normal_tail(rest) else None
+
+
+@functools.lru_cache(maxsize=64)
+def _is_normal(path: str) -> bool:
+    """True when ``path`` is absolute and already what ``os.path.normpath`` makes of it."""
+    return os.path.isabs(path) and (path == os.path.normpath(path) or path == os.sep)
+
+
+def _normal_tail(rest: str) -> bool:
+    """True when the relative ``rest`` has no empty, ``.`` or ``..`` component (three substring
+    searches: cheaper than normalising to compare)."""
+    sep = os.sep
+    wrapped = sep + rest + sep
+    return sep * 2 not in wrapped and f"{sep}.{sep}" not in wrapped and f"{sep}..{sep}" not in wrapped

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import Any
 
 import numpy as np
 
 from server.config import MixtureConfig
 from server.stages.dataset import Dataset
+from server.stages.sources import ShardSpec
 from server.errors import ConfigError
 
 
@@ -40,7 +42,8 @@ class WeightSchedule:
             span = np.where(j > i, self.at[j] - self.at[i], 1.0)
             f = np.clip((r - self.at[i]) / span, 0.0, 1.0)[:, None] * (j > i)[:, None]
             w = w + f * (self.weights[j] - w)
-        return w if np.ndim(rows) else w[0]
+        picked: np.ndarray = w if np.ndim(rows) else w[0]
+        return picked
 
     def cumulative(self, rows: np.ndarray) -> np.ndarray:
         """Expected rows of each component among the first ``rows`` rows, ``[n, C]`` (before
@@ -51,7 +54,8 @@ class WeightSchedule:
         dx = (r - self.at[ic])[:, None]
         rate = (self.weights_at(r) + self.weights[ic]) / 2 if self.linear else self.weights[ic]
         out = self._cum[ic] + self.weights[0] * self.at[0] + dx * rate
-        return np.where((i < 0)[:, None], self.weights[0] * r[:, None], out)
+        before_first: np.ndarray = np.where((i < 0)[:, None], self.weights[0] * r[:, None], out)
+        return before_first
 
     def assign(self, start: int, counts: list[int], n: int) -> list[int]:
         """Components of rows ``start .. start+n-1``: each row goes to the component furthest
@@ -69,10 +73,39 @@ class WeightSchedule:
         return out
 
 
+class EditedSchedule(WeightSchedule):
+    """A schedule whose weights are ``weights`` from mixture row ``start`` on (a data plan's
+    weights edit): before it, ``base``'s; after it, each component's expected rows grow from
+    ``base``'s expected rows at ``start`` by the new weights. The largest-deficit rule then keeps
+    every component within one row of these targets, as for a configured schedule."""
+
+    def __init__(self, base: WeightSchedule, start: int, weights: dict[str, float]) -> None:
+        unknown = sorted(set(weights) - set(base.names))
+        if unknown:
+            raise ValueError(f"weights for {', '.join(map(repr, unknown))}: not in the mixture "
+                             f"(its components: {', '.join(base.names)})")
+        w = np.array([weights.get(n, 0.0) for n in base.names], dtype=np.float64)
+        if (w < 0).any() or not np.isfinite(w).all() or w.sum() <= 0:
+            raise ValueError(f"weights must be finite, 0 or more, and not all 0; got {weights}")
+        self.names, self.base, self.start = base.names, base, start
+        self.new = w / w.sum()
+        self._at_start = base.cumulative(np.array([start]))[0]
+
+    def weights_at(self, rows: np.ndarray | float) -> np.ndarray:
+        r = np.atleast_1d(np.asarray(rows, dtype=np.float64))
+        w = np.where((r >= self.start)[:, None], self.new, self.base.weights_at(r))
+        return w if np.ndim(rows) else w[0]
+
+    def cumulative(self, rows: np.ndarray) -> np.ndarray:
+        r = np.asarray(rows, dtype=np.float64)
+        after = self._at_start + (r - self.start)[:, None] * self.new
+        return np.where((r > self.start)[:, None], after, self.base.cumulative(r))
+
+
 class Mixture:
     """A served mixture: quacks like ``Dataset`` where the stream and the service need it."""
 
-    def __init__(self, name: str, components: list[Dataset], schedule: WeightSchedule, spec: dict) -> None:
+    def __init__(self, name: str, components: list[Dataset], schedule: WeightSchedule, spec: dict[str, Any]) -> None:
         self.name = name
         self.components = components
         self.schedule = schedule
@@ -85,7 +118,7 @@ class Mixture:
         self.fingerprint = h.hexdigest()[:16]
 
     @property
-    def shards(self) -> list:
+    def shards(self) -> list[ShardSpec]:
         return [s for ds in self.components for s in ds.shards]
 
     @property
@@ -96,7 +129,7 @@ class Mixture:
     def num_shards(self) -> int:
         return sum(ds.num_shards for ds in self.components)
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         parts = [ds.describe() for ds in self.components]
         known = all(p["tokens"] >= 0 for p in parts)
         return {
@@ -110,13 +143,13 @@ class Mixture:
             "bad_records": {k: v for p in parts for k, v in p["bad_records"].items()},
         }
 
-    def sources(self) -> list[dict]:
+    def sources(self) -> list[dict[str, Any]]:
         weights = self.schedule.weights_at(sum(self.rows_served))
         return [{"name": ds.name, "weight": float(w), "tokens": ds.total_tokens(), "rows_served": n}
                 for ds, w, n in zip(self.components, weights, self.rows_served)]
 
 
-def build_mixture(name: str, config: MixtureConfig, datasets: dict) -> Mixture:
+def build_mixture(name: str, config: MixtureConfig, datasets: dict[str, Dataset]) -> Mixture:
     """A mixture of already-built plain datasets; their tokenizers must agree."""
     names = list(config.weights)
     components = [datasets[n] for n in names]

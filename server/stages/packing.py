@@ -98,7 +98,8 @@ def known_rows(packing: str, num_tokens: int, num_docs: int, seq_len: int) -> in
 
 def _segments(rows: list[int], cols: list[int], lens: list[int], docs: list[int], offs: list[int]) -> np.ndarray:
     out = np.array([rows, cols, lens, docs, offs], dtype=np.int64).T.reshape(-1, 5)
-    return out[np.lexsort((out[:, 1], out[:, 0]))] if len(out) else out
+    ordered: np.ndarray = out[np.lexsort((out[:, 1], out[:, 0]))] if len(out) else out
+    return ordered
 
 
 def pack_concat(shard: TokenizedShard, order: np.ndarray, seq_len: int, pad_id: int) -> PackedShard:

@@ -19,12 +19,13 @@ from __future__ import annotations
 import glob as local_glob
 import os
 import posixpath
+import stat
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from typing import IO, Any, cast
 
 from server.errors import ConfigError
-from server.stages.files import FileChanged, is_url, safe_open
+from server.stages.files import FileChanged, FileStat, is_url, listed_stats, safe_open, stat_listed
 
 __all__ = ["ObjectStat", "RemoteReadError", "Storage", "is_url", "join"]
 
@@ -35,6 +36,27 @@ READ_BLOCK_BYTES = 1 << 20
 def join(base: str, *names: str) -> str:
     """``os.path.join`` for local paths, ``/``-joining for URLs."""
     return posixpath.join(base, *names) if is_url(base) else os.path.join(base, *names)
+
+
+def _local_files(pattern: str) -> list[str]:
+    """Absolute paths of the regular files (symlinks followed) ``pattern`` matches, each stat'ed
+    once, the stat kept for the rest of the start-up (``remember_stat``). An absolute, normal
+    pattern yields absolute, normal matches: no ``abspath`` a file."""
+    normal = os.path.isabs(pattern) and os.path.normpath(pattern) == pattern
+    listed = listed_stats()
+    found = []
+    is_reg, stat_of = stat.S_ISREG, os.stat
+    for match in local_glob.glob(pattern, recursive=True):
+        path = match if normal else os.path.abspath(match)
+        try:
+            st = stat_of(path)
+        except OSError:  # vanished or a dangling link: not a file (as os.path.isfile says)
+            continue
+        if is_reg(st.st_mode):
+            if listed is not None:
+                listed[path] = FileStat(st.st_size, st.st_mtime_ns, st.st_ino)
+            found.append(path)
+    return found
 
 
 class RemoteReadError(OSError):
@@ -88,8 +110,7 @@ class Storage:
         """Files matching ``pattern`` (``**`` recurses), not matching any of ``exclude``. A remote
         pattern lists the bucket once; errors (no bucket, denied) propagate as ``OSError``."""
         if not is_url(pattern):
-            found = [os.path.abspath(p) for p in local_glob.glob(os.path.expanduser(pattern), recursive=True)
-                     if os.path.isfile(p)]
+            found = _local_files(os.path.expanduser(pattern))
         else:
             fs = self.fs(pattern)
             protocol = pattern.split("://", 1)[0]
@@ -104,7 +125,9 @@ class Storage:
                 url = name if is_url(name) else f"{protocol}://{name}"
                 self._listed[url] = ObjectStat(int(info.get("size") or 0), _version(info))
                 found.append(url)
-        return sorted(p for p in found if not any(fnmatch(p, x) for x in exclude))
+        if exclude:
+            found = [p for p in found if not any(fnmatch(p, x) for x in exclude)]
+        return sorted(found)
 
     def isfile(self, path: str) -> bool:
         if not is_url(path):
@@ -115,7 +138,7 @@ class Storage:
             return False
 
     def size(self, path: str) -> int:
-        return self.listed(path).size if is_url(path) else os.path.getsize(path)
+        return self.listed(path).size if is_url(path) else stat_listed(path)[0]
 
     def listed(self, path: str) -> ObjectStat:
         """A remote object's size and version as the start-up listing saw it (else asked now)."""
@@ -154,7 +177,8 @@ class Storage:
         if not is_url(path):
             with safe_open(path) as f:
                 f.seek(start)
-                return f.read(-1 if end is None else end - start)
+                data: bytes = f.read(-1 if end is None else end - start)
+                return data
         try:
             data = self.fs(path).cat_file(path, start=start or None, end=end)
         except OSError:

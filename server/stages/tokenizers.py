@@ -13,7 +13,7 @@ import json
 import os
 from dataclasses import dataclass
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol, Union
+from typing import TYPE_CHECKING, Any, Protocol, Union
 
 import numpy as np
 
@@ -44,13 +44,13 @@ class TokenizerInfo:
     identity: str        # changes whenever the token ids it produces could change
     extra: tuple[str, ...] = ()  # specials defined past the tokenizer's own vocabulary ("eos", "pad", "bos")
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         """A JSON-able form (stored in prepared manifests)."""
         return {"name": self.name, "vocab_size": self.vocab_size, "eos_id": self.eos_id, "pad_id": self.pad_id,
                 "bos_id": self.bos_id, "identity": self.identity, "extra": list(self.extra)}
 
     @classmethod
-    def from_json(cls, data: dict) -> TokenizerInfo:
+    def from_json(cls, data: dict[str, Any]) -> TokenizerInfo:
         return cls(name=str(data["name"]), vocab_size=int(data["vocab_size"]), eos_id=int(data["eos_id"]),
                    pad_id=int(data["pad_id"]), bos_id=None if data["bos_id"] is None else int(data["bos_id"]),
                    identity=str(data["identity"]), extra=tuple(data.get("extra", ())))

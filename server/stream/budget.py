@@ -8,18 +8,18 @@ every step (it needs the whole step to know its share) and keeps its own part.""
 
 from __future__ import annotations
 
-import asyncio
 import heapq
-from collections.abc import AsyncIterator
+from collections.abc import Generator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from server.stages.order import Locator, lpt
-from server.supply.store import ShardStore
-from server.stream.params import Chunk, StreamParams
+from server.stream.params import TURN, Chunk, Dealt, Offload, Request, StreamParams
+from server.stream.walk import take
 from server.stream.walker import PROVENANCE_WIDTH, make_walker
-
+from server.supply.store import ShardStore
 
 #: Pieces planned between two turns given to the event loop.
 YIELD_EVERY = 256
@@ -36,27 +36,27 @@ class StepPlanner:
     """Cuts the piece sequence into steps that fit ``ranks * budget`` tokens."""
 
     def __init__(self, store: ShardStore, p: StreamParams) -> None:
-        self.p = p
+        self.p, self.store = p, store
         self.walker = make_walker(store, p.dataset, p.seed, p.seq_len, "split", p.start)
         self.pad = p.dataset.info.pad_id
         self._next: tuple[Piece, Locator] | None = None  # read but not consumed: starts the next step
         self._row = np.empty((1, p.seq_len + 1), dtype=p.dataset.dtype)
 
-    async def _read(self) -> tuple[Piece, Locator]:
+    def _read(self) -> Generator[Request, None, tuple[Piece, Locator]]:
         """The next piece and the cursor just before it."""
         if self._next is not None:
             held, self._next = self._next, None
             return held
         before = self.walker.locator()
         records: list[np.ndarray] | None = [] if self.p.provenance else None
-        epoch = await self.walker.take(self._row, records)
+        epoch = yield from take(self.walker, self._row, records)
         row = self._row[0, :-1]
         pads = np.flatnonzero(row == self.pad)
         length = int(pads[0]) if len(pads) else len(row)
         rec = np.concatenate(records) if records else None
         return Piece(row[:length].copy(), rec, epoch), before
 
-    async def step(self) -> tuple[list[Piece], list[int], Locator]:
+    def step(self) -> Generator[Request, Any, tuple[list[Piece], list[int], Locator]]:
         """The next step's pieces, each piece's rank, and the cursor after the step.
 
         A step of a large job holds many pieces (at least one per rank), and every rank plans
@@ -67,7 +67,7 @@ class StepPlanner:
         heap = [(0, k) for k in range(ranks)]  # (load, rank): the online assignment that fits
         online: list[int] = []
         while True:
-            piece, before = await self._read()
+            piece, before = yield from self._read()
             load, r = heap[0]
             if pieces and load + len(piece.tokens) > budget:
                 self._next = (piece, before)  # does not fit: it opens the next step
@@ -76,11 +76,14 @@ class StepPlanner:
             online.append(r)
             heapq.heapreplace(heap, (load + len(piece.tokens), r))
             if len(pieces) % YIELD_EVERY == 0:
-                await asyncio.sleep(0)
+                yield TURN
         lengths = [len(p.tokens) for p in pieces]
         # About 3.5 us a piece: a large job's step (8,192 pieces, 29 ms) goes to a thread, so
         # that the loop serving every other stream keeps its turns (bench_load: 47 ms of lag).
-        owner = lpt(lengths, ranks) if len(lengths) < YIELD_EVERY * 4 else await asyncio.to_thread(lpt, lengths, ranks)
+        if len(lengths) < YIELD_EVERY * 4:
+            owner = lpt(lengths, ranks)
+        else:
+            owner = yield Offload(lpt, (lengths, ranks))
         if max(np.bincount(owner, weights=lengths, minlength=ranks)) > budget:
             owner = online  # LPT overshot the budget: keep the assignment that fits
         return pieces, owner, before
@@ -106,7 +109,7 @@ def assemble(pieces: list[Piece], owner: list[int], rank: int, out: np.ndarray,
     return prov, starts
 
 
-async def budget_chunks(params: StreamParams, store: ShardStore) -> AsyncIterator[Chunk]:
+def budget_chunks(params: StreamParams, store: ShardStore) -> Dealt:
     """Token-budget batches ``[1, max_tokens]`` of the rank's steps first_step, +stride, ..."""
     p = params
     planner = StepPlanner(store, p)
@@ -118,7 +121,7 @@ async def budget_chunks(params: StreamParams, store: ShardStore) -> AsyncIterato
                           cursors=[], steps=[], epochs=[], provenance=[] if p.provenance else None,
                           starts=batch_starts)
             while len(chunk.steps) < p.batches_per_message:
-                pieces, owner, after = await planner.step()
+                pieces, owner, after = yield from planner.step()
                 if step == wanted:
                     i = len(chunk.steps)
                     prov, starts = assemble(pieces, owner, p.rank, chunk.tokens[i], p.dataset.info.pad_id)

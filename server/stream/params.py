@@ -1,15 +1,24 @@
-"""A stream's validated request and the chunks it yields: plain data, shared by the dealing loop,
-the token-budget planner and the gRPC edge."""
+"""A stream's validated request, the chunks it yields and what it asks its driver for: plain data,
+shared by the dealing loop, the token-budget planner and the gRPC edge.
+
+The dealing loop and the planner are synchronous generators (sans-IO): where they need something
+that takes waiting, they yield a request (a walker's ``Need``, ``Space``, ``Turn`` or
+``Offload``), and the driver at the gRPC edge (``server.serve.drive``) awaits it and sends the
+answer back. So the stream wing decides everything and awaits nothing."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any
 
 import numpy as np
 
+from server.stages.exclusion import Stages
+from server.stages.mixture import WeightSchedule
 from server.stages.order import Locator
 from server.stages.served import Served
+from server.stream.walker import Need
 
 
 @dataclass(frozen=True)
@@ -32,6 +41,14 @@ class StreamParams:
     zstd: bool = False  # the tokens are zstd-compressed on the wire
     #: rows passed over after ``start`` before step 0 (a data plan's skip): the dealing's origin moves
     skip_rows: int = 0
+    #: a data plan's mixture weights from a row on (the mixture's own schedule before it)
+    schedule: WeightSchedule | None = None
+    #: a data plan's exclusions, by dataset name (a mixture's components each have their own)
+    stages: dict[str, Stages] | None = None
+    #: the kinds of the data plan's edits this stream carries, one per edit (metrics, Describe)
+    plan_edits: tuple[str, ...] = ()
+    #: ``batches_per_message`` is a ceiling: the driver may grant fewer batches a message (``Space``)
+    batches_adaptive: bool = False
 
 
 @dataclass
@@ -58,14 +75,34 @@ class MessageSpace:
     shm_slot: int | None = None
 
 
-class Buffers(Protocol):
-    """Hands a stream the space for its next message's tokens (the gRPC edge decides where)."""
+@dataclass(frozen=True)
+class Space:
+    """Asks for the space of the next message's tokens; the answer is a ``MessageSpace`` (the gRPC
+    edge decides where: a message buffer, a shared-memory ring's slot once the client freed it).
+    With ``fewer``, the answer may hold fewer batches (its first dimension) than ``shape`` asks:
+    the driver sizes messages to the server's load (``server.serve.pacing``)."""
 
-    async def take(self, shape: tuple[int, ...], dtype: np.dtype) -> MessageSpace: ...
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fewer: bool = False
 
 
-class PlainBuffers:
-    """A fresh array per message (for callers that encode messages themselves)."""
+@dataclass(frozen=True)
+class Turn:
+    """Asks for a turn of the event loop (long planning lets the other streams go on); no answer."""
 
-    async def take(self, shape: tuple[int, ...], dtype: np.dtype) -> MessageSpace:
-        return MessageSpace(np.empty(shape, dtype=dtype))
+
+@dataclass(frozen=True)
+class Offload:
+    """Asks for ``fn(*args)`` run in a thread (work long enough to stall every other stream); the
+    answer is its result."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+
+
+TURN = Turn()
+
+#: What a stream's generator yields: its chunks, and the requests its driver answers.
+Request = Need | Space | Turn | Offload
+Dealt = Generator[Chunk | Request, Any, None]

@@ -10,7 +10,7 @@ from typing import Protocol
 
 import numpy as np
 
-from server.stages.order import shard_order
+from server.stages.order import cached_shard_order, shard_order
 
 #: A cache entry's place in a dataset: ``(dataset fingerprint, shard index)``.
 Slot = tuple[str, int]
@@ -88,6 +88,18 @@ def next_use(seed: int, num_shards: int, epoch: int, ordinal: int) -> np.ndarray
     return dist
 
 
+@functools.lru_cache(maxsize=256)
+def next_use_resident(seed: int, num_shards: int, epoch: int, ordinal: int) -> np.ndarray:
+    """``next_use`` as an entry already cached sees it: the shard the stream is at is in use (0)
+    until the stream moves past it. A stream reports a shard when it reaches it, before reading
+    it: counted as next epoch, a cached shard was evicted right then and read again from the
+    source (issue 23: a third of the smart policy's reads above Belady's)."""
+    dist = np.array(next_use(seed, num_shards, epoch, ordinal))
+    dist[cached_shard_order(seed, epoch, num_shards)[ordinal]] = 0
+    dist.flags.writeable = False
+    return dist
+
+
 class FutureIndex:
     """Where every active stream is in its seeded shard order, hence how soon each shard is needed.
     Thread-safe; streams are updated from the event loop, policies read it from loader threads."""
@@ -96,6 +108,7 @@ class FutureIndex:
         self._lock = threading.Lock()
         self._streams: dict[Hashable, tuple[str, int, int, int, int]] = {}
         self._combined: dict[str, np.ndarray] | None = {}
+        self._resident: dict[str, np.ndarray] = {}
 
     def update(self, stream: Hashable, dataset: str, seed: int, num_shards: int, epoch: int, ordinal: int) -> None:
         """Record that ``stream`` (of ``dataset``, ordered by ``seed``) is at ``(epoch, ordinal)``.
@@ -114,14 +127,12 @@ class FutureIndex:
         return len(self._streams)
 
     def snapshot(self) -> Callable[[Slot | None], float]:
-        """A function giving each slot's distance to its next use by any stream (``inf``: none)."""
+        """A function giving each slot's distance to its next use by any stream (``inf``: none),
+        after the reads under way: what a newcomer that was just read is needed for."""
         with self._lock:
             if self._combined is None:
-                combined: dict[str, np.ndarray] = {}
-                for dataset, *where in set(self._streams.values()):
-                    dist, old = next_use(*where), combined.get(dataset)
-                    combined[dataset] = dist if old is None or len(old) != len(dist) else np.minimum(old, dist)
-                self._combined = combined
+                self._combined = self._merge(next_use)
+                self._resident = self._merge(next_use_resident)
             combined = self._combined
 
         def distance(slot: Slot | None) -> float:
@@ -132,11 +143,20 @@ class FutureIndex:
 
         return distance
 
+    def _merge(self, of: Callable[[int, int, int, int], np.ndarray]) -> dict[str, np.ndarray]:
+        """Assumes the lock. Per dataset, the nearest use by any of its streams."""
+        combined: dict[str, np.ndarray] = {}
+        for dataset, *where in set(self._streams.values()):
+            dist, old = of(*where), combined.get(dataset)
+            combined[dataset] = dist if old is None or len(old) != len(dist) else np.minimum(old, dist)
+        return combined
+
     def arrays(self) -> dict[str, np.ndarray]:
-        """Per dataset, every shard's distance to its next use (the arrays ``snapshot`` reads)."""
+        """Per dataset, every cached shard's distance to its next use, a shard that a stream is
+        at counting as in use (0): what eviction ranks residents by."""
         self.snapshot()
         with self._lock:
-            return self._combined if self._combined is not None else {}
+            return self._resident
 
     def distance(self, slot: Slot | None) -> float:
         """Shards until ``slot`` is next read by any active stream; ``inf`` when none will."""

@@ -44,6 +44,13 @@ class PackedKey(NamedTuple):
     packing: str
 
 
+class FromTokens(NamedTuple):
+    """The single-flight key of packing a shard from tokens in hand (never None, unlike a packing
+    under its ``PackedKey``, which may read only the cache)."""
+
+    packed: PackedKey
+
+
 class TokensKey(NamedTuple):
     """The single-flight key of a shard's tokens (read or looked up in the cache)."""
 
@@ -91,7 +98,12 @@ class ShardStore:
         self.executor = executor
         self._inflight: dict[Hashable, _Flight] = {}  # runs in the executor, by key
         self._reads, self._reads_lock = 0, threading.Lock()  # shards being read from their source now
+        self.source_reads = 0  # shards read from their source (and tokenized) so far: what the cache saves
+        self.prefetch_late = 0  # prefetches dropped in the executor: every stream had reached the shard
         self._packed: OrderedDict[PackedKey, PackedShard] = OrderedDict()
+        # the hot tier's keys by (dataset, seed) and epoch: an epoch left behind is dropped without a
+        # look at every other entry
+        self._packed_epochs: dict[tuple[str, int], dict[int, set[PackedKey]]] = {}
         self.hot_slots, self.hot_max_bytes, self._packed_bytes = packed_slots, packed_bytes, 0
         self._epoch_rows: OrderedDict[Hashable, tuple[int, list[int] | None]] = OrderedDict()
         self.packs = self.hot_evictions = 0  # shards packed (hot-tier misses), and packed shards dropped
@@ -131,11 +143,16 @@ class ShardStore:
         if not live:  # the job's last stream ended: its shards age out as usual
             del self._live_epochs[job]
         elif old is not None and old < min(live):
-            below = min(live)
-            dead = [k for k in self._packed if k.fingerprint == ds.fingerprint and k.seed == seed and k.epoch < below]
-            for key in dead:
-                self._packed_bytes -= self._packed.pop(key).nbytes
-            self.hot_evictions += len(dead)
+            # (an index, not a scan of the tier: a job's streams leave an epoch hundreds of times as
+            # its ranks start, and a scan of 4,096 entries each time took a 1,024-rank job's
+            # replicas a sixth of their loop)
+            below, epochs = min(live), self._packed_epochs.get(job, {})
+            for epoch in [e for e in epochs if e < below]:
+                for key in epochs.pop(epoch):
+                    self._packed_bytes -= self._packed.pop(key).nbytes
+                    self.hot_evictions += 1
+            if not epochs:
+                self._packed_epochs.pop(job, None)
 
     def _start(self, key: Hashable, fn: Callable[[], Any], then: Callable[[Any], None] | None = None) -> _Flight:
         """The run of ``fn`` in the executor for ``key``, started unless one is under way.
@@ -191,6 +208,8 @@ class ShardStore:
         if prefetch:
             if self.cache.contains(key, slot):
                 return _Loaded(key, None, False)
+            if not self._still_ahead(slot):
+                return _Loaded(key, None, False)
         elif mode is Lookup.CACHED and not self.cache.contains(key, slot):
             return _Loaded(key, None, False)
         elif (hit := self.cache.get(key, slot)) is not None:
@@ -199,6 +218,7 @@ class ShardStore:
             return _Loaded(key, None, False)
         with self._reads_lock:
             self._reads += 1
+            self.source_reads += 1
         try:
             shard = ds.tokenize_shard(index)
         finally:
@@ -206,6 +226,17 @@ class ShardStore:
                 self._reads -= 1
         admitted = self.cache.put(key, shard, slot, prefetched=prefetch)
         return _Loaded(key, shard, prefetch and admitted)
+
+    def _still_ahead(self, slot: tuple[str, int]) -> bool:
+        """Whether a prefetch is still ahead of a stream. One that waited in the executor until
+        its stream reached the shard would read it a second time: the stream's own load read it
+        already, and the policy may have left it out (its next use is next epoch; issue 23)."""
+        depth = self.prefetcher.depth if self.prefetcher is not None else 0
+        if self.cache.future.distance(slot) <= depth:
+            return True
+        with self._reads_lock:
+            self.prefetch_late += 1
+        return False
 
     async def _warm(self, ds: Dataset, index: int) -> None:
         """The prefetcher's load: shares the single flight of requests for the same shard."""
@@ -259,7 +290,10 @@ class ShardStore:
             tok = await self.tokenized(ds, index, only_cached)
             if tok is None:
                 return None
-            packed = await self._once(key, self._packer(ds, seed, epoch, index, seq_len, packing, tok), keep)
+            # A flight of its own: under ``key`` it could join a pack-ahead that reads only the
+            # cache, which does not hold the shard when the policy declined it (None, not rows).
+            packed = await self._once(FromTokens(key), self._packer(ds, seed, epoch, index, seq_len, packing, tok),
+                                      keep)
         return packed
 
     def _packer(self, ds: Dataset, seed: int, epoch: int, index: int, seq_len: int, packing: str,
@@ -289,10 +323,18 @@ class ShardStore:
                             packed.nbytes, self.hot_max_bytes)
             return
         self._packed[key] = packed
+        self._packed_epochs.setdefault((key.fingerprint, key.seed), {}).setdefault(key.epoch, set()).add(key)
         self._packed_bytes += packed.nbytes
         while self._packed and (len(self._packed) > self.hot_slots or self._packed_bytes > self.hot_max_bytes):
-            self._packed_bytes -= self._packed.popitem(last=False)[1].nbytes
+            old, dropped = self._packed.popitem(last=False)
+            self._packed_bytes -= dropped.nbytes
             self.hot_evictions += 1
+            job = self._packed_epochs[(old.fingerprint, old.seed)]
+            job[old.epoch].discard(old)
+            if not job[old.epoch]:
+                del job[old.epoch]
+                if not job:
+                    del self._packed_epochs[(old.fingerprint, old.seed)]
 
     def prefetch_stats(self) -> dict[str, int]:
         """Prefetch hits, queue depth, loads in flight (requests and prefetches), and counters."""
@@ -304,7 +346,8 @@ class ShardStore:
         """The cache's numbers, the prefetcher's, and the hot tier's, as one plain dict."""
         out = self.cache.stats()
         out.update(self.prefetcher.stats() if self.prefetcher is not None else {})
-        out.update(inflight_loads=self._reads, hot_entries=len(self._packed), hot_packs=self.packs,
+        out.update(inflight_loads=self._reads, source_reads=self.source_reads, prefetch_late=self.prefetch_late,
+                   hot_entries=len(self._packed), hot_packs=self.packs,
                    hot_evictions=self.hot_evictions, hot_oversized=self.hot_oversized,
                    hot_bytes=self._packed_bytes)
         return out

@@ -64,7 +64,7 @@ class ComponentCursor(_message.Message):
     def __init__(self, dataset: _Optional[str] = ..., row: _Optional[int] = ..., epoch: _Optional[int] = ..., shard: _Optional[int] = ..., shard_row: _Optional[int] = ...) -> None: ...
 
 class StreamRequest(_message.Message):
-    __slots__ = ("dataset", "seed", "seq_len", "batch_size", "packing", "rank", "world_size", "cursor", "first_step", "step_stride", "batches_per_message", "compression", "worker_id", "provenance", "max_tokens", "shared_memory", "skip_rows")
+    __slots__ = ("dataset", "seed", "seq_len", "batch_size", "packing", "rank", "world_size", "cursor", "first_step", "step_stride", "batches_per_message", "compression", "worker_id", "provenance", "max_tokens", "shared_memory", "skip_rows", "plan", "batches_adaptive")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +82,8 @@ class StreamRequest(_message.Message):
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     SKIP_ROWS_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_ADAPTIVE_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     seed: int
     seq_len: int
@@ -99,7 +101,34 @@ class StreamRequest(_message.Message):
     max_tokens: int
     shared_memory: SharedMemory
     skip_rows: int
-    def __init__(self, dataset: _Optional[str] = ..., seed: _Optional[int] = ..., seq_len: _Optional[int] = ..., batch_size: _Optional[int] = ..., packing: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., cursor: _Optional[_Union[Cursor, _Mapping]] = ..., first_step: _Optional[int] = ..., step_stride: _Optional[int] = ..., batches_per_message: _Optional[int] = ..., compression: _Optional[_Union[Compression, str]] = ..., worker_id: _Optional[int] = ..., provenance: _Optional[bool] = ..., max_tokens: _Optional[int] = ..., shared_memory: _Optional[_Union[SharedMemory, _Mapping]] = ..., skip_rows: _Optional[int] = ...) -> None: ...
+    plan: _containers.RepeatedCompositeFieldContainer[PlanEdit]
+    batches_adaptive: bool
+    def __init__(self, dataset: _Optional[str] = ..., seed: _Optional[int] = ..., seq_len: _Optional[int] = ..., batch_size: _Optional[int] = ..., packing: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., cursor: _Optional[_Union[Cursor, _Mapping]] = ..., first_step: _Optional[int] = ..., step_stride: _Optional[int] = ..., batches_per_message: _Optional[int] = ..., compression: _Optional[_Union[Compression, str]] = ..., worker_id: _Optional[int] = ..., provenance: _Optional[bool] = ..., max_tokens: _Optional[int] = ..., shared_memory: _Optional[_Union[SharedMemory, _Mapping]] = ..., skip_rows: _Optional[int] = ..., plan: _Optional[_Iterable[_Union[PlanEdit, _Mapping]]] = ..., batches_adaptive: _Optional[bool] = ...) -> None: ...
+
+class PlanEdit(_message.Message):
+    __slots__ = ("op", "from_row", "at_step", "dataset", "shard", "document", "weights")
+    class WeightsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    OP_FIELD_NUMBER: _ClassVar[int]
+    FROM_ROW_FIELD_NUMBER: _ClassVar[int]
+    AT_STEP_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    op: str
+    from_row: int
+    at_step: int
+    dataset: str
+    shard: int
+    document: int
+    weights: _containers.ScalarMap[str, float]
+    def __init__(self, op: _Optional[str] = ..., from_row: _Optional[int] = ..., at_step: _Optional[int] = ..., dataset: _Optional[str] = ..., shard: _Optional[int] = ..., document: _Optional[int] = ..., weights: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class SharedMemory(_message.Message):
     __slots__ = ("path", "nonce", "slots", "slot_bytes")
@@ -114,7 +143,7 @@ class SharedMemory(_message.Message):
     def __init__(self, path: _Optional[str] = ..., nonce: _Optional[bytes] = ..., slots: _Optional[int] = ..., slot_bytes: _Optional[int] = ...) -> None: ...
 
 class BatchChunk(_message.Message):
-    __slots__ = ("tokens", "dtype", "compression", "num_batches", "rows", "seq_len", "eos_id", "pad_id", "cursors", "steps", "epochs", "provenance", "provenance_counts", "piece_starts", "piece_start_counts", "shm_slot")
+    __slots__ = ("tokens", "dtype", "compression", "num_batches", "rows", "seq_len", "eos_id", "pad_id", "cursors", "steps", "epochs", "provenance", "provenance_counts", "piece_starts", "piece_start_counts", "shm_slot", "plan_edits")
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
@@ -131,6 +160,7 @@ class BatchChunk(_message.Message):
     PIECE_STARTS_FIELD_NUMBER: _ClassVar[int]
     PIECE_START_COUNTS_FIELD_NUMBER: _ClassVar[int]
     SHM_SLOT_FIELD_NUMBER: _ClassVar[int]
+    PLAN_EDITS_FIELD_NUMBER: _ClassVar[int]
     tokens: bytes
     dtype: TokenDtype
     compression: Compression
@@ -147,7 +177,8 @@ class BatchChunk(_message.Message):
     piece_starts: _containers.RepeatedScalarFieldContainer[int]
     piece_start_counts: _containers.RepeatedScalarFieldContainer[int]
     shm_slot: int
-    def __init__(self, tokens: _Optional[bytes] = ..., dtype: _Optional[_Union[TokenDtype, str]] = ..., compression: _Optional[_Union[Compression, str]] = ..., num_batches: _Optional[int] = ..., rows: _Optional[int] = ..., seq_len: _Optional[int] = ..., eos_id: _Optional[int] = ..., pad_id: _Optional[int] = ..., cursors: _Optional[_Iterable[_Union[Cursor, _Mapping]]] = ..., steps: _Optional[_Iterable[int]] = ..., epochs: _Optional[_Iterable[int]] = ..., provenance: _Optional[bytes] = ..., provenance_counts: _Optional[_Iterable[int]] = ..., piece_starts: _Optional[_Iterable[int]] = ..., piece_start_counts: _Optional[_Iterable[int]] = ..., shm_slot: _Optional[int] = ...) -> None: ...
+    plan_edits: int
+    def __init__(self, tokens: _Optional[bytes] = ..., dtype: _Optional[_Union[TokenDtype, str]] = ..., compression: _Optional[_Union[Compression, str]] = ..., num_batches: _Optional[int] = ..., rows: _Optional[int] = ..., seq_len: _Optional[int] = ..., eos_id: _Optional[int] = ..., pad_id: _Optional[int] = ..., cursors: _Optional[_Iterable[_Union[Cursor, _Mapping]]] = ..., steps: _Optional[_Iterable[int]] = ..., epochs: _Optional[_Iterable[int]] = ..., provenance: _Optional[bytes] = ..., provenance_counts: _Optional[_Iterable[int]] = ..., piece_starts: _Optional[_Iterable[int]] = ..., piece_start_counts: _Optional[_Iterable[int]] = ..., shm_slot: _Optional[int] = ..., plan_edits: _Optional[int] = ...) -> None: ...
 
 class DescribeRequest(_message.Message):
     __slots__ = ("dataset", "tokenizer_files")
@@ -235,9 +266,18 @@ class SourceInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., weight: _Optional[float] = ..., tokens: _Optional[int] = ..., rows_served: _Optional[int] = ...) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("datasets", "server_version")
+    __slots__ = ("datasets", "server_version", "plan_edits")
+    class PlanEditsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     DATASETS_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PLAN_EDITS_FIELD_NUMBER: _ClassVar[int]
     datasets: _containers.RepeatedCompositeFieldContainer[DatasetInfo]
     server_version: str
-    def __init__(self, datasets: _Optional[_Iterable[_Union[DatasetInfo, _Mapping]]] = ..., server_version: _Optional[str] = ...) -> None: ...
+    plan_edits: _containers.ScalarMap[str, int]
+    def __init__(self, datasets: _Optional[_Iterable[_Union[DatasetInfo, _Mapping]]] = ..., server_version: _Optional[str] = ..., plan_edits: _Optional[_Mapping[str, int]] = ...) -> None: ...

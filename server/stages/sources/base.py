@@ -11,19 +11,19 @@ import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from server.errors import ConfigError
 from server.stages.files import common_root, relative
+from server.stages.identity import remembered_format, remembered_formats
 from server.stages.storage import Storage, is_url
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class FilePart:
+class FilePart(NamedTuple):
     """A whole file (``end == -1``) or the range ``[start, end)`` of one, in the source's unit:
-    bytes (JSONL), row groups (Parquet) or rows (HF datasets)."""
+    bytes (JSONL), row groups (Parquet) or rows (HF datasets). A tuple: one a file at start-up."""
 
     path: str
     start: int = 0
@@ -45,7 +45,7 @@ class BadRecords:
     """Records skipped while reading, counted by reason, with the first sample of each reason;
     safe to share between threads."""
 
-    counts: Counter = field(default_factory=Counter)
+    counts: Counter[str] = field(default_factory=Counter)
     samples: dict[str, str] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -120,6 +120,8 @@ def resolve_paths(patterns: list[str], exclude: list[str], field: str, key: str 
             raise ConfigError(f"{where}: cannot list {pattern}: {type(err).__name__}: {err}") from None
         if not matches:
             raise ConfigError(f"{where}: {pattern!r} matches no {'object' if is_url(pattern) else 'file'}")
+        if len(patterns) == 1:
+            return list(dict.fromkeys(matches))  # sorted already (``Storage.glob``)
         found.update(matches)
     return sorted(found)
 
@@ -171,8 +173,25 @@ _MAGIC = {b"PAR1": "parquet", b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd", 
 
 def sniff_format(path: str, storage: Storage | None = None) -> str | None:
     """The binary format a file's first bytes announce (``parquet``, ``gzip``, ``zstd``, ...),
-    ``binary`` for other files with NUL bytes near the start, or ``None`` for text."""
+    ``binary`` for other files with NUL bytes near the start, or ``None`` for text. A local
+    file's answer is remembered across starts while a dataset is built (``remembered_format``)."""
     storage = storage or Storage()
+    if is_url(path):
+        return _sniff(path, storage)
+    return remembered_format(path, lambda: _sniff(path, storage))
+
+
+def sniff_formats(paths: list[str], storage: Storage | None = None) -> dict[str, str | None]:
+    """``{path: sniff_format(path, storage)}``, local files' answers remembered in one loop."""
+    store = storage or Storage()
+    local = [p for p in paths if not is_url(p)]
+    out = remembered_formats(local, lambda path: _sniff(path, store)) if local else {}
+    if len(local) < len(paths):
+        out.update((p, _sniff(p, store)) for p in paths if is_url(p))
+    return {p: out[p] for p in paths} if len(local) < len(paths) else out
+
+
+def _sniff(path: str, storage: Storage) -> str | None:
     size = storage.size(path)
     head = storage.read(path, 0, min(size, 4096)) if size else b""
     for magic, name in _MAGIC.items():
@@ -184,8 +203,7 @@ def sniff_format(path: str, storage: Storage | None = None) -> str | None:
 def check_text_files(paths: list[str], patterns: list[str], field: str, kind: str,
                      allowed: tuple[str, ...] = (), storage: Storage | None = None) -> None:
     """Refuse (at start-up) files whose content is not ``kind``, naming the config entry."""
-    for path in paths:
-        fmt = sniff_format(path, storage)
+    for path, fmt in sniff_formats(paths, storage).items():
         if fmt is not None and fmt not in allowed:
             raise ConfigError(f"{path_field(path, patterns, field)}: {path} is a {fmt} file, not {kind} "
                               f"(set the source's `type` to match the data)")

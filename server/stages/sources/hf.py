@@ -28,7 +28,7 @@ def import_datasets() -> ModuleType:
     datasets.config.HF_DATASETS_OFFLINE = True
     datasets.config.HF_HUB_OFFLINE = True
     datasets.disable_progress_bars()
-    return datasets
+    return datasets  # type: ignore[no-any-return]  # (datasets ships no type information)
 
 
 class HfSource:

@@ -13,7 +13,8 @@ import zstandard
 from server.config import JsonlSourceConfig
 from server.errors import ConfigError
 from server.stages.sources.base import (BadRecords, BrokenShard, FilePart, ShardSpec, decode_utf8, path_field,
-                                        resolve_paths, sniff_format)
+                                        resolve_paths, sniff_formats)
+from server.stages.files import listed_stats
 from server.stages.storage import Storage
 
 _COMPRESSED = ("gzip", "zstd")
@@ -26,22 +27,24 @@ class JsonlSource:
         self.config = config
         self.storage = Storage(config.storage_options)
         self.paths = resolve_paths(config.paths, config.exclude, field, storage=self.storage)
-        self.formats: dict[str, str | None] = {}
-        for path in self.paths:
-            fmt = sniff_format(path, self.storage)
+        self.formats: dict[str, str | None] = sniff_formats(self.paths, self.storage)
+        for path, fmt in self.formats.items():
             if fmt is not None and fmt not in _COMPRESSED:
                 raise ConfigError(f"{path_field(path, config.paths, field)}: {path} is a {fmt} file, not "
                                   "JSON Lines (plain, gzip or zstd); set the source's `type` to match the data")
-            self.formats[path] = fmt
         self._keys = config.text_field.split(".")
 
     def shards(self) -> list[ShardSpec]:
         shards: list[ShardSpec] = []
         target = int(self.config.shard_bytes)
+        formats, size_of, listed = self.formats, self.storage.size, listed_stats() or {}
         for path in self.paths:
-            size = self.storage.size(path)
-            # A compressed stream cannot seek: the whole file is one shard.
-            ranges = [(0, size)] if self.formats[path] else _line_ranges(self.storage, path, size, target)
+            seen = listed.get(path)  # the start-up listing's stat (local files), else asked
+            size = seen[0] if seen is not None else size_of(path)
+            if size <= target or formats[path]:  # one shard: a small file, or a compressed stream (no seeks)
+                shards.append(ShardSpec(len(shards), path, (FilePart(path, 0, size),), size))
+                continue
+            ranges = _line_ranges(self.storage, path, size, target)
             for start, end in ranges:
                 name = path if (start, end) == (0, size) else f"{path}[{start}:{end}]"
                 shards.append(ShardSpec(len(shards), name, (FilePart(path, start, end),), end - start))
@@ -112,6 +115,8 @@ def _unzstd(data: bytes) -> Iterator[bytes]:
 def _line_ranges(storage: Storage, path: str, size: int, target: int) -> list[tuple[int, int]]:
     """Byte ranges of about ``target`` bytes that start and end on line boundaries (reading only
     the line at each cut: a block per shard from an object store, never the whole object)."""
+    if size <= target:  # most files of a many-small-files corpus: no cut, nothing to read
+        return [(0, size)]
     ranges, start = [], 0
     with storage.open(path) as f:
         while start < size:

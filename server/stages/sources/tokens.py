@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import struct
+from typing import Any
 
 import numpy as np
 import zstandard
@@ -64,7 +65,7 @@ def decode_shard(data: bytes, dtype: np.dtype) -> TokenizedShard:
     return TokenizedShard(tokens=ids.astype(dtype, copy=False), offsets=offsets)
 
 
-def read_manifest(path: str, field: str, storage: Storage | None = None) -> dict:
+def read_manifest(path: str, field: str, storage: Storage | None = None) -> dict[str, Any]:
     """The manifest of a prepared directory (local or a URL); ``ConfigError`` naming ``field``
     when there is none."""
     storage = storage or Storage()
@@ -117,7 +118,7 @@ class TokensSource:
     def files(self) -> list[str]:
         return [join(self.path, MANIFEST)] + [s.parts[0].path for s in self._shards]
 
-    def content(self, index: int) -> list:
+    def content(self, index: int) -> list[Any]:
         """Shard ``index``'s content identity: the manifest's checksum and counts (the same in
         every copy of the directory, wherever it lies)."""
         digest, docs, tokens, _ = self._meta[index]

@@ -1,0 +1,67 @@
+"""How many batches a message carries when its stream lets the server choose (``Space.fewer``).
+
+The server's loop gives each open stream one message a turn, so a rank whose trainer takes batches
+as fast as they come waits about a round between its messages: ``streams / messages per second``.
+Large messages cost the least CPU a token (server and client alike), small ones keep the round
+short when many ranks share the server. So the batches a message (one number for the server, each
+stream's own ceiling applied) follow the round: every window, scaled by ``target_gap_s / round``
+(at most halved or doubled). Trainers slower than the server also make a long round (they ask
+for few messages): their messages shrink too, which costs them a few hundred microseconds of CPU
+a batch they can spare, and nothing in tokens/s. (The process's CPU time is no test of whether
+the server is the limit: on a machine shared with other work it gets a third of a core and is.)
+
+A figure from ``benchmarks/bench_scale.py`` (64 ranks of one job, batches of 4 x 1,024 tokens, 2
+cores): about 180 us of server CPU a message at one batch, 20 us a batch more; one batch a message
+keeps a 16 ms round but caps the job at a tenth of one stream's tokens/s, 16 triple its tokens/s
+at a 33 ms round.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from server import metrics
+from server.serve.protocol import MAX_BATCHES_PER_MESSAGE
+
+__all__ = ["Pacing"]
+
+class Pacing:
+    """The server's batches a message for streams with ``batches_adaptive``: ``batches(ceiling)``
+    per message; ``opened``/``closed`` count the streams sharing the loop, ``sent`` each message."""
+
+    def __init__(self, target_gap_s: float = 0.025, window_s: float = 0.2,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.target_gap_s, self.window_s = target_gap_s, window_s
+        self.streams = 0
+        self._clock = clock
+        self._scale: float | None = None  # batches a message, before each stream's ceiling; None: not yet measured
+        self._messages = 0
+        self._since = clock()
+
+    def opened(self) -> None:
+        self.streams += 1
+
+    def closed(self) -> None:
+        self.streams -= 1
+
+    def batches(self, ceiling: int) -> int:
+        """Batches for the next message of a stream that asked for at most ``ceiling``."""
+        if self.streams <= 1:
+            return ceiling
+        scale = self._scale if self._scale is not None else ceiling / self.streams
+        return max(1, min(ceiling, int(scale + 0.5)))
+
+    def sent(self) -> None:
+        """A message went out; every ``window_s``, the size of the next ones is decided anew."""
+        self._messages += 1
+        now = self._clock()
+        elapsed = now - self._since
+        if elapsed < self.window_s:
+            return
+        rounds = self._messages / elapsed / max(1, self.streams)  # rounds a second, were every stream sending
+        scale = self._scale if self._scale is not None else 1.0
+        scale *= min(2.0, max(0.5, self.target_gap_s * rounds))
+        self._scale = min(float(MAX_BATCHES_PER_MESSAGE), max(1.0, scale))
+        metrics.PACED_BATCHES.set(self._scale)
+        self._messages, self._since = 0, now
