@@ -271,6 +271,10 @@ class ServerSettings(_Strict):
         "messages of a rank it aims for, for clients that leave their batches a message to it (the default): "
         "longer gives larger messages and more tokens/s in all, shorter makes a many-rank job's batches come more "
         "evenly.")
+    paced_min_tokens: int = Field(
+        default=32_768, ge=0, description="The fewest tokens a paced message carries (whole batches; at most the "
+        "client's ceiling), however long the round: a message costs the server about as much as this many tokens "
+        "of batches, so smaller ones spend most of a loaded server on messages. 0: follow the round alone.")
     # ---- limits ----
     max_streams: int = Field(
         default=1024, gt=0, description="Concurrent batch streams; more get RESOURCE_EXHAUSTED (with a retry "

@@ -33,8 +33,8 @@ class Ticks:
         return self.now
 
 
-def paced(steps: Iterator[float], streams: int) -> Pacing:
-    pacing = Pacing(target_gap_s=0.025, window_s=0.0, clock=Ticks(steps).clock)
+def paced(steps: Iterator[float], streams: int, min_tokens: int = 0) -> Pacing:
+    pacing = Pacing(target_gap_s=0.025, window_s=0.0, clock=Ticks(steps).clock, min_tokens=min_tokens)
     for _ in range(streams):
         pacing.opened()
     return pacing
@@ -73,13 +73,39 @@ def test_a_long_round_makes_messages_smaller_and_a_short_one_larger():
 def test_the_round_is_measured_over_a_window():
     """Messages counted over ``window_s`` of the clock: 8 streams, 40 messages in 0.2 s, a round of
     40 ms, so 16 batches become 10."""
-    pacing = Pacing(target_gap_s=0.025, window_s=0.2, clock=Ticks(itertools.repeat(0.005)).clock)
+    pacing = Pacing(target_gap_s=0.025, window_s=0.2, clock=Ticks(itertools.repeat(0.005)).clock, min_tokens=0)
     for _ in range(8):
         pacing.opened()
     pacing._scale = 16.0
     for _ in range(40):
         pacing.sent()
     assert pacing.batches(64) == 10
+
+
+def test_a_long_round_never_shrinks_messages_below_the_floor():
+    """A loaded server's round is long whatever the message size: messages stop shrinking where
+    they hold ``min_tokens`` (here 32 K tokens: 8 batches of 4 x 1,025), within the ceiling."""
+    pacing = paced(itertools.repeat(0.001), streams=64, min_tokens=32_768)
+    pacing._scale = 16.0
+    sizes = []
+    for _ in range(5):
+        pacing.sent()
+        sizes.append(pacing.batches(16, 4 * 1025))
+    assert sizes == [8, 8, 8, 8, 8]
+    assert pacing._scale == 1.0  # the round alone would give one batch
+    assert pacing.batches(4, 4 * 1025) == 4  # a ceiling below the floor holds
+    assert pacing.batches(16, 1 << 20) == 1  # one batch holds a million tokens
+    assert pacing.batches(16) == 1  # (no batch size given: the round alone)
+    pacing = paced(itertools.repeat(0.001), streams=64, min_tokens=0)  # 0: the round alone
+    pacing._scale = 1.0
+    assert pacing.batches(16, 4 * 1025) == 1
+
+
+def test_the_floor_is_a_server_setting():
+    assert ServerSettings().paced_min_tokens == 32_768
+    assert ServerSettings.model_validate({"paced_min_tokens": 0}).paced_min_tokens == 0
+    with pytest.raises(ValueError, match="paced_min_tokens"):
+        ServerSettings.model_validate({"paced_min_tokens": -1})
 
 
 def batches_of(chunks: list) -> tuple[list[np.ndarray], list[tuple[int, ...]], list[list[np.ndarray]] | None]:

@@ -6,6 +6,7 @@ message (the ring's backpressure), for a turn of the loop, or for work handed to
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import AsyncIterator, Generator
 from typing import Any, Protocol, TypeVar
 
@@ -54,7 +55,7 @@ async def answer(request: Request, store: ShardStore, buffers: Buffers, pacing: 
     elif isinstance(request, Space):
         shape = request.shape
         if request.fewer and pacing is not None:
-            shape = (pacing.batches(shape[0]), *shape[1:])
+            shape = (pacing.batches(shape[0], math.prod(shape[1:])), *shape[1:])
         return await buffers.take(shape, request.dtype)
     elif isinstance(request, Offload):
         return await asyncio.to_thread(request.fn, *request.args)

@@ -14,6 +14,13 @@ A figure from ``benchmarks/bench_scale.py`` (64 ranks of one job, batches of 4 x
 cores): about 180 us of server CPU a message at one batch, 20 us a batch more; one batch a message
 keeps a 16 ms round but caps the job at a tenth of one stream's tokens/s, 16 triple its tokens/s
 at a 33 ms round.
+
+Never fewer batches than ``min_tokens`` (``server.paced_min_tokens``) hold, within the stream's
+ceiling: when the server shares its cores with other work, every message is slower whatever its
+size, and following the round alone shrank 64 ranks' messages to one batch, where the message's
+own cost is most of the work (measured under load: 1.3 batches a message and 7 M tokens/s,
+against 8 batches and 27 M with the floor). At the default floor a message's own cost is at most
+about half of it.
 """
 
 from __future__ import annotations
@@ -24,15 +31,19 @@ from collections.abc import Callable
 from server import metrics
 from server.serve.protocol import MAX_BATCHES_PER_MESSAGE
 
-__all__ = ["Pacing"]
+__all__ = ["MESSAGE_COST_TOKENS", "Pacing"]
+
+#: a message's own server cost (gRPC send, ring write, cursors, meter) in the tokens of batch work
+#: that cost as much (``bench_scale``: ~240 us a message against ~30 us a batch of 4,096 tokens)
+MESSAGE_COST_TOKENS = 32_768
 
 class Pacing:
     """The server's batches a message for streams with ``batches_adaptive``: ``batches(ceiling)``
     per message; ``opened``/``closed`` count the streams sharing the loop, ``sent`` each message."""
 
     def __init__(self, target_gap_s: float = 0.025, window_s: float = 0.2,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.target_gap_s, self.window_s = target_gap_s, window_s
+                 clock: Callable[[], float] = time.monotonic, min_tokens: int = MESSAGE_COST_TOKENS) -> None:
+        self.target_gap_s, self.window_s, self.min_tokens = target_gap_s, window_s, min_tokens
         self.streams = 0
         self._clock = clock
         self._scale: float | None = None  # batches a message, before each stream's ceiling; None: not yet measured
@@ -45,12 +56,14 @@ class Pacing:
     def closed(self) -> None:
         self.streams -= 1
 
-    def batches(self, ceiling: int) -> int:
-        """Batches for the next message of a stream that asked for at most ``ceiling``."""
+    def batches(self, ceiling: int, batch_tokens: int = 0) -> int:
+        """Batches for the next message of a stream that asked for at most ``ceiling``, each of
+        ``batch_tokens`` tokens: never fewer than ``min_tokens`` hold."""
         if self.streams <= 1:
             return ceiling
         scale = self._scale if self._scale is not None else ceiling / self.streams
-        return max(1, min(ceiling, int(scale + 0.5)))
+        floor = -(-self.min_tokens // batch_tokens) if batch_tokens > 0 else 1
+        return max(1, min(ceiling, max(floor, int(scale + 0.5))))
 
     def sent(self) -> None:
         """A message went out; every ``window_s``, the size of the next ones is decided anew."""

@@ -57,7 +57,8 @@ class TokenFeedService(pb_grpc.TokenFeedServicer):
                  settings: ServerSettings) -> None:
         self.datasets, self.store, self.settings = datasets, store, settings
         self.admission = Admission(settings.max_streams, int(settings.stream_memory_bytes))
-        self.pacing = Pacing(settings.paced_gap_s)  # batches a message, for the streams that let the server choose
+        # batches a message, for the streams that let the server choose
+        self.pacing = Pacing(settings.paced_gap_s, min_tokens=settings.paced_min_tokens)
         self.plan_edits: Counter[str] = Counter()  # data plan edits the open streams carry, by kind
 
     def _count_edits(self, kinds: tuple[str, ...], sign: int) -> None:
