@@ -154,8 +154,9 @@ async def test_a_rank_of_a_large_job_packs_ahead_only_the_shards_of_its_own_rows
         return original(ds, seed, epoch, ordinal, seq_len, packing)
 
     store.pack_ahead = spy  # type: ignore[method-assign]
-    world, batch, messages = 1024, 2, 6
+    world, batch, messages = 1024, 7, 6
     deal = Dealing(0, world, batch)
+    straddling = 0  # takes whose rows lie in two shards
     for rank in (0, 517, world - 1):
         request = pb.StreamRequest(dataset="d", seed=SEED, seq_len=SEQ, batch_size=batch, rank=rank,
                                    world_size=world, batches_per_message=1)
@@ -173,7 +174,13 @@ async def test_a_rank_of_a_large_job_packs_ahead_only_the_shards_of_its_own_rows
         own = {shard_of(row) for t in range(messages + 16)  # its rows in the next 16 messages
                for row in (deal.first_row(t, rank), deal.first_row(t, rank) + batch - 1)}
         assert asked and set(asked) <= own, (rank, sorted(set(asked) - own)[:5])
+        taken = {shard_of(row) for t in range(messages)  # what it has read: every shard asked for, the
+                 for row in (deal.first_row(t, rank), deal.first_row(t, rank) + batch - 1)}  # last rows' too
+        assert taken <= set(asked), (rank, sorted(taken - set(asked)))
+        straddling += sum(shard_of(deal.first_row(t, rank)) != shard_of(deal.first_row(t, rank) + batch - 1)
+                          for t in range(messages + 16))
         assert len(asked) <= 2 * len(own), (rank, len(asked), len(own))  # each once, but for refusals
+    assert straddling  # (the case where the last row's shard is searched for)
     await store.close()
 
 

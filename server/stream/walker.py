@@ -380,9 +380,14 @@ class Walker:
         k = max(self._ahead_take, -(-(self.row - takes.first - takes.width + 1) // takes.period), 0)
         asked = 0
         while (row := takes.first + k * takes.period) < end and asked < max_shards:
-            first = self._locate(self.epoch, self.shard, max(row, self.row) - base + 1)  # the shard of its first row
-            last = self._locate(self.epoch, self.shard, row + takes.width - base)  # and its last
-            if first is None or last is None:
+            start = max(row, self.row)
+            first = self._locate(self.epoch, self.shard, start - base + 1)  # the shard of its first row
+            if first is None:
+                break
+            last: tuple[int, int, int, int] | None = first  # its last row's, mostly the same: no search
+            if first[2] + (row + takes.width - 1 - start) > first[3]:
+                last = self._locate(self.epoch, self.shard, row + takes.width - base)
+            if last is None:
                 break
             epoch, shard = first[:2]
             while True:
