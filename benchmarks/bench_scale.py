@@ -422,35 +422,48 @@ def ranks(root: Path, work: Path, worlds: list[int], repeats: int, seconds: floa
     return out
 
 
-def jobstart(root: Path, work: Path, worlds: list[int], replicas: int = 4) -> dict[str, Any]:
+def jobstart(root: Path, work: Path, worlds: list[int], replicas: int = 4, repeats: int = 1) -> dict[str, Any]:
     """Goal 5: a job of W ranks against ``replicas`` servers: cold (fresh servers, empty caches,
-    digests cached) and warm (the same servers again)."""
+    digests cached) and warm (the same servers again). The sizes alternate, ``repeats`` times;
+    each figure is the median of its repeats (a single start swings by 2x on a shared machine)."""
     cache = tempfile.mkdtemp(dir=work, prefix="digests-")
-    out: dict[str, Any] = {"replicas": replicas, "by_ranks": {}}
+    runs: dict[int, dict[str, list[dict[str, Any]]]] = {w: {"cold": [], "warm": []} for w in worlds}
+    for _ in range(repeats):
+        for w in worlds:
+            servers = [ServerProcess(config_of(root), work, env={"TOKENFEED_IDENTITY_CACHE": cache}).start(timeout=600)
+                       for _ in range(replicas)]
+            try:
+                for kind in ("cold", "warm"):
+                    job = Job([s.address for s in servers], w, max(4, w // 128))
+                    wall = job.start()
+                    r = {**job.measure(0), "ready_s": wall, "rss_mib": [round(rss_kib(s.proc.pid) / 1024)
+                                                                         for s in servers]}
+                    runs[w][kind].append(r)
+            finally:
+                for s in servers:
+                    s.stop()
+            cold, warm = runs[w]["cold"][-1], runs[w]["warm"][-1]
+            print(f"job start, {w} ranks on {replicas} replicas: every rank holds its first batch after "
+                  f"{cold['all_first_batch_s'] or float('nan'):.2f} s cold, "
+                  f"{warm['all_first_batch_s'] or float('nan'):.2f} s warm "
+                  f"(errors {cold['errors'] + warm['errors']})", flush=True)
+    out: dict[str, Any] = {"replicas": replicas, "repeats": repeats, "by_ranks": {}}
     for w in worlds:
-        servers = [ServerProcess(config_of(root), work, env={"TOKENFEED_IDENTITY_CACHE": cache}).start(timeout=600)
-                   for _ in range(replicas)]
         row: dict[str, Any] = {}
-        try:
-            for kind in ("cold", "warm"):
-                job = Job([s.address for s in servers], w, max(4, w // 128))
-                wall = job.start()
-                row[kind] = {**job.measure(0), "ready_s": wall}
-                row[kind]["rss_mib"] = [round(rss_kib(s.proc.pid) / 1024) for s in servers]
-        finally:
-            for s in servers:
-                s.stop()
+        for kind, rs in runs[w].items():
+            done = [r["all_first_batch_s"] for r in rs if r["all_first_batch_s"] is not None]
+            row[kind] = {"all_first_batch_s": median(done) if len(done) == len(rs) else None,
+                         "first_batch_p50_s": median([r["first_batch_p50_s"] for r in rs]),
+                         "errors": [e for r in rs for e in r["errors"]][:5], "runs": rs}
         out["by_ranks"][str(w)] = row
-        print(f"job start, {w} ranks on {replicas} replicas: every rank holds its first batch after "
-              f"{row['cold']['all_first_batch_s'] or float('nan'):.2f} s cold, "
-              f"{row['warm']['all_first_batch_s'] or float('nan'):.2f} s warm "
-              f"(errors {row['cold']['errors'] + row['warm']['errors']})", flush=True)
     keys = sorted(out["by_ranks"], key=int)
     if len(keys) > 1:
         lo, hi = out["by_ranks"][keys[0]], out["by_ranks"][keys[-1]]
         out["growth"] = {"ranks": int(keys[-1]) / int(keys[0]),
                          **{k: (hi[k]["all_first_batch_s"] or float("nan")) / lo[k]["all_first_batch_s"]
                             for k in ("cold", "warm") if lo[k]["all_first_batch_s"]}}
+        print("job start growth from", keys[0], "to", keys[-1], "ranks:",
+              ", ".join(f"{k} {v:.1f}x" for k, v in out["growth"].items()), flush=True)
     return out
 
 
@@ -528,7 +541,8 @@ def main() -> None:
                         help="ranks: the corpus, MiB in 64 files (default 16, 1 with --tiny; 1: shards of ~16 rows, "
                              "each rank's batch in another shard; the figures before this round used 1)")
     parser.add_argument("--bpm", type=int, default=0, help="ranks: batches per message (0: the client's default)")
-    parser.add_argument("--worlds", default="", help="ranks: the job sizes, e.g. 1,64 (default: the scale's)")
+    parser.add_argument("--worlds", default="",
+                        help="ranks and jobstart: the job sizes, e.g. 1,64 (default: the scale's)")
     args = parser.parse_args()
     if args.command == "client":
         client_main(args)
@@ -558,7 +572,8 @@ def main() -> None:
                                     scale["seconds"], args.bpm)
             result["ranks"]["corpus_mib"] = mib
         if "jobstart" in parts:
-            result["jobstart"] = jobstart(big_files(base, scale["mib"][0]), work, scale["jobs"])
+            jobs = [int(w) for w in args.worlds.split(",")] if args.worlds else scale["jobs"]
+            result["jobstart"] = jobstart(big_files(base, scale["mib"][0]), work, jobs, repeats=scale["repeats"])
     result["run_s"] = time.monotonic() - started
     result["loadavg_1m_at_end"] = os.getloadavg()[0]
     print(f"whole run {result['run_s']:.0f} s, load average {result['loadavg_1m_at_start']:.1f} at the start, "
