@@ -96,6 +96,8 @@ def test_a_long_round_never_shrinks_messages_below_the_floor():
     assert pacing.batches(4, 4 * 1025) == 4  # a ceiling below the floor holds
     assert pacing.batches(16, 1 << 20) == 1  # one batch holds a million tokens
     assert pacing.batches(16) == 1  # (no batch size given: the round alone)
+    starting = paced(itertools.repeat(0.001), streams=64, min_tokens=32_768)
+    assert starting.batches(16, 4 * 1025) == 1  # not measured yet (a job starting): no floor, first batches soon
     pacing = paced(itertools.repeat(0.001), streams=64, min_tokens=0)  # 0: the round alone
     pacing._scale = 1.0
     assert pacing.batches(16, 4 * 1025) == 1

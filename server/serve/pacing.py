@@ -61,9 +61,10 @@ class Pacing:
         ``batch_tokens`` tokens: never fewer than ``min_tokens`` hold."""
         if self.streams <= 1:
             return ceiling
-        scale = self._scale if self._scale is not None else ceiling / self.streams
+        if self._scale is None:  # not measured yet (a job starting): the ceiling shared, every rank soon served
+            return max(1, min(ceiling, int(ceiling / self.streams + 0.5)))
         floor = -(-self.min_tokens // batch_tokens) if batch_tokens > 0 else 1
-        return max(1, min(ceiling, max(floor, int(scale + 0.5))))
+        return max(1, min(ceiling, max(floor, int(self._scale + 0.5))))
 
     def sent(self) -> None:
         """A message went out; every ``window_s``, the size of the next ones is decided anew."""
