@@ -86,6 +86,8 @@ def test_a_long_round_never_shrinks_messages_below_the_floor():
     """A loaded server's round is long whatever the message size: messages stop shrinking where
     they hold ``min_tokens`` (here 32 K tokens: 8 batches of 4 x 1,025), within the ceiling."""
     pacing = paced(itertools.repeat(0.001), streams=64, min_tokens=32_768)
+    for _ in range(64):
+        pacing.served()  # every stream has had its first message
     pacing._scale = 16.0
     sizes = []
     for _ in range(5):
@@ -93,6 +95,10 @@ def test_a_long_round_never_shrinks_messages_below_the_floor():
         sizes.append(pacing.batches(16, 4 * 1025))
     assert sizes == [8, 8, 8, 8, 8]
     assert pacing._scale == 1.0  # the round alone would give one batch
+    pacing.opened()  # a stream waiting for its first message (a rank joining, a job starting): the round alone
+    assert pacing.batches(16, 4 * 1025) == 1
+    pacing.closed(served=False)  # it went before its first
+    assert pacing.batches(16, 4 * 1025) == 8
     assert pacing.batches(4, 4 * 1025) == 4  # a ceiling below the floor holds
     assert pacing.batches(16, 1 << 20) == 1  # one batch holds a million tokens
     assert pacing.batches(16) == 1  # (no batch size given: the round alone)

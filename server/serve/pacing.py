@@ -45,6 +45,7 @@ class Pacing:
                  clock: Callable[[], float] = time.monotonic, min_tokens: int = MESSAGE_COST_TOKENS) -> None:
         self.target_gap_s, self.window_s, self.min_tokens = target_gap_s, window_s, min_tokens
         self.streams = 0
+        self.starting = 0  # streams still waiting for their first message: no floor until all have it
         self._clock = clock
         self._scale: float | None = None  # batches a message, before each stream's ceiling; None: not yet measured
         self._messages = 0
@@ -52,18 +53,27 @@ class Pacing:
 
     def opened(self) -> None:
         self.streams += 1
+        self.starting += 1
 
-    def closed(self) -> None:
+    def served(self) -> None:
+        """A stream's first message went out."""
+        self.starting -= 1
+
+    def closed(self, served: bool = True) -> None:
         self.streams -= 1
+        if not served:
+            self.starting -= 1
 
     def batches(self, ceiling: int, batch_tokens: int = 0) -> int:
         """Batches for the next message of a stream that asked for at most ``ceiling``, each of
         ``batch_tokens`` tokens: never fewer than ``min_tokens`` hold."""
         if self.streams <= 1:
             return ceiling
-        if self._scale is None:  # not measured yet (a job starting): the ceiling shared, every rank soon served
+        if self._scale is None:  # not measured yet (a job starting): the ceiling shared
             return max(1, min(ceiling, int(ceiling / self.streams + 0.5)))
-        floor = -(-self.min_tokens // batch_tokens) if batch_tokens > 0 else 1
+        # While a stream waits for its first message (a job starting), messages follow the round
+        # alone: a floor of 8 batches made the last ranks of a 64-rank job wait 50% longer.
+        floor = -(-self.min_tokens // batch_tokens) if batch_tokens > 0 and not self.starting else 1
         return max(1, min(ceiling, max(floor, int(self._scale + 0.5))))
 
     def sent(self) -> None:

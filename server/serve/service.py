@@ -69,7 +69,7 @@ class TokenFeedService(pb_grpc.TokenFeedServicer):
     async def StreamBatches(self, request: pb.StreamRequest,
                             context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         ticket = ring = None  # the admission slot and the ring, released however the stream ends
-        paced = False  # counted among the streams sharing the loop (``Pacing``)
+        paced = served = False  # counted among the streams sharing the loop (``Pacing``); its first message out
         edits: tuple[str, ...] = ()
         try:
             params = parse_request(request, self.datasets, self.settings)
@@ -92,6 +92,9 @@ class TokenFeedService(pb_grpc.TokenFeedServicer):
                         message, payload_bytes = encode_chunk(chunk, params)
                     meter.sent(chunk.tokens, payload_bytes)
                     self.pacing.sent()
+                    if not served:
+                        self.pacing.served()
+                        served = True
                     if chunk.shm_slot is not None:  # the tokens into the ring before the message naming their slot
                         assert ring is not None
                         ring.write(chunk.shm_slot, chunk.tokens.data)
@@ -114,7 +117,7 @@ class TokenFeedService(pb_grpc.TokenFeedServicer):
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}")
         finally:
             if paced:
-                self.pacing.closed()
+                self.pacing.closed(served)
             self._count_edits(edits, -1)
             if ticket is not None:
                 ticket.release()
