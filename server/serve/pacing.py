@@ -37,9 +37,11 @@ __all__ = ["MESSAGE_COST_TOKENS", "Pacing"]
 #: that cost as much (``bench_scale``: ~240 us a message against ~30 us a batch of 4,096 tokens)
 MESSAGE_COST_TOKENS = 32_768
 
+
 class Pacing:
-    """The server's batches a message for streams with ``batches_adaptive``: ``batches(ceiling)``
-    per message; ``opened``/``closed`` count the streams sharing the loop, ``sent`` each message."""
+    """The server's batches a message for streams with ``batches_adaptive``: ``batches(ceiling,
+    batch_tokens)`` per message; ``opened``/``closed`` count the streams sharing the loop,
+    ``served`` a stream's first message, ``sent`` each message."""
 
     def __init__(self, target_gap_s: float = 0.025, window_s: float = 0.2,
                  clock: Callable[[], float] = time.monotonic, min_tokens: int = MESSAGE_COST_TOKENS) -> None:
