@@ -40,6 +40,15 @@ def paced(steps: Iterator[float], streams: int, min_tokens: int = 0) -> Pacing:
     return pacing
 
 
+def sizes_after_each(pacing: Pacing, messages: int, ceiling: int, batch_tokens: int = 0) -> list[int]:
+    """The batches granted after each of ``messages`` messages (each one a window of the clock)."""
+    sizes = []
+    for _ in range(messages):
+        pacing.sent()
+        sizes.append(pacing.batches(ceiling, batch_tokens))
+    return sizes
+
+
 def test_one_stream_gets_its_ceiling_and_many_share_it_until_measured():
     pacing = paced(itertools.repeat(0.001), streams=1)
     assert pacing.batches(64) == 64
@@ -54,19 +63,11 @@ def test_a_long_round_makes_messages_smaller_and_a_short_one_larger():
     # 64 streams, one message every 1 ms: a round of 64 ms, past the 25 ms target: halve each time
     pacing = paced(itertools.repeat(0.001), streams=64)
     pacing._scale = 16.0
-    sizes = []
-    for _ in range(6):
-        pacing.sent()
-        sizes.append(pacing.batches(64))
-    assert sizes == [8, 4, 2, 1, 1, 1]  # never below one batch
+    assert sizes_after_each(pacing, 6, 64) == [8, 4, 2, 1, 1, 1]  # never below one batch
     # a message every 0.1 ms: a round of 6.4 ms: double, up to the stream's own ceiling
     pacing = paced(itertools.repeat(0.0001), streams=64)
     pacing._scale = 1.0
-    sizes = []
-    for _ in range(8):
-        pacing.sent()
-        sizes.append(pacing.batches(16))
-    assert sizes == [2, 4, 8, 16, 16, 16, 16, 16]
+    assert sizes_after_each(pacing, 8, 16) == [2, 4, 8, 16, 16, 16, 16, 16]
     assert pacing.batches(64) == 64  # (the server's own bound: MAX_BATCHES_PER_MESSAGE)
 
 
@@ -89,11 +90,7 @@ def test_a_long_round_never_shrinks_messages_below_the_floor():
     for _ in range(64):
         pacing.served()  # every stream has had its first message
     pacing._scale = 16.0
-    sizes = []
-    for _ in range(5):
-        pacing.sent()
-        sizes.append(pacing.batches(16, 4 * 1025))
-    assert sizes == [8, 8, 8, 8, 8]
+    assert sizes_after_each(pacing, 5, 16, 4 * 1025) == [8, 8, 8, 8, 8]
     assert pacing._scale == 1.0  # the round alone would give one batch
     pacing.opened()  # a stream waiting for its first message (a rank joining, a job starting): the round alone
     assert pacing.batches(16, 4 * 1025) == 1
