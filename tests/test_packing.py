@@ -138,3 +138,27 @@ def test_empty_shard(mode):
     shard = shard_of([])
     packed = pack(mode, shard, np.arange(0), 16, PAD)
     assert packed.rows == 0 and packed.row_view(0, 0).shape == (0, 17)
+
+
+@settings(max_examples=100, deadline=None)
+@given(docs=docs_strategy, seq_len=st.integers(1, 64), seed=st.integers(0, 3), mode=st.sampled_from(sorted(PACKERS)),
+       wide=st.booleans(), data=st.data())
+def test_copy_rows_matches_row_view(docs, seq_len, seed, mode, wide, data):
+    """``copy_rows`` (byte copies that keep the GIL) writes exactly ``row_view``'s rows, for every
+    packing and token width, into a slice of a larger buffer as the walker does, and into an array
+    it cannot copy bytes into (not contiguous: numpy's copy)."""
+    dtype = np.dtype(np.uint32 if wide else np.uint16)
+    shard = tokenized_shard([d.astype(dtype) + 70000 * wide for d in docs], EOS, dtype)
+    order = np.random.default_rng(seed).permutation(shard.num_docs)
+    packed = pack(mode, shard, order, seq_len, PAD)
+    start = data.draw(st.integers(0, packed.rows))
+    stop = data.draw(st.integers(start, packed.rows))
+    want = packed.row_view(start, stop)
+    buffer = np.full((3, stop - start + 2, seq_len + 1), 7, dtype=dtype)
+    packed.copy_rows(start, stop, buffer[1, 1 : 1 + stop - start])
+    np.testing.assert_array_equal(buffer[1, 1 : 1 + stop - start], want)
+    assert (buffer[0] == 7).all() and (buffer[2] == 7).all() and (buffer[1, 0] == 7).all()  # nothing else written
+    assert (buffer[1, 1 + stop - start :] == 7).all()
+    strided = np.zeros((stop - start, 2 * (seq_len + 1)), dtype=dtype)[:, ::2]
+    packed.copy_rows(start, stop, strided)
+    np.testing.assert_array_equal(strided, want)

@@ -47,7 +47,7 @@ class Exclusion:
 
 class KeptRows:
     """A packed shard's rows that hold no token of ``docs``: quacks like ``PackedShard`` for a walk
-    (``rows``, ``row_view``, ``row_segments``; row numbers count kept rows). A kept row whose label
+    (``rows``, ``row_view``, ``copy_rows``, ``row_segments``; row numbers count kept rows). A kept row whose label
     column (the first token of the next packed row) belongs to an excluded document gets PAD there
     instead, so no token of an excluded document is even a label."""
 
@@ -72,6 +72,9 @@ class KeptRows:
         out = np.array(self._packed.row_view(0, self._packed.rows)[self.kept[start:stop]])
         out[self._label_pad[start:stop], -1] = self._pad
         return out
+
+    def copy_rows(self, start: int, stop: int, out: np.ndarray) -> None:
+        out[...] = self.row_view(start, stop)
 
     def row_segments(self, start: int, stop: int) -> np.ndarray:
         rows = self.segments[:, 0]

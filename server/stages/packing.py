@@ -65,6 +65,32 @@ class PackedShard:
         assert 0 <= start <= stop <= self.rows, (start, stop, self.rows)
         return self._row_table[start:stop]
 
+    def copy_rows(self, start: int, stop: int, out: np.ndarray) -> None:
+        """``out[:] = row_view(start, stop)``, as byte copies that keep the GIL (see ``gather``)."""
+        assert 0 <= start <= stop <= self.rows, (start, stop, self.rows)
+        rows = self.table if self.table is not None else self.stream
+        assert rows is not None
+        if start == stop:
+            return
+        if not out.flags.c_contiguous or out.dtype != rows.dtype or out.shape != (stop - start, self.seq_len + 1):
+            out[...] = self.row_view(start, stop)
+            return
+        dst, src = out.data.cast("B"), self._bytes
+        width = (self.seq_len + 1) * rows.itemsize
+        if self.table is not None:  # rows follow one another
+            dst[:] = src[start * width : stop * width]
+            return
+        step = self.seq_len * rows.itemsize  # concat: row i starts i * seq_len tokens into the stream
+        for i in range(stop - start):
+            at = (start + i) * step
+            dst[i * width : (i + 1) * width] = src[at : at + width]
+
+    @functools.cached_property
+    def _bytes(self) -> memoryview:
+        rows = self.table if self.table is not None else self.stream
+        assert rows is not None
+        return np.ascontiguousarray(rows).data.cast("B")
+
     @functools.cached_property
     def _row_table(self) -> np.ndarray:
         """Every row: ``table``, or for concat a read-only view of ``stream`` with overlapping
@@ -102,15 +128,33 @@ def _segments(rows: list[int], cols: list[int], lens: list[int], docs: list[int]
     return ordered
 
 
+def gather(out: np.ndarray, tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> None:
+    """``out`` = ``tokens[starts[0]:ends[0]]``, then ``tokens[starts[1]:ends[1]]``, ... (1-D arrays of
+    one dtype; ``out`` holds exactly the pieces), as byte copies that keep the GIL.
+
+    Numpy releases the GIL for each copy of over 500 elements (``np.concatenate`` included, piece
+    by piece); while the event loop wants it back, every release costs a hand-over each way. Packing
+    a shard of 1M tokens in a few hundred documents took 14 ms of its thread's CPU beside a
+    64-rank job's loop (3 ms beside one stream's), against 0.3 ms alone; these copies take the
+    0.3 ms either way (and less than numpy's for short documents)."""
+    if not len(starts):
+        return
+    item = tokens.itemsize
+    dst, src = out.data.cast("B"), np.ascontiguousarray(tokens).data.cast("B")
+    at = 0
+    for a, b in zip((starts * item).tolist(), (ends * item).tolist()):
+        dst[at : at + b - a] = src[a:b]
+        at += b - a
+    assert at == dst.nbytes, (at, dst.nbytes)
+
+
 def pack_concat(shard: TokenizedShard, order: np.ndarray, seq_len: int, pad_id: int) -> PackedShard:
     """Documents in ``order``, concatenated with no gap, cut into rows; only the last row pads."""
     rows = concat_rows(shard.num_tokens, seq_len)
     stream = np.empty(rows * seq_len + 1, dtype=shard.tokens.dtype)
     stream[shard.num_tokens :] = pad_id
     starts, ends = shard.offsets[order], shard.offsets[order + 1]
-    if len(order):
-        pieces = [shard.tokens[a:b] for a, b in zip(starts.tolist(), ends.tolist())]
-        np.concatenate(pieces, out=stream[: shard.num_tokens])
+    gather(stream[: shard.num_tokens], shard.tokens, starts, ends)
     # one segment per (document, row it touches), computed without a Python loop
     lengths = ends - starts
     pos = np.cumsum(lengths) - lengths
@@ -137,11 +181,15 @@ def _pieces(shard: TokenizedShard, order: np.ndarray, seq_len: int) -> list[tupl
 def _fill(shard: TokenizedShard, rows: list[list[tuple[int, int, int]]], seq_len: int, pad_id: int) -> PackedShard:
     table = np.full((len(rows), seq_len + 1), pad_id, dtype=shard.tokens.dtype)
     seg: tuple[list[int], ...] = ([], [], [], [], [])
+    if not table.size:
+        return PackedShard(seq_len=seq_len, rows=0, segments=_segments(*seg), table=table)
+    item, offsets = shard.tokens.itemsize, shard.offsets.tolist()
+    dst, src = table.data.cast("B"), np.ascontiguousarray(shard.tokens).data.cast("B")  # (see gather)
     for r, pieces in enumerate(rows):
         col = 0
         for doc, off, length in pieces:
-            base = int(shard.offsets[doc]) + off
-            table[r, col : col + length] = shard.tokens[base : base + length]
+            a, at = (offsets[doc] + off) * item, (r * (seq_len + 1) + col) * item
+            dst[at : at + length * item] = src[a : a + length * item]
             for lst, v in zip(seg, (r, col, length, doc, off)):
                 lst.append(v)
             col += length

@@ -316,7 +316,7 @@ class Walker:
                     shard_row, row = shard_row + step, row + step
             locators.append(Locator(end, epoch, shard, shard_row))
         for i, at, packed, first_row, n in copies:
-            out[i, at : at + n] = packed.row_view(first_row, first_row + n)
+            packed.copy_rows(first_row, first_row + n, out[i, at : at + n])
         self.epoch, self.shard, self.shard_row, self._rows, self.row = epoch, shard, shard_row, rows, row
         # Where the stream is now; not every shard it crossed (a rank of a large job crosses dozens
         # per chunk: telling each would churn the prefetcher's windows). Cheap when unchanged.
@@ -430,7 +430,7 @@ class Walker:
                 self.first_epoch = self.epoch
             self._pack_ahead()
             filled, step = self._filled, min(len(out) - self._filled, left)
-            out[filled : filled + step] = packed.row_view(self.shard_row, self.shard_row + step)
+            packed.copy_rows(self.shard_row, self.shard_row + step, out[filled : filled + step])
             if provenance is not None:
                 seg = packed.row_segments(self.shard_row, self.shard_row + step)
                 rec = np.empty((len(seg), PROVENANCE_WIDTH), dtype=np.int64)
