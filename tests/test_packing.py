@@ -162,3 +162,19 @@ def test_copy_rows_matches_row_view(docs, seq_len, seed, mode, wide, data):
     strided = np.zeros((stop - start, 2 * (seq_len + 1)), dtype=dtype)[:, ::2]
     packed.copy_rows(start, stop, strided)
     np.testing.assert_array_equal(strided, want)
+
+
+@settings(max_examples=60, deadline=None)
+@given(lengths=st.lists(st.integers(0, 700), max_size=12),
+       kinds=st.lists(st.sampled_from(["u2", "u4", "i8"]), min_size=1), wide=st.booleans())
+def test_tokenized_shard_is_documents_then_eos(lengths, kinds, wide):
+    """The joined-bytes path (every document of one dtype) and the copy-per-document path (mixed
+    dtypes, or an EOS the documents' dtype cannot hold) give the same tokens and offsets."""
+    dtype = np.dtype(np.uint32 if wide else np.uint16)
+    eos = 70000 if wide else EOS
+    docs = [(np.arange(n) % 250).astype(kinds[i % len(kinds)]) for i, n in enumerate(lengths)]
+    shard = tokenized_shard(docs, eos, dtype)
+    want = np.concatenate([np.append(d.astype(np.int64), eos) for d in docs]) if docs else np.empty(0, np.int64)
+    assert shard.tokens.dtype == dtype and shard.tokens.flags.writeable
+    np.testing.assert_array_equal(shard.tokens, want)
+    np.testing.assert_array_equal(shard.offsets, np.concatenate([[0], np.cumsum([n + 1 for n in lengths])]))
