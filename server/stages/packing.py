@@ -155,10 +155,10 @@ def gather(out: np.ndarray, tokens: np.ndarray, starts: np.ndarray, ends: np.nda
     one dtype; ``out`` holds exactly the pieces), as byte copies that keep the GIL.
 
     Numpy releases the GIL for each copy of over 500 elements (``np.concatenate`` included, piece
-    by piece); while the event loop wants it back, every release costs a hand-over each way. Packing
-    a shard of 1M tokens in a few hundred documents took 14 ms of its thread's CPU beside a
-    64-rank job's loop (3 ms beside one stream's), against 0.3 ms alone; these copies take the
-    0.3 ms either way (and less than numpy's for short documents)."""
+    by piece); while the event loop wants it back, every release costs a hand-over each way. The
+    copy of a 1M-token shard of a few hundred documents took 14 ms of its packing thread's CPU
+    beside a 64-rank job's loop (3 ms beside one stream's), against 0.3 ms alone; these copies
+    take the 0.3 ms either way (and less than numpy's for short documents)."""
     if not len(starts):
         return
     item = tokens.itemsize
