@@ -9,6 +9,7 @@ import numpy as np
 from server.stages.order import Dealing
 from server.stream.budget import budget_chunks
 from server.stream.params import Chunk, Dealt, MessageSpace, Space, StreamParams
+from server.stream.steps import MIN_WORLD, StepPlans, plans_for
 from server.stream.walk import skip, take
 from server.stream.walker import PROVENANCE_WIDTH, Takes, Walker, make_walker
 from server.supply.store import ShardStore
@@ -30,6 +31,7 @@ def dealt_chunks(params: StreamParams, store: ShardStore) -> Dealt:
     takes = Takes(deal.first_row(step, p.rank), p.batch_size, p.step_stride * deal.rows_per_step)
     walker = make_walker(store, p.dataset, p.seed, p.seq_len, p.packing, p.start, ahead_rows=ahead,
                          schedule=p.schedule, stages=p.stages, takes=takes)
+    plans: StepPlans | None = None  # the job's steps, worked out once for its ranks here
     wanted = Space((p.batches_per_message, p.batch_size, p.seq_len + 1), p.dataset.dtype, fewer=p.batches_adaptive)
     try:  # however the stream ends (client gone, error, shutdown), its prefetches stop
         while True:
@@ -39,9 +41,13 @@ def dealt_chunks(params: StreamParams, store: ShardStore) -> Dealt:
             chunk = Chunk(tokens=tokens, cursors=[], steps=[], epochs=[], provenance=[] if p.provenance else None,
                           buffer=space.buffer, shm_slot=space.shm_slot)
             steps = [step + i * p.step_stride for i in range(batches)]
-            if not p.provenance and isinstance(walker, Walker):  # whole chunk from one packed shard?
-                taken = walker.take_now(tokens, [deal.first_row(t, p.rank) for t in steps],
-                                        [deal.end_of_step(t) for t in steps])
+            if not p.provenance and isinstance(walker, Walker):  # every row of the chunk packed in memory?
+                if plans is None and deal.world_size >= MIN_WORLD:  # (once an epoch's counts are known)
+                    plans = plans_for(store, walker, deal, p.rank, ahead)
+                taken = plans.take(walker, tokens, steps, p.rank) if plans is not None else None
+                if taken is None:
+                    taken = walker.take_now(tokens, [deal.first_row(t, p.rank) for t in steps],
+                                            [deal.end_of_step(t) for t in steps])
                 if taken is not None:  # each batch's epoch is its first row's, as on the slow path
                     chunk.cursors, chunk.epochs = taken
                     chunk.steps = steps

@@ -106,6 +106,18 @@ class Walker:
         """The stream ended: its pending prefetches are cancelled."""
         self._follow.close()
 
+    @property
+    def has_stages(self) -> bool:
+        """Whether a data plan's exclusions apply to this walk (now or from a later row)."""
+        return bool(self._stages)
+
+    def move_to(self, where: Locator, rows: int) -> None:
+        """Go to ``where`` (a position another walk of the same sequence worked out: a job's step
+        plan, ``server.stream.steps``), in a shard of ``rows`` rows, and tell the follower."""
+        self.row, self.epoch, self.shard, self.shard_row = where.row, where.epoch, where.shard, where.shard_row
+        self._rows, self._packed = rows, None
+        self._follow.at(self.epoch, self.shard)
+
     # ---- what the supply gives after a ``need`` --------------------------------------------------
     def supply_rows(self, need: Need, rows: int) -> None:
         self._counted = (need.epoch, need.ordinal, rows)
