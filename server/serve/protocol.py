@@ -147,24 +147,54 @@ def cursor_message(loc: Locator, params: StreamParams) -> pb.Cursor:
     )
 
 
+#: Serialised cursors kept for the ranks of a job (every rank's message after step t ends with the
+#: same cursor): ``_cursor_fields``.
+MAX_SHARED_CURSORS = 4096
+_SHARED_CURSORS: dict[tuple[object, ...], bytes] = {}
+#: Jobs of this many ranks share their cursors' bytes (fewer: each cursor is encoded once anyway).
+SHARED_CURSORS_WORLD = 4
+
+
+def _cursor_fields(cursors: list[Locator], params: StreamParams) -> bytes:
+    """``BatchChunk.cursors`` as bytes, each cursor serialised once for all the ranks of a job:
+    a ``BatchChunk`` holding only that cursor, so that joining them (protobuf merges concatenated
+    messages, appending repeated fields in order) gives the field."""
+    ds, out = params.dataset, []
+    for loc in cursors:
+        key = (ds.fingerprint, ds.name, params.seed, params.seq_len, params.packing, loc)
+        field = _SHARED_CURSORS.get(key)
+        if field is None:
+            field = pb.BatchChunk(cursors=[cursor_message(loc, params)]).SerializeToString()
+            if len(_SHARED_CURSORS) >= MAX_SHARED_CURSORS:
+                del _SHARED_CURSORS[next(iter(_SHARED_CURSORS))]
+            _SHARED_CURSORS[key] = field
+        out.append(field)
+    return b"".join(out)
+
+
 def encode_chunk(chunk: Chunk, params: StreamParams) -> tuple[bytes, int]:
     """A chunk as the bytes of a ``BatchChunk``, and the size of its token payload. The tokens
     field comes first and the other fields, serialised by protobuf, after it; a chunk assembled
     in a message buffer (``Chunk.buffer``) is joined as it is. Protobuf would copy the tokens
-    twice more (into the message, then out of it when serialising)."""
+    twice more (into the message, then out of it when serialising). A job's ranks share their
+    cursors' bytes (``_cursor_fields``), which come last."""
     info = params.dataset.info
+    shared = params.world_size >= SHARED_CURSORS_WORLD
     header = pb.BatchChunk(
         dtype=wire.dtype_enum(params.dataset.dtype),
         compression=pb.COMPRESSION_ZSTD if params.zstd else pb.COMPRESSION_NONE,
         num_batches=len(chunk.steps), rows=chunk.tokens.shape[1], seq_len=chunk.tokens.shape[2] - 1,
         eos_id=info.eos_id, pad_id=info.pad_id,
-        cursors=[cursor_message(c, params) for c in chunk.cursors], steps=chunk.steps, epochs=chunk.epochs,
+        cursors=[] if shared else [cursor_message(c, params) for c in chunk.cursors],
+        steps=chunk.steps, epochs=chunk.epochs,
         provenance=b"".join(p.tobytes() for p in chunk.provenance) if chunk.provenance else b"",
         provenance_counts=[len(p) for p in chunk.provenance] if chunk.provenance else [],
         piece_starts=[c for s in chunk.starts for c in s] if chunk.starts else [],
         piece_start_counts=[len(s) for s in chunk.starts] if chunk.starts else [],
         plan_edits=sum(1 for kind in params.plan_edits if kind != "skip"),
     ).SerializeToString()
+    if shared:
+        header += _cursor_fields(chunk.cursors, params)
     if chunk.shm_slot is not None:  # the tokens are in the client's ring already
         return pb.BatchChunk(shm_slot=chunk.shm_slot).SerializeToString() + header, chunk.tokens.nbytes
     if params.zstd:
