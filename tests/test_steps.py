@@ -13,7 +13,6 @@ from server.serve import protocol
 from server.serve.drive import complete, stream_chunks
 from server.stages.dataset import Dataset
 from server.stages.order import Dealing, Locator
-from server.stream import deal as deal_module
 from server.stream import steps, walk
 from server.stream.params import Chunk, StreamParams
 from server.stream.walker import Walker
@@ -122,7 +121,6 @@ async def test_every_rank_gets_what_its_own_walk_gives(dataset: Dataset, pool: T
                           rank=17, world_size=64, first_step=0, step_stride=1, batches_per_message=8, start=middle)
     await _pack(store, dataset, packing, epochs)
     planned = await _chunks(params, store, 40)
-    monkeypatch.setattr(deal_module, "MIN_WORLD", 1 << 30)
     monkeypatch.setattr(steps, "MIN_WORLD", 1 << 30)
     before = taken
     await _pack(store, dataset, packing, epochs)

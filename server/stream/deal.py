@@ -9,7 +9,7 @@ import numpy as np
 from server.stages.order import Dealing
 from server.stream.budget import budget_chunks
 from server.stream.params import Chunk, Dealt, MessageSpace, Space, StreamParams
-from server.stream.steps import MIN_WORLD, StepPlans, plans_for
+from server.stream.steps import StepPlans, plans_for
 from server.stream.walk import skip, take
 from server.stream.walker import PROVENANCE_WIDTH, Takes, Walker, make_walker
 from server.supply.store import ShardStore
@@ -42,7 +42,7 @@ def dealt_chunks(params: StreamParams, store: ShardStore) -> Dealt:
                           buffer=space.buffer, shm_slot=space.shm_slot)
             steps = [step + i * p.step_stride for i in range(batches)]
             if not p.provenance and isinstance(walker, Walker):  # every row of the chunk packed in memory?
-                if plans is None and deal.world_size >= MIN_WORLD:  # (once an epoch's counts are known)
+                if plans is None:  # (where they apply, once an epoch's counts are known)
                     plans = plans_for(store, walker, deal, p.rank, ahead)
                 taken = plans.take(walker, tokens, steps, p.rank) if plans is not None else None
                 if taken is None:

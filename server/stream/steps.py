@@ -100,13 +100,13 @@ class StepPlans:
         self.store, self.deal, self._counts = store, deal, counts
         self.ds, self.seed, self.seq_len, self.packing = walker.ds, walker.seed, walker.seq_len, walker.packing
         self._origin = origin  # absolute position of global row 0
-        self._version = walker.ds.counts_version
         self._plans: dict[int, StepPlan] = {}
         # the rows of each step that this server's ranks take (the job's other ranks may read elsewhere)
         self._lo, self._hi = deal.rows_per_step, 0
         max_rows = max(1, store.hot_max_bytes // 4 // (self.seq_len * self.ds.dtype.itemsize))
         self._ahead_steps = max(1, min(ahead_rows, max_rows) // deal.rows_per_step)
         self._asked = -1  # the last step whose shards were asked for ahead
+        self._last_asked: tuple[int, int] | None = None  # its last shard (the next step's may be the same)
 
     def join(self, rank: int) -> None:
         """Rank ``rank`` reads here: the steps' shards it takes rows of are packed ahead."""
@@ -114,10 +114,8 @@ class StepPlans:
         self._lo, self._hi = min(self._lo, rank * b), max(self._hi, (rank + 1) * b)
 
     def plan(self, step: int) -> StepPlan | None:
-        """Step ``step``'s plan; None where a count it needs is not known."""
-        if self.ds.counts_version != self._version:  # (counts are only ever learned: still right, but
-            self._plans.clear()                      # cheap to redo, and never out of step)
-            self._version = self.ds.counts_version
+        """Step ``step``'s plan; None where a count it needs is not known. (Plans exist once an
+        epoch's counts are all known, and a count, once known, never changes: they stay right.)"""
         hit = self._plans.get(step)
         if hit is not None:
             return hit
@@ -200,9 +198,10 @@ class StepPlans:
             if plan is None:
                 return
             for (epoch, shard, _, n), offset in zip(plan.pieces, plan.offsets):
-                if offset < self._hi and offset + n > self._lo:
+                if offset < self._hi and offset + n > self._lo and (epoch, shard) != self._last_asked:
                     if not self.store.pack_ahead(self.ds, self.seed, epoch, shard, self.seq_len, self.packing):
                         return  # refused (enough in flight): from this step next time
+                    self._last_asked = (epoch, shard)
                     asked += 1
             self._asked += 1
 
@@ -211,12 +210,11 @@ _JOBS: weakref.WeakKeyDictionary[ShardStore, weakref.WeakValueDictionary[Hashabl
     weakref.WeakKeyDictionary()
 
 
-def plans_for(store: ShardStore, walker: Walker | object, deal: Dealing, rank: int,
-              ahead_rows: int) -> StepPlans | None:
+def plans_for(store: ShardStore, walker: Walker, deal: Dealing, rank: int, ahead_rows: int) -> StepPlans | None:
     """The plans of the job that ``walker`` (a rank's, at its start) deals by ``deal``, shared
     with its other ranks on ``store``'s server (as long as one holds them); None where plans do
     not apply (see the module docstring) or its epoch's counts are not known yet."""
-    if not isinstance(walker, Walker) or walker.exclusion or walker.has_stages or deal.world_size < MIN_WORLD:
+    if walker.has_stages or deal.world_size < MIN_WORLD:
         return None
     ds, seed, seq_len, packing = walker.ds, walker.seed, walker.seq_len, walker.packing
     cum = store.epoch_rows(ds, seed, walker.epoch, seq_len, packing)
