@@ -44,6 +44,8 @@ def dealt_chunks(params: StreamParams, store: ShardStore) -> Dealt:
             if not p.provenance and isinstance(walker, Walker):  # every row of the chunk packed in memory?
                 if plans is None:  # (where they apply, once an epoch's counts are known)
                     plans = plans_for(store, walker, deal, p.rank, ahead)
+                    if plans is not None:  # they keep this rank's shards packed ahead: its walker
+                        walker.ahead_rows = 0  # asked for them all again whenever a take missed
                 taken = plans.take(walker, tokens, steps, p.rank) if plans is not None else None
                 if taken is None:
                     taken = walker.take_now(tokens, [deal.first_row(t, p.rank) for t in steps],
