@@ -163,6 +163,28 @@ def test_a_warm_start_catches_a_file_with_the_same_size_and_mtime_but_another_in
     assert build(tmp_path / "data", tmp_path / "cache").fingerprint != first.fingerprint
 
 
+def test_the_digest_cache_forgets_files_that_are_gone(tmp_path):
+    """A host that served a corpus since deleted (a job's temporary directory) does not carry its
+    digests forever: the next start that learns something writes only files that exist, the other
+    corpora's included; and they still start warm."""
+    import shutil
+
+    for name in ("a", "b", "c"):
+        small_files(tmp_path / name)
+    build(tmp_path / "a", tmp_path / "cache")
+    b = build(tmp_path / "b", tmp_path / "cache")
+    cache_file = tmp_path / "cache" / "file-digests.json"
+    assert len(json.loads(cache_file.read_text())["files"]) == 60
+    shutil.rmtree(tmp_path / "a")
+    build(tmp_path / "c", tmp_path / "cache")  # learns c's 30 files: a's 30 are left out
+    kept = json.loads(cache_file.read_text())["files"]
+    assert len(kept) == 60 and not [p for p in kept if p.startswith(str(tmp_path / "a"))]
+    assert all(os.path.exists(p) for p in kept)
+    cache = identity.DigestCache(str(tmp_path / "cache"))
+    assert cache.prune() == 0 and not cache.dirty
+    assert build(tmp_path / "b", tmp_path / "cache").fingerprint == b.fingerprint
+
+
 def test_the_digest_cache_stays_json_that_older_servers_read(tmp_path):
     """Written by orjson, read by the stdlib: same format, same version; and a cache the stdlib
     wrote (an older server) is used as it is."""

@@ -134,9 +134,10 @@ class DigestCache:
 
     def save(self) -> None:
         """Write the file atomically (a concurrent server on the same host may write it too), if
-        anything was learned."""
+        anything was learned; the entries of files that are gone are left out (``prune``)."""
         if self.path is None or not self._dirty:
             return
+        self.prune()
         try:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
             data = orjson.dumps({"version": _CACHE_VERSION, "files": self._entries})
@@ -152,6 +153,21 @@ class DigestCache:
             self._dirty = False
         except (OSError, TypeError) as err:  # orjson.JSONEncodeError is a TypeError
             log.debug("cannot save file digests to %s: %s", self.path, err)
+
+    def prune(self) -> int:
+        """Forget the files that no longer exist (a deleted corpus, a job's temporary directory):
+        the cache holds what this host's datasets can still use, not every file it ever hashed,
+        and each start loads all of it. When something was learned (``save``), a stat for each
+        file that the start-up being built did not list (another corpus's: 4.5 us, against the
+        60 us or more that hashing a new file costs). How many were forgotten."""
+        listed = listed_stats() or {}
+        with self._lock:
+            gone = [path for path in self._entries if path not in listed and not os.path.exists(path)]
+            for path in gone:
+                del self._entries[path]
+        if gone:
+            log.debug("forgot the digests of %d files that are gone", len(gone))
+        return len(gone)
 
 
 def _same_stat(entry: list[Any], seen: FileStat) -> bool:
