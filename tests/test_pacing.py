@@ -106,6 +106,35 @@ def test_a_long_round_never_shrinks_messages_below_the_floor():
     assert pacing.batches(16, 4 * 1025) == 1
 
 
+def test_a_stream_that_never_gets_its_first_message_suspends_the_floor_only_while_others_start():
+    """A job starting (streams opening, getting their first messages) suspends the floor; a stream
+    left waiting once the start has stalled for ``START_STALL_S`` (its shard's source down) does
+    not keep the others' messages at the round's size; the next start suspends it again."""
+    from server.serve.pacing import START_STALL_S
+
+    now = [0.0]
+    pacing = Pacing(target_gap_s=0.025, window_s=0.0, clock=lambda: now[0], min_tokens=32_768)
+    for _ in range(64):
+        pacing.opened()
+    pacing._scale = 1.0
+    for _ in range(63):
+        pacing.served()
+        now[0] += 0.01
+        assert pacing.batches(16, 4 * 1025) == 1  # the start moving: the round alone
+    now[0] += START_STALL_S / 2
+    assert pacing.batches(16, 4 * 1025) == 1
+    now[0] += START_STALL_S  # the 64th still waits, nothing else moved: the floor is back
+    assert pacing.batches(16, 4 * 1025) == 8
+    pacing.opened()  # another job's rank: a start again
+    assert pacing.batches(16, 4 * 1025) == 1
+    pacing.served()
+    assert pacing.batches(16, 4 * 1025) == 1  # (the others' messages go on: each asks)
+    now[0] += 2 * START_STALL_S
+    assert pacing.batches(16, 4 * 1025) == 8
+    pacing.closed(served=False)  # the stuck one goes: nobody starting
+    assert pacing.starting == 0 and pacing.batches(16, 4 * 1025) == 8
+
+
 def test_the_floor_is_a_server_setting():
     assert ServerSettings().paced_min_tokens == 32_768
     assert ServerSettings.model_validate({"paced_min_tokens": 0}).paced_min_tokens == 0

@@ -31,11 +31,16 @@ from collections.abc import Callable
 from server import metrics
 from server.serve.protocol import MAX_BATCHES_PER_MESSAGE
 
-__all__ = ["MESSAGE_COST_TOKENS", "Pacing"]
+__all__ = ["MESSAGE_COST_TOKENS", "START_STALL_S", "Pacing"]
 
 #: a message's own server cost (gRPC send, ring write, cursors, meter) in the tokens of batch work
 #: that cost as much (``bench_scale``: ~240 us a message against ~30 us a batch of 4,096 tokens)
 MESSAGE_COST_TOKENS = 32_768
+#: A job's start suspends the floor while its streams keep getting their first messages (or new
+#: ones open). Once none has for this long, a stream still waiting for its first (its source down
+#: and retried, a plan's skip into a shard that will not load) no longer keeps every other
+#: stream's messages at the round's size.
+START_STALL_S = 1.0
 
 
 class Pacing:
@@ -52,19 +57,24 @@ class Pacing:
         self._scale: float | None = None  # batches a message, before each stream's ceiling; None: not yet measured
         self._messages = 0
         self._since = clock()
+        self._starts = 0  # streams opened, first messages sent, streams gone before theirs: a start moving
+        self._starts_seen, self._starts_moved = -1, 0.0  # the count last seen, and when it last changed
 
     def opened(self) -> None:
         self.streams += 1
         self.starting += 1
+        self._starts += 1
 
     def served(self) -> None:
         """A stream's first message went out."""
         self.starting -= 1
+        self._starts += 1
 
     def closed(self, served: bool = True) -> None:
         self.streams -= 1
         if not served:
             self.starting -= 1
+            self._starts += 1
 
     def batches(self, ceiling: int, batch_tokens: int = 0) -> int:
         """Batches for the next message of a stream that asked for at most ``ceiling``, each of
@@ -75,8 +85,17 @@ class Pacing:
             return max(1, min(ceiling, int(ceiling / self.streams + 0.5)))
         # While a stream waits for its first message (a job starting), messages follow the round
         # alone: a floor of 8 batches made the last ranks of a 64-rank job wait 50% longer.
-        floor = -(-self.min_tokens // batch_tokens) if batch_tokens > 0 and not self.starting else 1
+        floor = -(-self.min_tokens // batch_tokens) if batch_tokens > 0 else 1
+        if floor > 1 and self.starting and not self._start_stalled():
+            floor = 1
         return max(1, min(ceiling, max(floor, int(self._scale + 0.5))))
+
+    def _start_stalled(self) -> bool:
+        """Whether no stream has opened, had its first message or gone for ``START_STALL_S``."""
+        now = self._clock()
+        if self._starts != self._starts_seen:
+            self._starts_seen, self._starts_moved = self._starts, now
+        return now - self._starts_moved > START_STALL_S
 
     def sent(self) -> None:
         """A message went out; every ``window_s``, the size of the next ones is decided anew."""
