@@ -256,8 +256,11 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
         if max_tokens:  # a varint piece start per piece (the server's bound)
             max_message += batches_per_message * 5 * row_tokens
         token = token if token is not None else os.environ.get("TOKENFEED_TOKEN") or None
+        # (a stream whose messages come through its ring's FIFO needs the channel's thread: it
+        # notices the call failing while the stream waits on the FIFO, see transport._piped)
         self._connect = functools.partial(Channel, max_message_bytes=max(max_message, 4 << 20), token=token,
-                                          tls=Tls.load(tls_ca, tls_cert, tls_key), read_on_caller=not decode_ahead)
+                                          tls=Tls.load(tls_ca, tls_cert, tls_key),
+                                          read_on_caller=not decode_ahead and not self.shared_memory)
         self._channel = self._channel_to(self._replicas.current)
         # Slots sized for 4-byte tokens (the dtype is the server's to choose): eight messages ahead
         # (four ran ~10% slower, the server waiting on a full ring), at most 8 MiB a stream. No

@@ -236,12 +236,14 @@ def is_loopback(address: str) -> bool:
 
 
 def make_ring(slots: int, slot_bytes: int) -> ClientRing | None:
-    """A new shared-memory ring, or None where none can be made here (no such directory, full)."""
-    try:
-        return ClientRing(slots, slot_bytes)
-    except OSError as err:
-        log.debug("no shared-memory ring (%s); tokens come inline", err)
-        return None
+    """A new shared-memory ring offering a FIFO for the messages (without one where the directory
+    holds no FIFO), or None where none can be made here (no such directory, full)."""
+    for pipe in (True, False):
+        try:
+            return ClientRing(slots, slot_bytes, pipe=pipe)
+        except OSError as err:
+            log.debug("no shared-memory ring%s (%s)", " with a FIFO" if pipe else "; tokens come inline", err)
+    return None
 
 
 class BatchStream:
@@ -307,7 +309,7 @@ def _batches(control: _Control, channel: Channel, request_from: Callable[[pb.Cur
             request.shared_memory.CopyFrom(ring.spec())
         call = control.call = channel.stream_batches(request, metadata=channel.metadata)
         try:
-            for seq, chunk in enumerate(call):
+            for seq, chunk in enumerate(_messages(call, ring)):
                 outage = None
                 if ring is not None:
                     ring.unlink()  # the server has it open (or never will): nothing to leave behind
@@ -336,6 +338,34 @@ def _batches(control: _Control, channel: Channel, request_from: Callable[[pb.Cur
             call.cancel()
             if ring is not None:
                 ring.close()
+
+
+#: How often a stream reading its FIFO looks at its call meanwhile (the call, not the FIFO, notices
+#: a server that froze or whose host vanished: its keepalive fails it).
+PIPE_POLL_S = 0.5
+
+
+def _messages(call: Any, ring: ClientRing | None) -> Iterator[Any]:
+    """The call's messages: read from the ring's FIFO where the server took it (the call's initial
+    metadata says so; the call then ends with its status once the FIFO is closed), else the call's."""
+    if ring is None or not ring.piped or not any(k == shm.PIPE_KEY for k, _ in call.initial_metadata() or ()):
+        return iter(call)
+    return _piped(call, ring)
+
+
+def _piped(call: Any, ring: ClientRing) -> Iterator[Any]:
+    while True:
+        try:
+            data = ring.message(PIPE_POLL_S)
+            if data is None and call.done():  # what the server wrote before the call ended comes first
+                data = ring.message(0)
+                if data is None:
+                    break
+        except EOFError:  # the server closed it: the call is ending
+            break
+        if data is not None:
+            yield wire.parse_chunk(data)
+    yield from call  # its end: a status raised (RpcError), or none (OK)
 
 
 def _reconnect(err: grpc.RpcError, channel: Channel, outage: _Outage, backoff: Backoff,

@@ -5,6 +5,7 @@ server cannot use the ring, and a clear refusal of a malformed offer."""
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import os
 from pathlib import Path
 
@@ -130,6 +131,7 @@ def test_a_ring_the_server_cannot_use_means_tokens_inline(start_server, corpus, 
     ({"slots": 0}, "shared_memory: slots must be in"),
     ({"slot_bytes": 10}, "cannot hold a message of"),
     ({"path": "/tmp/../etc/passwd"}, "path must name a tokenfeed ring"),
+    ({"pipe": "/etc/passwd"}, "shared_memory.pipe: pipe must be the ring's path followed by '.pipe'"),
 ])
 def test_a_malformed_offer_is_refused_with_the_field_named(start_server, corpus, ring_dir, change, message):
     path, _ = corpus
@@ -253,3 +255,140 @@ def test_only_the_first_messages_are_written_before_the_client_frees_a_slot():
     assert [writer._writable(m) for m in range(4)] == [m < RING_START_WINDOW for m in range(4)]
     ring.freed = 1
     assert writer._writable(8) and not writer._writable(9)
+
+
+# ---- messages through the ring's FIFO ------------------------------------------------------------
+def raw_call(address: str, req: pb.StreamRequest) -> tuple[grpc.Channel, object]:
+    channel = grpc.insecure_channel(address)
+    return channel, channel.unary_stream("/tokenfeed.v1.TokenFeed/StreamBatches",
+                                         request_serializer=pb.StreamRequest.SerializeToString,
+                                         response_deserializer=pb.BatchChunk.FromString)(req)
+
+
+def test_a_stream_offered_a_fifo_sends_its_messages_there_and_none_over_grpc(start_server, corpus, ring_dir):
+    """The server says so in the call's initial metadata, writes each message's tokens into its
+    slot and the rest into the FIFO, waits for the client to free a slot as before, and ends the
+    stream (OK, the server up) once the client closes its end."""
+    path, _ = corpus
+    server = start_server(jsonl_config(path, shared_memory_dir=str(ring_dir)))
+    expected = [t for _, t in chunks(server.address, 7, slots=8)]  # through the ring, messages over gRPC
+    ring = ClientRing(2, BATCH * (SEQ + 1) * 2, pipe=True)
+    req = request()
+    req.shared_memory.CopyFrom(ring.spec())
+    assert req.shared_memory.pipe == ring.path + shm.PIPE_SUFFIX
+    channel, call = raw_call(server.address, req)
+    try:
+        assert (shm.PIPE_KEY, "1") in call.initial_metadata()
+        ring.unlink()  # the server has both open
+        assert ring.message(0.5) is not None and ring.message(0.5) is not None
+        assert ring.message(0.5) is None, "a third message before the client freed a slot of two"
+        ring.release(2)
+        for m in range(2, 7):
+            chunk = pb.BatchChunk.FromString(ring.message(30))
+            assert chunk.shm_slot == m % 2 and len(chunk.cursors) == 1
+            got = np.frombuffer(ring.view(chunk.shm_slot, expected[m].nbytes), dtype="<u2")
+            assert np.array_equal(got.reshape(expected[m].shape), expected[m]), m
+            ring.release(m + 1)
+        ring.close()  # the client goes: the server's next write fails, its stream ends
+        assert list(call) == [], "a message came over gRPC"
+        assert call.code() == grpc.StatusCode.OK
+    finally:
+        call.cancel()
+        channel.close()
+        ring.close()
+    assert list(ring_dir.iterdir()) == []
+    assert len(batches(server.address, 3)) == 3  # the server is up for everyone else
+    assert "messages through its FIFO" in server.log()
+
+
+def test_the_fifo_is_read_to_its_end_before_the_calls_status(start_server, corpus, ring_dir):
+    """A stream the server ends (here: the client broke its ring) closes the FIFO before the
+    status goes out: the client gets the messages written before the end, then the status. A
+    server that cannot use the offered FIFO (a regular file by that name) sends the messages over
+    gRPC instead."""
+    path, _ = corpus
+    server = start_server(jsonl_config(path, shared_memory_dir=str(ring_dir)))
+    ring = ClientRing(4, BATCH * (SEQ + 1) * 2, pipe=True)
+    req = request()
+    req.shared_memory.CopyFrom(ring.spec())
+    channel, call = raw_call(server.address, req)
+    try:
+        messages = list(itertools.islice(_piped_chunks(call, ring), 2))
+        assert len(messages) == 2
+        os.truncate(ring.path, 100)  # the client breaks its own ring: the server's next write fails
+        ring.release(2)
+        with pytest.raises(grpc.RpcError) as err:
+            list(_piped_chunks(call, ring))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert any(k == shm.BROKEN_KEY for k, _ in err.value.trailing_metadata())
+    finally:
+        call.cancel()
+        channel.close()
+        ring.close()
+
+    plain = ClientRing(2, BATCH * (SEQ + 1) * 2)
+    open(plain.path + shm.PIPE_SUFFIX, "wb").close()  # not a FIFO
+    req = request()
+    req.shared_memory.CopyFrom(plain.spec())
+    req.shared_memory.pipe = plain.path + shm.PIPE_SUFFIX
+    channel, call = raw_call(server.address, req)
+    try:
+        assert not any(k == shm.PIPE_KEY for k, _ in call.initial_metadata())
+        assert next(call).shm_slot == 0
+    finally:
+        call.cancel()
+        channel.close()
+        plain.close()
+
+
+def _piped_chunks(call, ring: ClientRing):
+    from client.transport import _messages
+
+    return _messages(call, ring)
+
+
+def test_fifo_messages_arrive_whole_however_the_bytes_are_split(tmp_path):
+    """``ClientRing.message``: a message torn across reads waits for its rest; ``None`` on a
+    timeout; ``EOFError`` once the server closed its end, after every message it wrote."""
+    from tokenfeed.shm import ServerPipe
+
+    ring = ClientRing(2, 4096, str(tmp_path), pipe=True)
+    pipe = ServerPipe.attach(ring.spec())
+    try:
+        assert ring.message(0.01) is None
+        framed = b"".join(b"".join(ServerPipe.frame(m)) for m in (b"first", b"", b"x" * 70_000))
+        os.write(pipe.fd, framed[:3])  # part of the first length
+        assert ring.message(0.01) is None
+        os.write(pipe.fd, framed[3:20])
+        assert ring.message(0.01) == b"first"
+        assert ring.message(0.01) == b""
+        assert ring.message(0.01) is None  # the third is not whole yet
+        os.write(pipe.fd, framed[20:])
+        assert ring.message(1) == b"x" * 70_000
+        os.write(pipe.fd, b"".join(ServerPipe.frame(b"last")))
+    finally:
+        pipe.close()
+    assert ring.message(1) == b"last"
+    with pytest.raises(EOFError):
+        ring.message(1)
+    ring.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+async def test_a_full_fifo_makes_the_server_wait_for_the_reader_and_a_closed_one_ends_the_stream(tmp_path):
+    import asyncio
+
+    from server.serve.ring import send_piped
+    from tokenfeed.shm import ServerPipe
+
+    ring = ClientRing(2, 4096, str(tmp_path), pipe=True)
+    pipe = ServerPipe.attach(ring.spec())
+    big = os.urandom(3 << 20)  # more than any FIFO holds
+    sent = asyncio.create_task(send_piped(pipe, big))
+    await asyncio.sleep(0.05)
+    assert not sent.done(), "the whole message cannot be in the FIFO yet"
+    assert await asyncio.to_thread(ring.message, 10) == big
+    assert await asyncio.wait_for(sent, 10) is True
+    ring.close()  # the client's end gone
+    assert await send_piped(pipe, b"next") is False
+    pipe.close()

@@ -11,6 +11,14 @@ ring of the call that replaced it. The client unlinks the file as soon as the fi
 arrived (the client keeps its mapping, the server its descriptor), so a crashed client leaves
 nothing behind.
 
+A client may also offer a FIFO beside the ring (``pipe``): a server that opens it writes each
+message there, a ``u32`` length then the ``BatchChunk``'s bytes, instead of sending it over gRPC
+(which then carries only the call's end). A message costs the server a ``write`` and the client a
+``read``, where gRPC costs each side its HTTP/2 framing, a completion queue and thread wake-ups:
+with many ranks on one server, the gRPC send was a quarter of the server loop's time. The server
+closes the FIFO when the call ends (the client then reads the call's status), a server that dies
+closes it too, and a client that goes makes the server's next write fail (``EPIPE``).
+
 The server never maps the file: a client may truncate it at any moment, and touching a mapped page
 past the end of a file raises SIGBUS, which would kill the server and every stream of every job
 with it. It reads and writes through the descriptor (``pread``/``pwrite``), where a truncated file
@@ -26,11 +34,13 @@ Layout (little-endian): a ``HEADER_BYTES`` header, then ``slots`` slots of ``slo
 from __future__ import annotations
 
 import errno
+import fcntl
 import hmac
 import mmap
 import os
 import re
 import secrets
+import select
 import stat
 import struct
 import tempfile
@@ -44,6 +54,14 @@ _FIXED = struct.Struct("<8s16sI4xQ")  # magic, nonce, slots, slot_bytes
 _RELEASED = struct.Struct("<Q")
 _RELEASED_AT = 40
 NAME = re.compile(r"tokenfeed-\d+-[0-9a-f]{16}")
+#: The FIFO beside a ring: the ring's path and this suffix.
+PIPE_SUFFIX = ".pipe"
+#: Initial metadata of a call whose messages come through the offered FIFO.
+PIPE_KEY = "tokenfeed-shm-pipe"
+_LENGTH = struct.Struct("<I")
+#: A FIFO's buffer, asked for where the system allows (Linux's default is 64 KiB): the messages a
+#: ring holds (eight) with their cursors and provenance fit without the server waiting on it.
+PIPE_BYTES = 1 << 20
 #: Bounds a server enforces on an offered ring.
 MAX_SLOTS = 4096
 MAX_RING_BYTES = 1 << 30
@@ -74,7 +92,7 @@ def sweep(directory: str, now: float | None = None) -> list[str]:
     except OSError:
         return gone
     for name in names:
-        if not NAME.fullmatch(name):
+        if not NAME.fullmatch(name.removesuffix(PIPE_SUFFIX)):
             continue
         path = os.path.join(directory, name)
         try:
@@ -100,8 +118,10 @@ def _alive(pid: int) -> bool:
 class ClientRing:
     """The client's side of a ring: it owns the file (created, then unlinked) and the mapping."""
 
-    def __init__(self, slots: int, slot_bytes: int, directory: str | None = None) -> None:
+    def __init__(self, slots: int, slot_bytes: int, directory: str | None = None, pipe: bool = False) -> None:
         self.slots, self.slot_bytes = slots, slot_bytes
+        self._pipe = -1  # the FIFO's read end (``pipe``)
+        self._received = bytearray()  # what was read from the FIFO past the last whole message
         self.directory = directory or default_dir()
         if (os.getpid(), self.directory) not in _swept:  # once per process and directory
             _swept.add((os.getpid(), self.directory))
@@ -122,9 +142,52 @@ class ClientRing:
         os.close(fd)
         _FIXED.pack_into(self._map, 0, MAGIC, self.nonce, slots, slot_bytes)
         self._linked = True
+        if pipe:
+            try:
+                os.mkfifo(self.path + PIPE_SUFFIX, 0o600)
+                # open before offering it: a server's non-blocking open for writing needs a reader
+                self._pipe = os.open(self.path + PIPE_SUFFIX, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+                self._poll = select.poll()  # (not select: a process may hold more than 1,024 descriptors)
+                self._poll.register(self._pipe, select.POLLIN)
+            except BaseException:
+                self.close()
+                raise
+
+    @property
+    def piped(self) -> bool:
+        """Whether this ring offers a FIFO for the call's messages."""
+        return self._pipe >= 0
 
     def spec(self) -> pb.SharedMemory:
-        return pb.SharedMemory(path=self.path, nonce=self.nonce, slots=self.slots, slot_bytes=self.slot_bytes)
+        return pb.SharedMemory(path=self.path, nonce=self.nonce, slots=self.slots, slot_bytes=self.slot_bytes,
+                               pipe=self.path + PIPE_SUFFIX if self._pipe >= 0 else "")
+
+    def message(self, timeout: float) -> bytes | None:
+        """The next message the server wrote into the FIFO; ``None`` if none came within
+        ``timeout`` seconds. ``EOFError`` once the server closed it (the call ended) and every
+        message before that was read; a torn message at the end is an ``EOFError`` as well."""
+        while True:
+            got = self._whole()
+            if got is not None:
+                return got
+            if not self._poll.poll(timeout * 1000):
+                return None
+            data = os.read(self._pipe, 1 << 16)
+            if not data:
+                raise EOFError("the server closed the stream's pipe")
+            self._received += data
+
+    def _whole(self) -> bytes | None:
+        """The first whole message of what was read, taken off it."""
+        buf = self._received
+        if len(buf) < _LENGTH.size:
+            return None
+        end = _LENGTH.size + _LENGTH.unpack_from(buf)[0]
+        if len(buf) < end:
+            return None
+        data = bytes(buf[_LENGTH.size:end])
+        del buf[:end]
+        return data
 
     def view(self, slot: int, nbytes: int) -> memoryview:
         """The first ``nbytes`` of ``slot`` (a ``ValueError`` for a slot or size the ring lacks)."""
@@ -141,13 +204,19 @@ class ClientRing:
     def unlink(self) -> None:
         if getattr(self, "_linked", True):
             self._linked = False
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
+            for path in (self.path, self.path + PIPE_SUFFIX):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
 
     def close(self) -> None:
         self.unlink()
+        if self._pipe >= 0:
+            fd, self._pipe = self._pipe, -1
+            os.close(fd)
+        if not hasattr(self, "_map"):
+            return
         try:
             self._map.close()
         except BufferError:  # a view still alive (a caller's array): the mapping goes with it
@@ -230,6 +299,60 @@ class ServerRing:
     def close(self) -> None:
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
+            os.close(fd)
+
+
+class ServerPipe:
+    """The server's end of a stream's FIFO (``SharedMemory.pipe``): each message a ``u32`` length
+    and its bytes, written without blocking (``write`` says how much the FIFO took)."""
+
+    def __init__(self, fd: int, path: str) -> None:
+        self.fd, self.path = fd, path
+
+    @classmethod
+    def attach(cls, spec: pb.SharedMemory) -> ServerPipe:
+        """Open the FIFO a request offers beside its ring (whose offer ``ServerRing.attach``
+        checked). ``ValueError`` for an offer no client makes, ``OSError`` when this server
+        cannot use it (messages then go over gRPC)."""
+        if spec.pipe != spec.path + PIPE_SUFFIX:
+            raise ValueError(f"pipe must be the ring's path followed by {PIPE_SUFFIX!r}, got {spec.pipe!r}")
+        if not stat.S_ISFIFO(os.lstat(spec.pipe).st_mode):  # before opening: no file, device or link
+            raise OSError(errno.EINVAL, "not a FIFO", spec.pipe)
+        # (non-blocking: ENXIO where no reader has it open, rather than waiting for one)
+        fd = os.open(spec.pipe, os.O_WRONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISFIFO(st.st_mode):
+                raise OSError(errno.EINVAL, "not a FIFO", spec.pipe)
+            if st.st_uid != os.geteuid():
+                raise OSError(errno.EPERM, f"owned by uid {st.st_uid}, this server runs as uid {os.geteuid()}",
+                              spec.pipe)
+            if hasattr(fcntl, "F_SETPIPE_SZ"):
+                try:
+                    fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+                except OSError:  # above the system's limit (fs.pipe-max-size): the default then
+                    pass
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(fd, spec.pipe)
+
+    @staticmethod
+    def frame(message: bytes) -> list[bytes]:
+        """A message as the FIFO carries it."""
+        return [_LENGTH.pack(len(message)), message]
+
+    def write(self, parts: list[bytes] | list[memoryview]) -> int:
+        """Write what the FIFO takes now of ``parts``; the bytes written (0: it is full).
+        ``BrokenPipeError`` once the client closed its end."""
+        try:
+            return os.writev(self.fd, parts)
+        except BlockingIOError:
+            return 0
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
             os.close(fd)
 
 

@@ -9,7 +9,7 @@ import time
 import numpy as np
 
 from server.stream.params import MessageSpace
-from tokenfeed.shm import ServerRing
+from tokenfeed.shm import ServerPipe, ServerRing
 
 
 #: Waiting on a full ring: the first poll, and the bounds on the longest (see ``RingWriter``).
@@ -86,3 +86,34 @@ class RingWriter:
             self._seen = (released, now)
             return self._per_message
         return max(self._per_message, now - when)
+
+
+async def send_piped(pipe: ServerPipe, message: bytes) -> bool:
+    """Send a message through a stream's FIFO, waiting while it is full (a client that has not
+    read it yet); False once the client closed its end (it is gone: the stream ends)."""
+    parts = pipe.frame(message)
+    left = sum(len(p) for p in parts)
+    try:
+        while (written := pipe.write(parts)) < left:
+            left -= written
+            rest = b"".join(parts)[-left:]  # (rare: a FIFO holds the eight messages a ring does)
+            parts = [rest]
+            await _writable(pipe.fd)
+    except BrokenPipeError:
+        return False
+    return True
+
+
+async def _writable(fd: int) -> None:
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():  # (the loop may call it again before the waiter removes it)
+            ready.set_result(None)
+
+    loop.add_writer(fd, wake)
+    try:
+        await ready
+    finally:
+        loop.remove_writer(fd)

@@ -18,12 +18,12 @@ from server.serve.drive import Buffers, stream_chunks
 from server.serve.limits import Admission, Overloaded, ShuttingDown, check_request
 from server.serve.pacing import Pacing
 from server.serve.protocol import MessageBuffers, dataset_info, encode_chunk, parse_request, tokenizer_files
-from server.serve.ring import RingWriter
+from server.serve.ring import RingWriter, send_piped
 from server.stages.served import Served
 from server.stream.params import StreamParams
 from server.supply.store import ShardStore
 from tokenfeed import shm, wire
-from tokenfeed.shm import RingBroken, ServerRing
+from tokenfeed.shm import RingBroken, ServerPipe, ServerRing
 from tokenfeed.v1 import tokenfeed_pb2 as pb
 from tokenfeed.v1 import tokenfeed_pb2_grpc as pb_grpc
 
@@ -68,7 +68,7 @@ class TokenFeedService(pb_grpc.TokenFeedServicer):
 
     async def StreamBatches(self, request: pb.StreamRequest,
                             context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-        ticket = ring = None  # the admission slot and the ring, released however the stream ends
+        ticket = ring = pipe = None  # the admission slot, the ring and its FIFO, released however the stream ends
         paced = served = False  # counted among the streams sharing the loop (``Pacing``); its first message out
         edits: tuple[str, ...] = ()
         try:
@@ -77,9 +77,13 @@ class TokenFeedService(pb_grpc.TokenFeedServicer):
             edits = params.plan_edits
             self._count_edits(edits, +1)
             ring = self._ring(request, params)
+            pipe = self._pipe(request, ring)
+            if pipe is not None:  # the messages go through it: the client reads it, not the call
+                await context.send_initial_metadata(((shm.PIPE_KEY, "1"),))
             log.info("stream opened: %s rank %d/%d worker %d from %s (row %d%s)", request.dataset,
                      request.rank, request.world_size, request.worker_id, context.peer(), params.start.row,
-                     ", tokens through shared memory" if ring is not None else "")
+                     ", tokens through shared memory" + (", messages through its FIFO" if pipe is not None else "")
+                     if ring is not None else "")
             shm_bytes = metrics.SHARED_MEMORY_BYTES.labels(params.dataset.name)
             self.pacing.opened()
             paced = True
@@ -99,7 +103,12 @@ class TokenFeedService(pb_grpc.TokenFeedServicer):
                         assert ring is not None
                         ring.write(chunk.shm_slot, chunk.tokens.data)
                         shm_bytes.inc(payload_bytes)
-                    yield message
+                    if pipe is None:
+                        yield message
+                    elif await send_piped(pipe, message):
+                        await asyncio.sleep(0)  # the other streams' turn, as a gRPC send gives them
+                    else:  # the client closed its end: it is gone (its call's cancellation follows)
+                        return
                     meter.resumed()
                     if self.admission.draining:  # shutdown: this message was the stream's last
                         raise ShuttingDown("server is shutting down; reconnect from the cursor")
@@ -121,8 +130,23 @@ class TokenFeedService(pb_grpc.TokenFeedServicer):
             self._count_edits(edits, -1)
             if ticket is not None:
                 ticket.release()
+            if pipe is not None:  # (before the status goes out: the client reads the FIFO to its end first)
+                pipe.close()
             if ring is not None:
                 ring.close()
+
+    def _pipe(self, request: pb.StreamRequest, ring: ServerRing | None) -> ServerPipe | None:
+        """The FIFO the client offers beside its ring, if this server can write into it (else
+        messages go over gRPC)."""
+        if ring is None or not request.shared_memory.pipe:
+            return None
+        try:
+            return ServerPipe.attach(request.shared_memory)
+        except ValueError as err:
+            raise InvalidArgument("shared_memory.pipe", str(err)) from None
+        except OSError as err:
+            log.debug("the FIFO offered by rank %d is not usable here (%s); messages go over gRPC", request.rank, err)
+            return None
 
     def _ring(self, request: pb.StreamRequest, params: StreamParams) -> ServerRing | None:
         """The shared-memory ring the client offers, if this server can write into it; a ring this

@@ -131,16 +131,18 @@ class PlanEdit(_message.Message):
     def __init__(self, op: _Optional[str] = ..., from_row: _Optional[int] = ..., at_step: _Optional[int] = ..., dataset: _Optional[str] = ..., shard: _Optional[int] = ..., document: _Optional[int] = ..., weights: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class SharedMemory(_message.Message):
-    __slots__ = ("path", "nonce", "slots", "slot_bytes")
+    __slots__ = ("path", "nonce", "slots", "slot_bytes", "pipe")
     PATH_FIELD_NUMBER: _ClassVar[int]
     NONCE_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     SLOT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PIPE_FIELD_NUMBER: _ClassVar[int]
     path: str
     nonce: bytes
     slots: int
     slot_bytes: int
-    def __init__(self, path: _Optional[str] = ..., nonce: _Optional[bytes] = ..., slots: _Optional[int] = ..., slot_bytes: _Optional[int] = ...) -> None: ...
+    pipe: str
+    def __init__(self, path: _Optional[str] = ..., nonce: _Optional[bytes] = ..., slots: _Optional[int] = ..., slot_bytes: _Optional[int] = ..., pipe: _Optional[str] = ...) -> None: ...
 
 class BatchChunk(_message.Message):
     __slots__ = ("tokens", "dtype", "compression", "num_batches", "rows", "seq_len", "eos_id", "pad_id", "cursors", "steps", "epochs", "provenance", "provenance_counts", "piece_starts", "piece_start_counts", "shm_slot", "plan_edits")
