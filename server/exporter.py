@@ -19,7 +19,7 @@ from prometheus_client.registry import Collector
 from server.metrics import (ACTIVE_STREAMS, ASSEMBLY_SECONDS, BROKEN_REASONS, BROKEN_SHARDS, FIRST_BATCH_SECONDS,
                             LOOP_LAG_SECONDS, MIXTURE_WEIGHT, REGISTRY, SENT_BATCHES, SENT_BYTES, SENT_MESSAGES,
                             SENT_PAD_TOKENS, SENT_ROWS, SENT_TOKENS, SHARD_LOAD_SECONDS, SOURCE_BYTES,
-                            TOKENIZED_SHARDS, TOKENIZER_DOCUMENTS, TOKENIZER_TOKENS)
+                            TOKENIZED_SHARDS, TOKENIZER_DOCUMENTS, TOKENIZER_TOKENS, flush_meters)
 from server.serve.auth import require_bearer
 from server.stages.served import Served
 from server.supply.store import ShardStore
@@ -30,12 +30,14 @@ log = logging.getLogger(__name__)
 
 async def watch_loop_lag(interval_s: float = 0.1, observe: Callable[[float], None] = LOOP_LAG_SECONDS.observe) -> None:
     """Until cancelled: sleep ``interval_s`` on the running loop and observe how much later than
-    asked it woke (a timer runs only after the callbacks that were ready before it)."""
+    asked it woke (a timer runs only after the callbacks that were ready before it); then add the
+    open streams' counts to the counters (``metrics.flush_meters``)."""
     loop = asyncio.get_running_loop()
     while True:
         t0 = loop.time()
         await asyncio.sleep(interval_s)
         observe(max(0.0, loop.time() - t0 - interval_s))
+        flush_meters()
 
 
 # ---- the scrape-time collector: cache, prefetch and dataset state --------------------------------

@@ -163,9 +163,20 @@ def pad_positions(tokens: np.ndarray, pad_id: int) -> int:
     ``concat``, which pads one row per shard."""
     inputs = tokens[..., :-1]
     padded = inputs[..., -1] == pad_id
-    if not padded.any():
+    if not np.count_nonzero(padded):  # (count_nonzero: a third of ``any``'s cost, once per message)
         return 0
     return int(np.count_nonzero(inputs[padded] == pad_id))
+
+
+#: Open streams' meters, flushed together (``flush_meters``): on the event loop only.
+_METERS: set[StreamMeter] = set()
+
+
+def flush_meters() -> None:
+    """Add every open stream's counts since its last flush to the counters (the server's loop
+    does, every 0.1 s: ``exporter.watch_loop_lag``)."""
+    for meter in list(_METERS):
+        meter.flush()
 
 
 class StreamMeter:
@@ -174,6 +185,11 @@ class StreamMeter:
     Use as a context manager around the stream (it counts the stream as active), call ``sent``
     when a message is ready and ``resumed`` when the consumer asks for the next one, so that the
     assembly time excludes time spent blocked on the client.
+
+    The sent counters are added to at the stream's first message, when it ends and whenever
+    ``flush_meters`` runs, not at every message: with 64 ranks on one server, the counters'
+    updates (six a message, each through a lock) were most of the meter's cost: 64 ranks got
+    6.6% more tokens/s without them (alternating, 6 runs each: medians 65.9 against 61.8 M).
     """
 
     def __init__(self, dataset: str, packing: str, pad_id: int) -> None:
@@ -188,12 +204,16 @@ class StreamMeter:
         self._totals = _PACKING_TOTALS.setdefault((dataset, packing), [0, 0])
         self._start = self._mark = time.perf_counter()
         self._messages = 0
+        self._pending = [0] * len(self._counters)  # counts not added to the counters yet, in their order
 
     def __enter__(self) -> StreamMeter:
         self._active.inc()
+        _METERS.add(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
+        _METERS.discard(self)
+        self.flush()
         self._active.dec()
 
     def sent(self, tokens: np.ndarray, payload_bytes: int) -> None:
@@ -206,12 +226,28 @@ class StreamMeter:
         batches, rows, width = tokens.shape
         positions = batches * rows * (width - 1)
         pads = pad_positions(tokens, self.pad_id)
-        for counter, n in zip(self._counters, (1, batches, batches * rows, positions, pads, payload_bytes)):
+        pending = self._pending
+        pending[0] += 1
+        pending[1] += batches
+        pending[2] += batches * rows
+        pending[3] += positions
+        pending[4] += pads
+        pending[5] += payload_bytes
+        if self._messages == 1:  # a stream's first message shows at once
+            self.flush()
+
+    def flush(self) -> None:
+        """Add the stream's counts since the last flush to the counters."""
+        pending = self._pending
+        if not pending[0]:
+            return
+        for counter, n in zip(self._counters, pending):
             counter.inc(n)
         totals = self._totals
-        totals[0] += positions
-        totals[1] += pads
+        totals[0] += pending[3]
+        totals[1] += pending[4]
         self._efficiency.set(1.0 - totals[1] / totals[0] if totals[0] else 1.0)
+        self._pending = [0] * len(pending)
 
     def resumed(self) -> None:
         """The consumer took the last message; the next one's assembly starts now."""

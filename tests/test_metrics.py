@@ -160,6 +160,27 @@ def test_sent_counters_equal_what_the_client_counts(start_server, tmp_path, pack
     assert (seen, seen_pad) == (tokens, pads)
 
 
+def test_an_open_streams_counts_show_while_it_stays_open(start_server, tmp_path):
+    """A stream's counts are added to the counters as it goes (the loop's tick), not only when it
+    ends: a stream held open by a trainer that stopped reading still shows what it sent."""
+    proc, url = served(start_server, tmp_path)
+    channel, stub = stub_for(proc)
+    call = stub.StreamBatches(request(batches_per_message=1, compression=pb.COMPRESSION_NONE))
+    try:
+        taken = [next(call) for _ in range(6)]
+
+        def counted() -> Samples | None:
+            s = scrape(url)
+            return s if value(s, "tokenfeed_sent_messages_total", dataset="docs") >= len(taken) else None
+
+        s = poll(counted)
+        assert value(s, "tokenfeed_active_streams") == 1, "the stream ended: this test needs it open"
+        assert value(s, "tokenfeed_sent_batches_total", dataset="docs") >= len(taken)
+    finally:
+        call.cancel()
+        channel.close()
+
+
 def test_shared_memory_bytes_count_what_went_through_rings(start_server, tmp_path):
     """Bytes written into clients' rings are counted apart (and within sent bytes); a stream
     that offers no ring adds none."""
