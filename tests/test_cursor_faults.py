@@ -97,6 +97,7 @@ def test_sigkill_and_cold_restart_lose_and_repeat_nothing(served, workers, ahead
     loader = StreamingDataLoader(dataset(server.address, **rank1), num_workers=workers)
     it = iter(loader)
     got = [next(it) for _ in range(20)]
+    assert "messages through its FIFO" in server.log()  # (the server's death closes the FIFO: EOF, then the call)
     server.kill()  # mid-stream: batches may sit in flight in the client's buffers
     restarter = threading.Thread(target=server.start)
     restarter.start()  # the client retries with backoff while the server boots (cold cache)
