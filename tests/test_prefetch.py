@@ -19,7 +19,7 @@ import pytest
 from server import exporter
 from server.serve.drive import complete, stream_chunks
 from server.stream import walk
-from server.supply.cache import ShardCache
+from server.supply.cache import DiskTier, ShardCache
 from server.config import PrefetchSettings, ServerSettings
 from server.stages.dataset import Dataset
 from server.stages.packing import TokenizedShard, concat_rows
@@ -336,10 +336,46 @@ class CountingPool(ThreadPoolExecutor):
         return super().submit(fn, *args, **kwargs)
 
 
-async def test_a_cached_shard_is_looked_up_and_packed_in_one_run(dataset: Dataset) -> None:
+async def test_a_small_shard_in_the_caches_memory_is_packed_on_the_loop(dataset: Dataset, tmp_path: Path) -> None:
+    """A small shard's packing holds the GIL, so a thread would run it no sooner than the loop
+    and cost the loop the hand-overs: a shard within ``PACK_HERE`` whose tokens are in the cache's
+    memory is packed on the loop, ahead or on demand, with no run in the executor, into the same
+    rows as a read-then-pack. One whose tokens are only on the disk tier is never read on the loop."""
+    seq_len, seed = 32, 4
+    with CountingPool(2) as pool, ThreadPoolExecutor(1) as one:
+        store = ShardStore(ShardCache(64 << 20), pool)
+        for index in range(dataset.num_shards):  # every shard's tokens in the cache
+            await store.tokenized(dataset, index)
+        reference = ShardStore(ShardCache(0), one)  # nothing cached: read, then pack
+        pool.runs = 0
+        for ordinal in (0, 1):
+            packed = await store.packed(dataset, seed, 0, ordinal, seq_len)
+            expected = await reference.packed(dataset, seed, 0, ordinal, seq_len)
+            np.testing.assert_array_equal(packed.row_view(0, packed.rows), expected.row_view(0, expected.rows))
+        assert store.pack_ahead(dataset, seed, 0, 2, seq_len, "concat")
+        assert store.packed_now(dataset, seed, 0, 2, seq_len, "concat") is not None  # at once: no flight
+        assert pool.runs == 0 and store.stats()["hot_packs"] == 3
+
+        # on the disk tier only (a memory budget of nothing): packed in the executor, the same rows
+        disk = ShardStore(ShardCache(0, disk=DiskTier(tmp_path / "tier", 64 << 20)), pool)
+        await disk.tokenized(dataset, store.shard_index(dataset, seed, 0, 3))
+        pool.runs = 0
+        packed = await disk.packed(dataset, seed, 0, 3, seq_len)
+        expected = await reference.packed(dataset, seed, 0, 3, seq_len)
+        np.testing.assert_array_equal(packed.row_view(0, packed.rows), expected.row_view(0, expected.rows))
+        assert pool.runs >= 1 and disk.cache.stats()["hits_disk"] >= 1
+        for s in (store, disk, reference):
+            await s.close()
+
+
+async def test_a_cached_shard_is_looked_up_and_packed_in_one_run(dataset: Dataset,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """Each hop between the event loop and a thread waits for a turn of a loop that may be serving
-    64 streams (tens of ms each): packing a cached shard, ahead or on demand, is one run, so the
-    pack-aheads of a large job keep ahead of its ranks."""
+    64 streams (tens of ms each): packing a cached shard too large to pack on the loop, ahead or
+    on demand, is one run, so the pack-aheads of a large job keep ahead of its ranks."""
+    import server.supply.store as store_module
+
+    monkeypatch.setattr(store_module, "PACK_HERE", {"concat": (0, 0)})  # every shard over the bounds
     seq_len, seed = 32, 4
     with CountingPool(2) as pool:
         store = ShardStore(ShardCache(64 << 20), pool)
@@ -398,6 +434,11 @@ async def test_failed_pack_aheads_free_their_slots(dataset: Dataset, pool: Threa
         await store.tokenized(dataset, index)
     real_pack = store_module.pack
     monkeypatch.setattr(store_module, "pack", lambda *a: (_ for _ in ()).throw(OSError("disk on fire")))
+    # packed on the loop: the failure is not raised by the pack-ahead, but where the shard is read
+    assert store.pack_ahead(dataset, seed, 0, 0, seq_len, "concat") and not store._ahead
+    with pytest.raises(OSError, match="disk on fire"):
+        await store.packed(dataset, seed, 0, 0, seq_len)
+    monkeypatch.setattr(store_module, "PACK_HERE", {})  # in the executor from here
     failing = min(dataset.num_shards - 1, store_module.MAX_PACK_AHEAD + 4)
     for ordinal in range(failing):
         while not store.pack_ahead(dataset, seed, 0, ordinal, seq_len, "concat"):

@@ -116,9 +116,10 @@ class ShardCache:
                                  "raw_bytes_compressed", "compressed_bytes"), 0)
 
     # ---- reads -------------------------------------------------------------------------
-    def get(self, key: str, slot: Slot | None = None) -> TokenizedShard | None:
+    def get(self, key: str, slot: Slot | None = None, *, memory_only: bool = False) -> TokenizedShard | None:
         """The shard stored under ``key``, decompressed and checked, or ``None``; a damaged entry
-        is dropped and counted, never returned."""
+        is dropped and counted, never returned. With ``memory_only``, never a read of the disk
+        tier, and a miss is not counted (the caller asks again where it may read)."""
         with self._lock:
             entry = self._lookup(key, slot)
             prefetched = entry is not None and self._unflag(entry)
@@ -130,6 +131,8 @@ class ShardCache:
             else:
                 self._count(hits=1, hits_memory=1, prefetch_hits=int(prefetched))
                 return shard
+        if memory_only:
+            return None
         if self.disk is not None:
             blob = self.disk.get(key)
             if blob is not None:
