@@ -19,7 +19,7 @@ import pytest
 from server import exporter
 from server.serve.drive import complete, stream_chunks
 from server.stream import walk
-from server.supply.cache import DiskTier, ShardCache
+from server.supply.cache import DiskTier, ShardCache, shard_key
 from server.config import PrefetchSettings, ServerSettings
 from server.stages.dataset import Dataset
 from server.stages.packing import TokenizedShard, concat_rows
@@ -365,6 +365,41 @@ async def test_a_small_shard_in_the_caches_memory_is_packed_on_the_loop(dataset:
         np.testing.assert_array_equal(packed.row_view(0, packed.rows), expected.row_view(0, expected.rows))
         assert pool.runs >= 1 and disk.cache.stats()["hits_disk"] >= 1
         for s in (store, disk, reference):
+            await s.close()
+
+
+async def test_a_prefetch_of_a_shard_in_the_caches_memory_hands_nothing_to_a_thread(dataset: Dataset,
+                                                                                     tmp_path: Path) -> None:
+    """The prefetcher asks about every shard a stream is about to reach; one already in memory is
+    answered on the loop, with no run in the executor (each run a hand-over of the GIL and back).
+    One only on the disk tier is still promoted, in the executor."""
+    with CountingPool(2) as pool:
+        store = ShardStore(ShardCache(64 << 20), pool, prefetch=PrefetchSettings(depth=4))
+        for index in range(dataset.num_shards):
+            await store.tokenized(dataset, index)
+        pool.runs, before = 0, store.stats()
+        follower = store.follow(dataset, 3)
+        for ordinal in range(0, 12, 2):
+            follower.at(0, ordinal)
+            await store.prefetcher.idle()
+        after = store.stats()
+        assert pool.runs == 0 and after["misses"] == before["misses"] and store.source_reads == dataset.num_shards
+        follower.close()
+        await store.close()
+
+        order = shard_order(5, 0, dataset.num_shards).tolist()
+        tier = DiskTier(tmp_path / "tier", 64 << 20)
+        writer = ShardStore(ShardCache(0, disk=tier), pool)  # tokens onto the disk tier only
+        for index in order[1:5]:
+            await writer.tokenized(dataset, index)
+        disk = ShardStore(ShardCache(64 << 20, disk=tier), pool, prefetch=PrefetchSettings(depth=4))
+        pool.runs = 0
+        follower = disk.follow(dataset, 5)
+        follower.at(0, 0)
+        await disk.prefetcher.idle()
+        assert pool.runs == 4 and all(disk.cache.contains(shard_key(dataset, i), memory_only=True) for i in order[1:5])
+        follower.close()
+        for s in (writer, disk):
             await s.close()
 
 

@@ -148,12 +148,15 @@ class ShardCache:
         self._count(misses=1)
         return None
 
-    def contains(self, key: str, slot: Slot | None = None) -> bool:
-        """Whether ``key`` is in memory, after promoting it from disk if it is there; counts no
-        hit or miss (the prefetcher's question). A promoted entry is marked as prefetched."""
+    def contains(self, key: str, slot: Slot | None = None, *, memory_only: bool = False) -> bool:
+        """Whether ``key`` is in memory, after promoting it from disk if it is there (never with
+        ``memory_only``: no read); counts no hit or miss (the prefetcher's question). A promoted
+        entry is marked as prefetched."""
         with self._lock:
             if self._lookup(key, slot) is not None:
                 return True
+        if memory_only:
+            return False
         blob = self.disk.get(key) if self.disk is not None else None
         return blob is not None and self._admit(key, blob, slot, prefetched=True)
 

@@ -242,7 +242,11 @@ class ShardStore:
         return False
 
     async def _warm(self, ds: Dataset, index: int) -> None:
-        """The prefetcher's load: shares the single flight of requests for the same shard."""
+        """The prefetcher's load: shares the single flight of requests for the same shard. A shard
+        in the cache's memory needs none (and no hop to a thread and back: at 64 ranks of small
+        shards, a few hundred a second, each a hand-over of the GIL that the loop waited for)."""
+        if self.cache.contains(shard_key(ds, index), (ds.fingerprint, index), memory_only=True):
+            return
         await self._once(TokensKey(ds.fingerprint, index), functools.partial(self._load, ds, index, Lookup.PREFETCH))
 
     async def tokenized(self, ds: Dataset, index: int, only_cached: bool = False) -> TokenizedShard | None:
