@@ -88,30 +88,12 @@ class PackedShard:
         return self._row_table[start:stop]
 
     def copy_rows(self, start: int, stop: int, out: np.ndarray) -> None:
-        """``out[:] = row_view(start, stop)``, as byte copies that keep the GIL (see ``gather``)."""
+        """``out[:] = row_view(start, stop)``: one copy however many rows (a Python loop of one
+        slice a row cost 2.6 us for a batch of 4 rows of 1,025 tokens against 1.0, 107 against 16
+        for 200 rows). Called on the event loop, where no packing thread competes for the GIL that
+        numpy lets go of for the copy (small shards are packed there: ``ShardStore._pack_here``)."""
         assert 0 <= start <= stop <= self.rows, (start, stop, self.rows)
-        rows = self.table if self.table is not None else self.stream
-        assert rows is not None
-        if start == stop:
-            return
-        if not out.flags.c_contiguous or out.dtype != rows.dtype or out.shape != (stop - start, self.seq_len + 1):
-            out[...] = self.row_view(start, stop)
-            return
-        dst, src = out.data.cast("B"), self._bytes
-        width = (self.seq_len + 1) * rows.itemsize
-        if self.table is not None:  # rows follow one another
-            dst[:] = src[start * width : stop * width]
-            return
-        step = self.seq_len * rows.itemsize  # concat: row i starts i * seq_len tokens into the stream
-        for i in range(stop - start):
-            at = (start + i) * step
-            dst[i * width : (i + 1) * width] = src[at : at + width]
-
-    @functools.cached_property
-    def _bytes(self) -> memoryview:
-        rows = self.table if self.table is not None else self.stream
-        assert rows is not None
-        return np.ascontiguousarray(rows).data.cast("B")
+        out[...] = self._row_table[start:stop]
 
     @functools.cached_property
     def _row_table(self) -> np.ndarray:
