@@ -129,7 +129,7 @@ class LazyBatch(dict[str, Any]):
     @classmethod
     def of(cls, makers: dict[str, Callable[[], torch.Tensor]]) -> LazyBatch:
         """A batch whose field ``k`` is ``makers[k]()``, made when first read."""
-        batch = cls()
+        batch = cls.__new__(cls)  # (an empty dict: ``__init__``'s copy of nothing skipped, once a batch)
         batch._order, batch._pending = list(makers), dict(makers)
         return batch
 

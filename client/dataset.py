@@ -564,13 +564,14 @@ def _batches_of(chunk: pb.BatchChunk, tokens: np.ndarray, records: list[np.ndarr
                 lazy: bool = False) -> Iterator[tuple[dict[str, torch.Tensor], pb.Cursor]]:
     """The chunk's batches; ``lazy``: each field made when first read, from a copy of the rows
     (``tokens`` may be a shared-memory slot, reused once the stream moves past the chunk)."""
-    for i in range(chunk.num_batches):
+    eos_id, pad_id, cursors = chunk.eos_id, chunk.pad_id, chunk.cursors  # (read once: a header's fields
+    for i in range(chunk.num_batches):                                     # are not free to read)
         starts = piece_starts[i] if piece_starts else None
-        batch = (lazy_batch(tokens[i].copy(), chunk.eos_id, chunk.pad_id, starts, fields) if lazy
-                 else to_batch(tokens[i], chunk.eos_id, chunk.pad_id, starts, fields))
+        batch = (lazy_batch(tokens[i].copy(), eos_id, pad_id, starts, fields) if lazy
+                 else to_batch(tokens[i], eos_id, pad_id, starts, fields))
         if records is not None:
             batch["provenance"] = torch.from_numpy(records[i].copy())
-        yield batch, chunk.cursors[i]
+        yield batch, cursors[i]
 
 
 def expand_raw(bundle: dict[str, Any], j: int) -> dict[str, torch.Tensor]:

@@ -73,15 +73,20 @@ def chunk_buffer(shape: tuple[int, ...], dtype: np.dtype) -> tuple[np.ndarray, n
 
 class ReceivedChunk:
     """A received ``BatchChunk`` whose tokens were not copied out of the message: ``tokens`` is
-    a view of the received bytes; every other field is the parsed header's."""
+    a view of the received bytes; every other field is the parsed header's, kept here once read
+    (a field read through ``__getattr__`` each time cost a failed lookup, and its AttributeError's
+    formatted message, first: several a batch on the client's hot path). The header is never
+    changed after it is received."""
 
-    __slots__ = ("header", "tokens")
+    __slots__ = ("__dict__", "header", "tokens")
 
     def __init__(self, header: pb.BatchChunk, tokens: memoryview) -> None:
         self.header, self.tokens = header, tokens
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self.header, name)
+        value = getattr(self.header, name)
+        self.__dict__[name] = value
+        return value
 
 
 def parse_chunk(data: bytes) -> pb.BatchChunk | ReceivedChunk:
