@@ -25,7 +25,7 @@ from server.stages.dataset import Dataset
 from server.stages.packing import TokenizedShard, concat_rows
 from server.stages.order import shard_order
 from server.serve.service import TokenFeedService, add_to_server
-from server.supply.store import ShardStore
+from server.supply.store import PACK_HERE_AHEAD_PER_TURN, ShardStore
 from server.serve.protocol import parse_request
 from tokenfeed.v1 import tokenfeed_pb2 as pb
 from tokenfeed.v1 import tokenfeed_pb2_grpc as pb_grpc
@@ -355,6 +355,16 @@ async def test_a_small_shard_in_the_caches_memory_is_packed_on_the_loop(dataset:
         assert store.pack_ahead(dataset, seed, 0, 2, seq_len, "concat")
         assert store.packed_now(dataset, seed, 0, 2, seq_len, "concat") is not None  # at once: no flight
         assert pool.runs == 0 and store.stats()["hot_packs"] == 3
+        # a burst of pack-aheads in one turn of the loop (a job's start): a few here, the rest in the executor
+        await asyncio.sleep(0)
+        burst = range(3, 3 + PACK_HERE_AHEAD_PER_TURN + 4)
+        assert all(store.pack_ahead(dataset, seed, 0, ordinal, seq_len, "concat") for ordinal in burst)
+        here = [o for o in burst if store.packed_now(dataset, seed, 0, o, seq_len, "concat") is not None]
+        assert here == list(burst)[:PACK_HERE_AHEAD_PER_TURN] and pool.runs == 4
+        await until(lambda: not store._inflight)
+        await asyncio.sleep(0)  # the next turn packs here again
+        assert store.pack_ahead(dataset, seed, 0, burst[-1] + 1, seq_len, "concat") and pool.runs == 4
+        assert store.packed_now(dataset, seed, 0, burst[-1] + 1, seq_len, "concat") is not None
 
         # on the disk tier only (a memory budget of nothing): packed in the executor, the same rows
         disk = ShardStore(ShardCache(0, disk=DiskTier(tmp_path / "tier", 64 << 20)), pool)
