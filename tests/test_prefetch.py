@@ -25,7 +25,7 @@ from server.stages.dataset import Dataset
 from server.stages.packing import TokenizedShard, concat_rows
 from server.stages.order import shard_order
 from server.serve.service import TokenFeedService, add_to_server
-from server.supply.store import PACK_HERE_AHEAD_PER_TURN, ShardStore
+from server.supply.store import ShardStore
 from server.serve.protocol import parse_request
 from tokenfeed.v1 import tokenfeed_pb2 as pb
 from tokenfeed.v1 import tokenfeed_pb2_grpc as pb_grpc
@@ -336,11 +336,14 @@ class CountingPool(ThreadPoolExecutor):
         return super().submit(fn, *args, **kwargs)
 
 
-async def test_a_small_shard_in_the_caches_memory_is_packed_on_the_loop(dataset: Dataset, tmp_path: Path) -> None:
+async def test_a_small_shard_in_the_caches_memory_is_packed_on_the_loop(dataset: Dataset, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """A small shard's packing holds the GIL, so a thread would run it no sooner than the loop
     and cost the loop the hand-overs: a shard within ``PACK_HERE`` whose tokens are in the cache's
     memory is packed on the loop, ahead or on demand, with no run in the executor, into the same
     rows as a read-then-pack. One whose tokens are only on the disk tier is never read on the loop."""
+    import server.supply.store as store_module
+
     seq_len, seed = 32, 4
     with CountingPool(2) as pool, ThreadPoolExecutor(1) as one:
         store = ShardStore(ShardCache(64 << 20), pool)
@@ -355,16 +358,29 @@ async def test_a_small_shard_in_the_caches_memory_is_packed_on_the_loop(dataset:
         assert store.pack_ahead(dataset, seed, 0, 2, seq_len, "concat")
         assert store.packed_now(dataset, seed, 0, 2, seq_len, "concat") is not None  # at once: no flight
         assert pool.runs == 0 and store.stats()["hot_packs"] == 3
-        # a burst of pack-aheads in one turn of the loop (a job's start): a few here, the rest in the executor
+        # a burst of pack-aheads in one turn of the loop (a job's start): a few here, the rest in the
+        # executor; while those wait there, later ones join them (the executor held up by a blocker)
+        monkeypatch.setattr(store_module, "PACK_HERE_AHEAD_PER_TURN", 3)
+        blocker = threading.Event()
+        for _ in range(2):  # both threads
+            pool.submit(blocker.wait, 30)
         await asyncio.sleep(0)
-        burst = range(3, 3 + PACK_HERE_AHEAD_PER_TURN + 4)
+        pool.runs, burst = 0, range(3, 9)
         assert all(store.pack_ahead(dataset, seed, 0, ordinal, seq_len, "concat") for ordinal in burst)
         here = [o for o in burst if store.packed_now(dataset, seed, 0, o, seq_len, "concat") is not None]
-        assert here == list(burst)[:PACK_HERE_AHEAD_PER_TURN] and pool.runs == 4
+        assert here == [3, 4, 5] and pool.runs == 3
+        await asyncio.sleep(0)
+        assert store.pack_ahead(dataset, seed, 0, 9, seq_len, "concat") and pool.runs == 4
+        blocker.set()
         await until(lambda: not store._inflight)
-        await asyncio.sleep(0)  # the next turn packs here again
-        assert store.pack_ahead(dataset, seed, 0, burst[-1] + 1, seq_len, "concat") and pool.runs == 4
-        assert store.packed_now(dataset, seed, 0, burst[-1] + 1, seq_len, "concat") is not None
+        await asyncio.sleep(0)  # the backlog gone, the next turn packs here again
+        assert store.pack_ahead(dataset, seed, 0, 10, seq_len, "concat") and pool.runs == 4
+        assert all(store.packed_now(dataset, seed, 0, o, seq_len, "concat") is not None for o in range(3, 11))
+        # a stream that has just begun (a job starting): its pack-aheads go to the executor, as before
+        follower = store.follow(dataset, seed)
+        await asyncio.sleep(0)
+        assert store.pack_ahead(dataset, seed, 0, 11, seq_len, "concat") and pool.runs == 5
+        follower.close()
 
         # on the disk tier only (a memory budget of nothing): packed in the executor, the same rows
         disk = ShardStore(ShardCache(0, disk=DiskTier(tmp_path / "tier", 64 << 20)), pool)

@@ -8,6 +8,7 @@ import enum
 import functools
 import logging
 import threading
+import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable
 from concurrent.futures import CancelledError, Executor, Future
@@ -33,13 +34,16 @@ MAX_PACK_AHEAD = 16
 #: Shards packed on the event loop, not in the executor, when their tokens are in the cache's
 #: memory: at most this many tokens and documents, by packing (see ``ShardStore._pack_here``).
 PACK_HERE = {"concat": (1 << 19, 512), "pad": (1 << 19, 128)}
-#: Pack-aheads packed on the loop in one turn of it, at most: a job's start asks for the shards of
-#: hundreds of steps ahead at once (270 at 64 ranks of 256 KiB shards: 80 ms that every stream
-#: would wait); past this, the executor packs them, ``MAX_PACK_AHEAD`` at a time. The same job,
-#: running, packs one shard in most turns that pack any, and bursts of 9 to 17 as its leading
-#: rank's message crosses that many steps: a budget of 2 sent most of them to the executor again
-#: (75 against 115 M tokens/s), 32 keeps them here (about 10 ms of packing at most in one turn).
+#: Pack-aheads packed on the loop in one turn of it, at most, and only once no stream has begun
+#: for ``PACK_HERE_QUIET_S`` and none waits in the executor. A job's start asks for the shards of
+#: hundreds of steps ahead at once, more than the executor ever packs then (``MAX_PACK_AHEAD`` at a
+#: time, the rest refused and asked for again later): packed here, every one of them, a 64-rank
+#: job's warm start on 4 replicas took 0.9-1.1 s for every rank's first batch instead of 0.6-0.7.
+#: The same job, running, packs one shard in most turns that pack any, and bursts of 9 to 17 as its
+#: leading rank's message crosses that many steps: a budget of 2 sent most of them to the executor
+#: again (75 against 115 M tokens/s), 32 keeps them here (about 10 ms of packing at most).
 PACK_HERE_AHEAD_PER_TURN = 32
+PACK_HERE_QUIET_S = 0.5
 
 
 class PackedKey(NamedTuple):
@@ -120,6 +124,7 @@ class ShardStore:
         self.hot_oversized = 0  # packed shards larger than the whole tier: served, not kept
         self._ahead: set[Hashable] = set()  # packed keys of the pack-aheads in flight
         self._here_this_turn = 0  # pack-aheads packed on the loop in its current turn
+        self._stream_began = -PACK_HERE_QUIET_S  # when a stream last began (``follow``), monotonic
         self._live_epochs: dict[tuple[str, int], Counter[int]] = {}  # streams per epoch, by (dataset, seed)
         prefetch = prefetch or PrefetchSettings(depth=0)
         # Prefetched shards live in the cache: with no cache there is nowhere to put them.
@@ -136,6 +141,7 @@ class ShardStore:
     def follow(self, ds: Dataset, seed: int) -> Follower:
         """A handle through which a stream reports its position (``at(epoch, ordinal)``) so that
         the cache knows its future and the prefetcher loads ahead; ``close()`` it when done."""
+        self._stream_began = time.monotonic()
         return Follower(ds, seed, self.cache.future, self.prefetcher, self.shard_index, self._epoch_moved)
 
     def _epoch_moved(self, ds: Dataset, seed: int, old: int | None, new: int | None) -> None:
@@ -458,7 +464,8 @@ class ShardStore:
         key = self._packed_key(ds, seed, epoch, ordinal, seq_len, packing)
         if key in self._packed or key in self._inflight:
             return True
-        if self._here_this_turn < PACK_HERE_AHEAD_PER_TURN:
+        if (self._here_this_turn < PACK_HERE_AHEAD_PER_TURN and not self._ahead
+                and time.monotonic() - self._stream_began > PACK_HERE_QUIET_S):
             try:
                 here = self._pack_here(ds, key) is not None
             except Exception:  # noqa: BLE001 - as from the executor: it surfaces where the shard is read
