@@ -382,9 +382,11 @@ class Job:
         return out
 
 
-def ranks(root: Path, work: Path, worlds: list[int], repeats: int, seconds: float, bpm: int = 0) -> dict[str, Any]:
+def ranks(root: Path, work: Path, worlds: list[int], repeats: int, seconds: float, bpm: int = 0,
+          procs: int = 4) -> dict[str, Any]:
     """Goal 2: W ranks on one server (default settings), alternating W, repeated; the server's RSS
-    with the W streams open (each has had its first batch) gives the memory per open stream."""
+    with the W streams open (each has had its first batch) gives the memory per open stream. The
+    ranks run in ``procs`` client processes (each one's start costs ~3 CPU-s of imports)."""
     server = ServerProcess(config_of(root), work).start(timeout=600)
     runs: dict[int, list[dict[str, Any]]] = {w: [] for w in worlds}
     try:
@@ -395,7 +397,7 @@ def ranks(root: Path, work: Path, worlds: list[int], repeats: int, seconds: floa
         for _ in range(repeats):
             for w in worlds:
                 before = rss_kib(server.proc.pid)  # the allocator keeps what earlier jobs freed
-                job = Job([server.address], w, 4, bpm)
+                job = Job([server.address], w, procs, bpm)
                 job.start()
                 held = rss_kib(server.proc.pid)
                 r = job.measure(seconds, server_pid=server.proc.pid)
@@ -422,10 +424,12 @@ def ranks(root: Path, work: Path, worlds: list[int], repeats: int, seconds: floa
     return out
 
 
-def jobstart(root: Path, work: Path, worlds: list[int], replicas: int = 4, repeats: int = 1) -> dict[str, Any]:
+def jobstart(root: Path, work: Path, worlds: list[int], replicas: int = 4, repeats: int = 1,
+             procs: int = 4) -> dict[str, Any]:
     """Goal 5: a job of W ranks against ``replicas`` servers: cold (fresh servers, empty caches,
     digests cached) and warm (the same servers again). The sizes alternate, ``repeats`` times;
-    each figure is the median of its repeats (a single start swings by 2x on a shared machine)."""
+    each figure is the median of its repeats (a single start swings by 2x on a shared machine).
+    The ranks run in at least ``procs`` client processes, one more for every 128 ranks."""
     cache = tempfile.mkdtemp(dir=work, prefix="digests-")
     runs: dict[int, dict[str, list[dict[str, Any]]]] = {w: {"cold": [], "warm": []} for w in worlds}
     for _ in range(repeats):
@@ -434,7 +438,7 @@ def jobstart(root: Path, work: Path, worlds: list[int], replicas: int = 4, repea
                        for _ in range(replicas)]
             try:
                 for kind in ("cold", "warm"):
-                    job = Job([s.address for s in servers], w, max(4, w // 128))
+                    job = Job([s.address for s in servers], w, max(procs, w // 128))
                     wall = job.start()
                     r = {**job.measure(0), "ready_s": wall, "rss_mib": [round(rss_kib(s.proc.pid) / 1024)
                                                                          for s in servers]}

@@ -29,11 +29,11 @@ def test_bench_scale_runs_every_part_at_a_tiny_scale(tmp_path):
     assert back["shards"] == 60 and back["first_batch_after_load_s"]["0.99"] > 0
 
     corpus = big_files(corpora, 1, files=8)
-    many = ranks(corpus, work, [1, 4], repeats=1, seconds=0.5)
+    many = ranks(corpus, work, [1, 4], repeats=1, seconds=0.5, procs=2)  # 2: still ranks in several processes
     for w in ("1", "4"):
         row = many["by_ranks"][w]
         assert row["errors"] == [] and row["tokens_per_s"] > 0 and row["gap_p99_ms"] is not None, row
-    start = jobstart(corpus, work, [4, 8], replicas=2)
+    start = jobstart(corpus, work, [4, 8], replicas=2, procs=2)
     for row in start["by_ranks"].values():
         for kind in ("cold", "warm"):
             assert row[kind]["errors"] == [] and row[kind]["all_first_batch_s"] > 0, row
