@@ -7,13 +7,43 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
+import threading
+import time
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from server.config import Config, default_config, format_validation_error, load_config
 from server.errors import ConfigError, TokenfeedError
+
+
+#: After shutdown, how long loads still running in the executor's threads get to finish before the
+#: process exits without them (see ``_leave_stuck_loads``).
+LOAD_EXIT_WAIT_S = 2.0
+
+
+def _leave_stuck_loads(prefix: str, wait_s: float = LOAD_EXIT_WAIT_S) -> None:
+    """Exit now if a load thread (its name begins with ``prefix``) is still busy ``wait_s`` after the
+    server stopped. A read from a store that stopped answering (each try waits out the store
+    client's own retries, then ours retries it) held the process 18 s past "stopped"; a container's
+    grace period (Docker's 10 s) ends that in SIGKILL. Such a read only fills the cache, whose files
+    are written under a temporary name and renamed (an unfinished one is swept at the next start)."""
+    deadline = time.monotonic() + wait_s
+    busy = [t for t in threading.enumerate() if t.name.startswith(prefix)]
+    for thread in busy:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    stuck = [t for t in busy if t.is_alive()]
+    if not stuck:
+        return
+    logging.getLogger("server").warning(
+        "exiting with %d load thread(s) still reading after %.0f s (a source slow to answer or being retried); "
+        "they only filled the cache", len(stuck), wait_s)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -187,12 +217,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"data-server: {err}; finished shards are kept: run the same command again to continue",
                   file=sys.stderr)
             return 1
-    from server.app import serve  # grpc imports after logging is set up
+    from server.app import LOAD_THREAD_PREFIX, serve  # grpc imports after logging is set up
 
     try:
         config = load_config(args.config) if args.config else default_config()
         config = _apply_overrides(config, args)
         asyncio.run(serve(config))
+        _leave_stuck_loads(LOAD_THREAD_PREFIX)
     except ConfigError as err:
         print(f"data-server: {err}", file=sys.stderr)
         return 2

@@ -28,9 +28,12 @@ from server.stages.mixture import build_mixture
 from server.stages.served import Served
 from server.supply.store import ShardStore, build_store
 
-__all__ = ["Running", "build_datasets", "serve", "start"]
+__all__ = ["LOAD_THREAD_PREFIX", "Running", "build_datasets", "serve", "start"]
 
 log = logging.getLogger("server")
+
+#: The names of the executor's threads, which read, tokenize and pack shards.
+LOAD_THREAD_PREFIX = "tokenfeed-load"
 
 
 def build_datasets(config: Config) -> dict[str, Served]:
@@ -113,7 +116,7 @@ async def start(config: Config, datasets: dict[str, Served] | None = None) -> Ru
     tokens = load_tokens(settings, config.datasets)
     credentials = server_credentials(settings)
     datasets = build_datasets(config) if datasets is None else datasets
-    executor = ThreadPoolExecutor(settings.workers, thread_name_prefix="tokenfeed-load")
+    executor = ThreadPoolExecutor(settings.workers, thread_name_prefix=LOAD_THREAD_PREFIX)
     store = build_store(config, executor)
     connections = connection_cap(settings.max_connections, fd_limit)
     log.info("connections: at most %d, handshake timeout %gs, closed after %gs without a call; open-file limit %s; "

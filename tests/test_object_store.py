@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import yaml
 
 from benchmarks._s3 import FaultProxy, S3Server, Schedule, client, objects, split, storage_options, upload
-from client import RequestError, StreamingDataset
+from client import RequestError, StreamingDataset, TokenfeedError
+from server.__main__ import LOAD_EXIT_WAIT_S
 from tests.conftest import ROOT
 from tests.test_metrics import metrics_url, poll, scrape, value
 from tests.resume_helpers import check_resume, same_batches, take
@@ -167,6 +170,35 @@ def test_throttling_resets_and_delays_between_server_and_store_lose_nothing(s3, 
         proxy.close()
     assert proxy.counts.get("slow_down", 0) > 0 and proxy.counts.get("reset", 0) > 0, proxy.counts
 
+
+def test_a_store_that_stops_answering_mid_read_does_not_hold_the_server_past_its_shutdown(s3, corpora,
+                                                                                        start_server):
+    """SIGTERM while a load thread's read hangs in a store that stopped answering (the proxy holds
+    every request for 2 minutes): the server exits within its grace period and the loads' wait,
+    with status 0 and a line saying what it left, not after the read's timeouts and retries."""
+    _, remote = corpora
+    proxy = FaultProxy(s3.endpoint, Schedule())
+    try:
+        source = {**remote["jsonl"]["source"], "storage_options": storage_options(proxy.endpoint)}
+        server = start_server({"server": {"shutdown_grace_s": 1.0}, "datasets": {"jsonl": {"source": source}}})
+        proxy.schedule = Schedule(delay=1, delay_s=120.0)
+        asked = proxy.requests
+        ds = StreamingDataset(server.address, "jsonl", seq_len=SEQ, batch_size=BATCH, reconnect_deadline_s=1.0)
+
+        def first_batch() -> None:
+            try:
+                next(iter(ds))
+            except TokenfeedError:  # the server went away before it came: expected here
+                pass
+        threading.Thread(target=first_batch, daemon=True).start()
+        poll(lambda: proxy.requests > asked)  # a shard's read is now held in the proxy
+        t0 = time.monotonic()
+        code = server.stop()
+        took = time.monotonic() - t0
+    finally:
+        proxy.close()
+    assert code == 0 and took < 1.0 + LOAD_EXIT_WAIT_S + 3.0, (code, took, server.log()[-3000:])
+    assert server.wait_log("load thread(s) still reading"), server.log()[-3000:]
 
 
 def test_a_second_server_reuses_the_shared_cache_and_tokenizes_nothing(s3, corpora, start_server):
