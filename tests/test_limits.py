@@ -273,6 +273,38 @@ def test_a_client_that_stopped_reading_does_not_hold_up_shutdown(start_server, d
     channel.close()
 
 
+@pytest.mark.integration
+def test_a_ring_client_that_stopped_reading_does_not_hold_up_shutdown_and_resumes_exactly(start_server, data):
+    """A rank on the server's host that stopped reading (a trainer in an evaluation): its stream
+    waits for a free slot of the rank's shared-memory ring, assembling nothing, so it ends at once
+    rather than after the grace period. The rank reads what its ring holds, then resumes on the
+    restarted server from its cursor: the batches of an uninterrupted stream."""
+    from tests.test_metrics import metrics_url, poll, scrape, value
+
+    server = start_server(jsonl_config(data, shutdown_grace_s=10, metrics_port=0))
+    opts = {"seq_len": SEQ, "batch_size": BATCH, "seed": 3, "batches_per_message": 1}
+    reference = take(StreamingDataset(server.address, "docs", **opts), 40)
+    ds = StreamingDataset(server.address, "docs", **opts)
+    it = iter(ds)
+    got = [next(it) for _ in range(5)]
+    url, sent = metrics_url(server), [-1.0]
+
+    def ring_full() -> bool:  # the server sent nothing more over the meters' last flushes (0.1 s)
+        before, sent[0] = sent[0], value(scrape(url), "tokenfeed_sent_messages_total")
+        time.sleep(0.3)
+        return sent[0] == before
+    poll(ring_full)
+    t0 = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(15) == 0
+    assert time.monotonic() - t0 < 4, server.log()[-2000:]
+    assert "drained 1 stream(s)" in server.log()
+    server.start()
+    got += [next(it) for _ in range(35)]
+    assert same_batches(got, reference)
+    ds.close()
+
+
 def test_default_max_streams_leaves_headroom_for_1024_ranks_on_4_replicas():
     """256 ranks a replica was exactly the old default: a rank that failed over, or reconnected
     before its old stream closed, was refused until its deadline (bench_scale jobstart). The

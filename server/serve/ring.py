@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Callable
 
 import numpy as np
 
+from server.serve.limits import ShuttingDown
 from server.stream.params import MessageSpace
 from tokenfeed.shm import ServerPipe, ServerRing
 
@@ -43,10 +45,15 @@ class RingWriter:
     the slot with ``ServerRing.write`` before sending the message that names the slot. One buffer
     per stream, of one message's bytes (what admission charged the stream; not the client-chosen
     slot size), reused for every message: it stays in cache and is never faulted in again.
+
+    A stream waiting for a slot while the server shuts down (``stopping()`` true) ends at once with
+    ``ShuttingDown``: it is assembling no message, and its client, which stopped reading (a trainer
+    in an evaluation, a paused job), would otherwise hold the shutdown for its whole grace period.
     """
 
-    def __init__(self, ring: ServerRing) -> None:
+    def __init__(self, ring: ServerRing, stopping: Callable[[], bool] | None = None) -> None:
         self.ring, self.message = ring, 0
+        self._stopping = stopping
         self._seen = (0, time.monotonic())  # (released count, when it was seen)
         self._per_message = 0.04  # seconds per message, until measured
         self._buffer: np.ndarray | None = None
@@ -58,6 +65,8 @@ class RingWriter:
         ring, message = self.ring, self.message
         delay = RING_POLL_S[0]
         while not self._writable(message):
+            if self._stopping is not None and self._stopping():
+                raise ShuttingDown("server is shutting down; reconnect from the cursor")
             await asyncio.sleep(delay)
             pace = self._observe()
             delay = min(delay * 2, max(RING_POLL_S[0], min(RING_POLL_S[1], pace / 2)))

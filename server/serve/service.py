@@ -88,7 +88,8 @@ class TokenFeedService(pb_grpc.TokenFeedServicer):
             self.pacing.opened()
             paced = True
             with metrics.StreamMeter(params.dataset.name, params.packing, params.dataset.info.pad_id) as meter:
-                buffers: Buffers = RingWriter(ring) if ring is not None else MessageBuffers()
+                buffers: Buffers = (RingWriter(ring, lambda: self.admission.draining) if ring is not None
+                                    else MessageBuffers())
                 async for chunk in stream_chunks(params, self.store, buffers, self.pacing):
                     if params.zstd:  # ~4 s per GiB: never on the loop
                         message, payload_bytes = await asyncio.to_thread(encode_chunk, chunk, params)
