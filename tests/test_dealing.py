@@ -18,8 +18,8 @@ from tests.conftest import decode_rows, jsonl_config
 SEQ, BATCH = 128, 4
 
 
-def rank_batches(address: str, world: int, rank: int, workers: int, n: int, **kw) -> list[dict]:
-    ds = StreamingDataset(address, "docs", seq_len=SEQ, batch_size=BATCH, seed=7, rank=rank, world_size=world, **kw)
+def rank_batches(address: str, world: int, rank: int, workers: int, n: int, batch: int = BATCH, **kw) -> list[dict]:
+    ds = StreamingDataset(address, "docs", seq_len=SEQ, batch_size=batch, seed=7, rank=rank, world_size=world, **kw)
     # a plain DataLoader; forkserver because this test process holds live gRPC channels, and
     # forking a process with threads inside gRPC can deadlock the child (see README)
     loader = DataLoader(ds, batch_size=None, num_workers=workers,
@@ -27,9 +27,9 @@ def rank_batches(address: str, world: int, rank: int, workers: int, n: int, **kw
     return list(itertools.islice(loader, n))
 
 
-def global_rows(address: str, world: int, workers: int, global_batches: int) -> np.ndarray:
+def global_rows(address: str, world: int, workers: int, global_batches: int, batch: int = BATCH) -> np.ndarray:
     """Interleave the ranks' batches by contract 3: global batch b is rank b % W's (b // W)-th."""
-    per_rank = [rank_batches(address, world, r, workers, -(-global_batches // world)) for r in range(world)]
+    per_rank = [rank_batches(address, world, r, workers, -(-global_batches // world), batch) for r in range(world)]
     ordered = [per_rank[b % world][b // world]["input_ids"] for b in range(global_batches)]
     return torch.cat(ordered).numpy()
 
@@ -41,8 +41,10 @@ def test_two_epochs_every_document_once_whatever_the_world_size(start_server, co
     shards = StreamingDataset(server.address, "docs", seq_len=SEQ, batch_size=BATCH).describe().num_shards
     tokens = sum(len(d.encode()) + 1 for d in docs)
     rows_needed = 2 * (tokens // SEQ + shards + 1)
-    batches = -(-rows_needed // BATCH)
-    sequences = {w: global_rows(server.address, w, workers, batches) for w in (1, 2, 3)}
+    # (batches of 16 rows: a DataLoader worker hands over each batch's tensors through shared memory,
+    # about 4 ms a batch here, whatever its size)
+    batches = -(-rows_needed // 16)
+    sequences = {w: global_rows(server.address, w, workers, batches, 16) for w in (1, 2, 3)}
     for w in (2, 3):  # contract 2: the global sequence does not depend on the world size
         np.testing.assert_array_equal(sequences[w], sequences[1])
     decoded = decode_rows(sequences[1])
