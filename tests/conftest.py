@@ -93,6 +93,24 @@ def decode_rows(rows: Any, eos: int = 256, pad: int = 257) -> list[str]:
     return docs
 
 
+@pytest.fixture(scope="session")
+def mlflow_booting(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One MLflow server (``tests.test_tracking.MlflowServer``) for the session's tracking tests,
+    launched but maybe not ready yet: a test that asks for it early overlaps its slow start (about
+    10 s of imports) with its own work, then calls ``wait_ready()``. Tests that kill it start it
+    again; each test's runs are found by their run ids, or in an experiment of its own."""
+    from tests.test_tracking import MlflowServer
+
+    tracker = MlflowServer(tmp_path_factory.mktemp("mlflow")).launch()
+    yield tracker
+    tracker.kill()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(mlflow_booting: Any) -> Any:
+    return mlflow_booting.wait_ready()
+
+
 @pytest.fixture(scope="module")
 def module_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     """Like ``start_server`` but shared by a module's tests: ``module_servers(config)``."""

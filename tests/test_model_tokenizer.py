@@ -9,7 +9,6 @@ import json
 import subprocess
 import sys
 import sysconfig
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,18 +49,9 @@ def bpe(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return train_bpe(tmp_path_factory.mktemp("bpe") / "tokenizer.json")
 
 
-@pytest.fixture
-def tracker(tmp_path: Path) -> Iterator[MlflowServer]:
-    """A real ``mlflow server``, launched now: its slow start overlaps the data server's and the checks."""
-    (tmp_path / "mlflow").mkdir()
-    server = MlflowServer(tmp_path / "mlflow").launch()
-    yield server
-    server.kill()
-
-
 @pytest.mark.slow  # (a run, and an mlflow server's start: about a minute on 2 busy cores)
 def test_a_run_on_a_bpe_dataset_exports_and_samples_with_its_tokenizer(bpe: Path, start_server: Any,
-                                                                       tracker: MlflowServer,
+                                                                       mlflow_booting: MlflowServer,
                                                                        tmp_path: Path) -> None:
     server = start_server({"datasets": {"py": {"source": {"type": "text", "paths": [str(STDLIB_JSON / "*.py")]},
                                                "tokenizer": {"type": "hf", "path": str(bpe)}}}})
@@ -69,7 +59,7 @@ def test_a_run_on_a_bpe_dataset_exports_and_samples_with_its_tokenizer(bpe: Path
     assert files == {"tokenizer.json": bpe.read_bytes()}
     run_dir = tmp_path / "run"
     train(1, server.address, run_dir, "--max-steps", "3", "data.dataset=py", "eval.every=3", *MLFLOW_ARGS,
-          f"tracking.uri={tracker.wait_ready().uri}")
+          f"tracking.uri={mlflow_booting.wait_ready().uri}")  # (a shared server; its start overlaps the above)
     final = run_dir / "final"
     config = json.loads((final / "config.json").read_text())
     assert (config["tokenizer"], config["tokenizer_file"], config["vocab_size"]) == ("hf:tokenizer.json",
@@ -83,7 +73,7 @@ def test_a_run_on_a_bpe_dataset_exports_and_samples_with_its_tokenizer(bpe: Path
     assert out == PROMPT + tok.decode(new, skip_special_tokens=True) + "\n"
     # the tracker's model artifact is the same directory: fetched, it samples the same text
     run_id = json.loads((run_dir / "tracking.json").read_text())["mlflow"]["run_id"]
-    fetched = generate_cli(f"mlflow:runs:/{run_id}/model", "--tracking-uri", tracker.uri, "--cache-dir",
+    fetched = generate_cli(f"mlflow:runs:/{run_id}/model", "--tracking-uri", mlflow_booting.uri, "--cache-dir",
                            str(tmp_path / "cache"), "--prompt", PROMPT, "--greedy", "--max-new-tokens", "12")
     assert fetched.stdout == out
 

@@ -14,14 +14,14 @@ import yaml
 
 from tests.conftest import jsonl_config, make_documents, write_jsonl
 from tests.test_metrics import metrics_url, scrape, value
-from tests.test_tracking import MlflowServer, client, mlflow_booting, mlflow_server  # noqa: F401 -- fixtures
+from tests.test_tracking import MlflowServer, client
 from tests.test_trainer import ENV, ROOT, TINY
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_two_configurations_two_tracker_runs_and_each_shard_tokenized_once(
-        start_server: Any, mlflow_server: MlflowServer, tmp_path: Path) -> None:  # noqa: F811 -- a fixture
+        start_server: Any, mlflow_server: MlflowServer, tmp_path: Path) -> None:
     # about 10 KB in 2 KB shards: the first run's 12 steps of 16 rows of 64 tokens read more than an epoch, so
     # it tokenizes every shard and no prefetch of it can land in the second run's figures
     write_jsonl(tmp_path / "data", make_documents(8, seed=5), files=2)

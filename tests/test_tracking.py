@@ -87,20 +87,6 @@ def server(module_servers: Any) -> str:
     return module_servers(None).address
 
 
-@pytest.fixture(scope="module")
-def mlflow_booting(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
-    """The MLflow server, launched but maybe not ready yet. The W&B test (first in this file) asks for it
-    only so that the server's slow start overlaps that test."""
-    tracker = MlflowServer(tmp_path_factory.mktemp("mlflow")).launch()
-    yield tracker
-    tracker.kill()
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(mlflow_booting: MlflowServer) -> MlflowServer:
-    return mlflow_booting.wait_ready()
-
-
 def wandb_records(path: Path) -> Iterator[Any]:
     """The records of a W&B run file (``run-ID.wandb``): a 7-byte header, then LevelDB-log records of
     protobuf ``Record`` messages in 32 KiB blocks, written by the real wandb package."""
