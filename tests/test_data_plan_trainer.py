@@ -4,6 +4,8 @@ compared with the uninterrupted global order; a requeue or a crash neither rewin
 
 from __future__ import annotations
 
+import contextlib
+import io
 import shutil
 import subprocess
 import sys
@@ -12,15 +14,27 @@ from typing import Any
 import pytest
 
 from tests.test_trainer import ENV, ROOT, checkpoints, global_hashes, metrics, run_hashes, train
+from trainer.plan_cli import main as plan_main
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def plan_cli(*args: str, ok: bool = True) -> str:
-    proc = subprocess.run([sys.executable, "-m", "trainer.plan_cli", *args], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT, env=ENV)
-    assert (proc.returncode == 0) == ok, proc.stdout + proc.stderr
-    return proc.stdout + proc.stderr
+def plan_cli(*args: str, ok: bool = True, process: bool = False) -> str:
+    """``tokenfeed-plan ARGS``: its output (stdout + stderr), checking its exit status. In this
+    process unless ``process`` (each command's own process imports torch: ~2.5 s)."""
+    if process:
+        proc = subprocess.run([sys.executable, "-m", "trainer.plan_cli", *args], capture_output=True, text=True,
+                              timeout=120, cwd=ROOT, env=ENV)
+        assert (proc.returncode == 0) == ok, proc.stdout + proc.stderr
+        return proc.stdout + proc.stderr
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            code = plan_main(list(args))
+        except SystemExit as exit:  # argparse's refusals
+            code = exit.code if isinstance(exit.code, int) else 2
+    assert (code == 0) == ok, out.getvalue()
+    return out.getvalue()
 
 
 def test_rewind_and_skip_by_flag_and_offline_exactly_once(module_servers: Any, tmp_path: Any) -> None:
@@ -32,7 +46,7 @@ def test_rewind_and_skip_by_flag_and_offline_exactly_once(module_servers: Any, t
     assert "--rewind-to 7: there is no checkpoint step 7" in out and "(there are: 6, 4, 2)" in out
 
     ckpt = run_dir / "checkpoints" / "step_00000002"
-    shown = plan_cli("show", str(ckpt))
+    shown = plan_cli("show", str(ckpt), process=True)  # (the command itself, once)
     assert "training step 2, 2 ranks" in shown and "data plan: no edits" in shown
     assert "--at-step 2 is in the past" in plan_cli("skip", "--at-step", "2", "--steps", "1", str(ckpt), ok=False)
     assert "must be 0 or more" in plan_cli("skip", "--at-step", "6", "--steps", "-1", str(ckpt), ok=False)
