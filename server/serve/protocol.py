@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -172,27 +173,38 @@ def _cursor_fields(cursors: list[Locator], params: StreamParams) -> bytes:
     return b"".join(out)
 
 
-def encode_chunk(chunk: Chunk, params: StreamParams) -> tuple[bytes, int]:
+def fixed_fields(params: StreamParams) -> bytes:
+    """The header fields every message of a stream carries alike (dtype, compression, EOS and PAD,
+    the plan's edits), serialised once for the stream: ``encode_chunk`` joins them to the rest."""
+    info = params.dataset.info
+    return pb.BatchChunk(
+        dtype=wire.dtype_enum(params.dataset.dtype),
+        compression=pb.COMPRESSION_ZSTD if params.zstd else pb.COMPRESSION_NONE,
+        eos_id=info.eos_id, pad_id=info.pad_id,
+        plan_edits=sum(1 for kind in params.plan_edits if kind != "skip"),
+    ).SerializeToString()
+
+
+def encode_chunk(chunk: Chunk, params: StreamParams, fixed: bytes | None = None) -> tuple[bytes, int]:
     """A chunk as the bytes of a ``BatchChunk``, and the size of its token payload. The tokens
     field comes first and the other fields, serialised by protobuf, after it; a chunk assembled
     in a message buffer (``Chunk.buffer``) is joined as it is. Protobuf would copy the tokens
-    twice more (into the message, then out of it when serialising). A job's ranks share their
+    twice more (into the message, then out of it when serialising). The stream's ``fixed_fields``
+    (``fixed``, computed here when not given) come next, then what changes from message to message
+    (protobuf merges concatenated messages: no field is in both). A job's ranks share their
     cursors' bytes (``_cursor_fields``), which come last."""
-    info = params.dataset.info
     shared = params.world_size >= SHARED_CURSORS_WORLD
-    header = pb.BatchChunk(
-        dtype=wire.dtype_enum(params.dataset.dtype),
-        compression=pb.COMPRESSION_ZSTD if params.zstd else pb.COMPRESSION_NONE,
-        num_batches=len(chunk.steps), rows=chunk.tokens.shape[1], seq_len=chunk.tokens.shape[2] - 1,
-        eos_id=info.eos_id, pad_id=info.pad_id,
-        cursors=[] if shared else [cursor_message(c, params) for c in chunk.cursors],
-        steps=chunk.steps, epochs=chunk.epochs,
-        provenance=b"".join(p.tobytes() for p in chunk.provenance) if chunk.provenance else b"",
-        provenance_counts=[len(p) for p in chunk.provenance] if chunk.provenance else [],
-        piece_starts=[c for s in chunk.starts for c in s] if chunk.starts else [],
-        piece_start_counts=[len(s) for s in chunk.starts] if chunk.starts else [],
-        plan_edits=sum(1 for kind in params.plan_edits if kind != "skip"),
-    ).SerializeToString()
+    changing: dict[str, Any] = {"num_batches": len(chunk.steps), "rows": chunk.tokens.shape[1],
+                                "seq_len": chunk.tokens.shape[2] - 1, "steps": chunk.steps, "epochs": chunk.epochs}
+    if not shared:
+        changing["cursors"] = [cursor_message(c, params) for c in chunk.cursors]
+    if chunk.provenance:
+        changing["provenance"] = b"".join(p.tobytes() for p in chunk.provenance)
+        changing["provenance_counts"] = [len(p) for p in chunk.provenance]
+    if chunk.starts:
+        changing["piece_starts"] = [c for s in chunk.starts for c in s]
+        changing["piece_start_counts"] = [len(s) for s in chunk.starts]
+    header = (fixed_fields(params) if fixed is None else fixed) + pb.BatchChunk(**changing).SerializeToString()
     if shared:
         header += _cursor_fields(chunk.cursors, params)
     if chunk.shm_slot is not None:  # the tokens are in the client's ring already

@@ -17,7 +17,8 @@ from server.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFoun
 from server.serve.drive import Buffers, stream_chunks
 from server.serve.limits import Admission, Overloaded, ShuttingDown, check_request
 from server.serve.pacing import Pacing
-from server.serve.protocol import MessageBuffers, dataset_info, encode_chunk, parse_request, tokenizer_files
+from server.serve.protocol import (MessageBuffers, dataset_info, encode_chunk, fixed_fields, parse_request,
+                                   tokenizer_files)
 from server.serve.ring import RingWriter, send_piped
 from server.stages.served import Served
 from server.stream.params import StreamParams
@@ -84,17 +85,17 @@ class TokenFeedService(pb_grpc.TokenFeedServicer):
                      request.rank, request.world_size, request.worker_id, context.peer(), params.start.row,
                      ", tokens through shared memory" + (", messages through its FIFO" if pipe is not None else "")
                      if ring is not None else "")
-            shm_bytes = metrics.SHARED_MEMORY_BYTES.labels(params.dataset.name)
             self.pacing.opened()
             paced = True
             with metrics.StreamMeter(params.dataset.name, params.packing, params.dataset.info.pad_id) as meter:
                 buffers: Buffers = (RingWriter(ring, lambda: self.admission.draining) if ring is not None
                                     else MessageBuffers())
+                fixed = fixed_fields(params)
                 async for chunk in stream_chunks(params, self.store, buffers, self.pacing):
                     if params.zstd:  # ~4 s per GiB: never on the loop
-                        message, payload_bytes = await asyncio.to_thread(encode_chunk, chunk, params)
+                        message, payload_bytes = await asyncio.to_thread(encode_chunk, chunk, params, fixed)
                     else:
-                        message, payload_bytes = encode_chunk(chunk, params)
+                        message, payload_bytes = encode_chunk(chunk, params, fixed)
                     meter.sent(chunk.tokens, payload_bytes)
                     self.pacing.sent()
                     if not served:
@@ -103,7 +104,7 @@ class TokenFeedService(pb_grpc.TokenFeedServicer):
                     if chunk.shm_slot is not None:  # the tokens into the ring before the message naming their slot
                         assert ring is not None
                         ring.write(chunk.shm_slot, chunk.tokens.data)
-                        shm_bytes.inc(payload_bytes)
+                        meter.shared(payload_bytes)
                     if pipe is None:
                         yield message
                     elif await send_piped(pipe, message):

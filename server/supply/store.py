@@ -420,7 +420,9 @@ class ShardStore:
     def _packed_key(self, ds: Dataset, seed: int, epoch: int, ordinal: int, seq_len: int,
                     packing: str) -> PackedKey:
         """The hot tier's key of shard ``ordinal`` of ``epoch``'s order."""
-        return PackedKey(ds.fingerprint, self.shard_index(ds, seed, epoch, ordinal), seed, epoch, seq_len, packing)
+        # (tuple.__new__: the named tuple's own __new__ is a Python function, twice the cost here)
+        return tuple.__new__(PackedKey, (ds.fingerprint, self.shard_index(ds, seed, epoch, ordinal), seed, epoch,
+                                         seq_len, packing))
 
     def rows_now(self, ds: Dataset, seed: int, epoch: int, ordinal: int, seq_len: int, packing: str) -> int | None:
         """A shard's rows in an epoch if they are known without waiting (from its counts, or from
