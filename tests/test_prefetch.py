@@ -160,6 +160,18 @@ async def test_moving_on_cancels_what_left_the_window_unless_another_stream_want
     fast.close()
 
 
+async def test_a_window_across_an_epoch_holds_the_next_epochs_first_shards_and_is_worked_out_once(
+        dataset: Dataset, pool: ThreadPoolExecutor) -> None:
+    store = make_store(pool, depth=3)
+    n = dataset.num_shards
+    window = store.prefetcher.window(dataset, 2, 0, n - 2, store.shard_index)
+    last, next_epoch = shard_order(2, 0, n).tolist()[-1], shard_order(2, 1, n).tolist()
+    assert list(window) == [(dataset.fingerprint, i) for i in (last, *next_epoch[:2])]
+    # a job's ranks reach the same shard one after another: one window for all of them
+    assert store.prefetcher.window(dataset, 2, 0, n - 2, store.shard_index) is window
+    assert store.prefetcher.window(dataset, 3, 0, n - 2, store.shard_index) is not window
+
+
 async def test_a_slow_consumer_never_makes_the_server_run_ahead(dataset: Dataset, pool: ThreadPoolExecutor) -> None:
     gate = Gate(dataset, closed=False)
     depth, seq_len = 3, 32

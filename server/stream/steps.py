@@ -24,7 +24,7 @@ import numpy as np
 from server.stages.order import Dealing, Locator
 from server.stages.packing import PackedShard
 from server.stream.walker import Walker
-from server.supply.store import ShardStore
+from server.supply.store import PackedKey, ShardStore
 
 #: Plans a job keeps (its ranks read within a few hundred steps of one another: the rings'
 #: messages, 8 of 64 batches at most, bound how far one runs ahead); older ones are worked
@@ -48,6 +48,7 @@ class StepPlan:
     pieces: list[tuple[int, int, int, int]]
     end: Position
     locator: Locator
+    keys: list[PackedKey]  # the hot tier's key of each piece's shard (worked out once for the job's ranks)
 
 
 class _Counts:
@@ -139,7 +140,9 @@ class StepPlans:
         end = counts.end(at + rows)
         if where is None or end is None:
             return None
-        plan = StepPlan(offsets, pieces, end, Locator(self.deal.end_of_step(step), *end[:3]))
+        keys = [self.store.packed_key(self.ds, self.seed, e, shard, self.seq_len, self.packing)
+                for e, shard, _, _ in pieces]
+        plan = StepPlan(offsets, pieces, end, Locator(self.deal.end_of_step(step), *end[:3]), keys)
         if len(self._plans) >= MAX_PLANS:
             self._plans.pop(next(iter(self._plans)))
         self._plans[step] = plan
@@ -152,11 +155,11 @@ class StepPlans:
         row's). None where a plan is not at hand or a row is not packed in memory: nothing moved."""
         if walker.row > self.deal.first_row(steps[0], rank):
             return None
-        store, ds, seed, seq_len, packing = self.store, self.ds, self.seed, self.seq_len, self.packing
-        offset, width = rank * self.deal.batch_size, out.shape[1]
+        store, offset, width = self.store, rank * self.deal.batch_size, out.shape[1]
         copies: list[tuple[int, int, PackedShard, int, int]] = []  # (batch, row in batch, packed, shard row, n)
         epochs: list[int] = []
         locators: list[Locator] = []
+        found: dict[PackedKey, PackedShard] = {}  # (a message's steps mostly lie in a few shards)
         plan: StepPlan | None = None
         for i, step in enumerate(steps):
             plan = self.plan(step)
@@ -169,10 +172,14 @@ class StepPlans:
                 epoch, shard, shard_row, n = plan.pieces[j]
                 skip = offset + filled - plan.offsets[j]
                 k = min(width - filled, n - skip)
-                packed = store.packed_now(ds, seed, epoch, shard, seq_len, packing)
-                if packed is None:  # (the walker's own walk waits for it; these and the next are asked for)
-                    self._pack_ahead(steps[0], steps[-1])
-                    return None
+                key = plan.keys[j]
+                packed = found.get(key)
+                if packed is None:
+                    hit = store.packed_at(key)
+                    if hit is None:  # (the walker's own walk waits for it; these and the next are asked for)
+                        self._pack_ahead(steps[0], steps[-1])
+                        return None
+                    packed = found[key] = hit
                 copies.append((i, filled, packed, shard_row + skip, k))
                 filled += k
                 j += 1

@@ -297,7 +297,7 @@ class ShardStore:
     async def _packed_shard(self, ds: Dataset, seed: int, epoch: int, ordinal: int, seq_len: int,
                             packing: str, only_cached: bool) -> PackedShard | None:
         """``packed``; with ``only_cached``, None unless the shard's tokens are cached."""
-        key = self._packed_key(ds, seed, epoch, ordinal, seq_len, packing)
+        key = self.packed_key(ds, seed, epoch, ordinal, seq_len, packing)
         index = key.shard
         hit = self._packed.get(key)
         if hit is not None:
@@ -411,13 +411,16 @@ class ShardStore:
     def packed_now(self, ds: Dataset, seed: int, epoch: int, ordinal: int, seq_len: int,
                    packing: str) -> PackedShard | None:
         """The packed shard if it is in the hot tier, without waiting for anything."""
-        key = self._packed_key(ds, seed, epoch, ordinal, seq_len, packing)
+        return self.packed_at(self.packed_key(ds, seed, epoch, ordinal, seq_len, packing))
+
+    def packed_at(self, key: PackedKey) -> PackedShard | None:
+        """``packed_now`` by the hot tier's key (``packed_key``), for a caller that keeps keys."""
         hit = self._packed.get(key)
         if hit is not None:
             self._packed.move_to_end(key)
         return hit
 
-    def _packed_key(self, ds: Dataset, seed: int, epoch: int, ordinal: int, seq_len: int,
+    def packed_key(self, ds: Dataset, seed: int, epoch: int, ordinal: int, seq_len: int,
                     packing: str) -> PackedKey:
         """The hot tier's key of shard ``ordinal`` of ``epoch``'s order."""
         # (tuple.__new__: the named tuple's own __new__ is a Python function, twice the cost here)
@@ -427,7 +430,7 @@ class ShardStore:
     def rows_now(self, ds: Dataset, seed: int, epoch: int, ordinal: int, seq_len: int, packing: str) -> int | None:
         """A shard's rows in an epoch if they are known without waiting (from its counts, or from
         its packed rows in the hot tier), else None."""
-        key = self._packed_key(ds, seed, epoch, ordinal, seq_len, packing)
+        key = self.packed_key(ds, seed, epoch, ordinal, seq_len, packing)
         index = key.shard
         tokens, docs = ds.shard_tokens.get(index), ds.shard_docs.get(index)
         if tokens is not None and docs is not None:
@@ -465,7 +468,7 @@ class ShardStore:
         of them. Returns False when refused for that reason (ask again later)."""
         if ordinal == ds.num_shards:
             epoch, ordinal = epoch + 1, 0
-        key = self._packed_key(ds, seed, epoch, ordinal, seq_len, packing)
+        key = self.packed_key(ds, seed, epoch, ordinal, seq_len, packing)
         if key in self._packed or key in self._inflight:
             return True
         if (self._here_this_turn < PACK_HERE_AHEAD_PER_TURN and not self._ahead
