@@ -201,7 +201,7 @@ class StreamMeter:
         self._counters = [c.labels(dataset) for c in (SENT_MESSAGES, SENT_BATCHES, SENT_ROWS)]
         self._counters += [c.labels(dataset, packing) for c in (SENT_TOKENS, SENT_PAD_TOKENS)]
         self._counters.append(SENT_BYTES.labels(dataset))
-        self._counters.append(SHARED_MEMORY_BYTES.labels(dataset))
+        self._counters.append(SHARED_MEMORY_BYTES.labels(dataset))  # (last: ``shared`` adds to it)
         self._efficiency = PACKING_EFFICIENCY.labels(dataset, packing)
         self._totals = _PACKING_TOTALS.setdefault((dataset, packing), [0, 0])
         self._start = self._mark = time.perf_counter()
@@ -253,7 +253,7 @@ class StreamMeter:
 
     def shared(self, payload_bytes: int) -> None:
         """The last message's tokens went through the client's shared-memory ring."""
-        self._pending[6] += payload_bytes
+        self._pending[-1] += payload_bytes
 
     def resumed(self) -> None:
         """The consumer took the last message; the next one's assembly starts now."""

@@ -55,6 +55,9 @@ class Overloaded(TokenfeedError):
 class ShuttingDown(TokenfeedError):
     """The server is draining; continue on another replica or after the restart (UNAVAILABLE)."""
 
+    def __init__(self) -> None:
+        super().__init__("server is shutting down; reconnect (to another replica) from the cursor")
+
 
 def message_bound(params: StreamParams) -> int:
     """The most bytes one message of this stream can take: its tokens, worst-case provenance
@@ -168,7 +171,7 @@ class Admission:
         """A slot and ``charge`` bytes, held until ``Ticket.release()``; raises when out of either."""
         if self.draining:
             REJECTED.labels("draining").inc()
-            raise ShuttingDown("server is shutting down; reconnect (to another replica) from the cursor")
+            raise ShuttingDown()
         if self.streams >= self.max_streams:
             REJECTED.labels("max_streams").inc()
             raise Overloaded(f"server is at its limit of {self.max_streams} concurrent streams "

@@ -66,7 +66,7 @@ class RingWriter:
         delay = RING_POLL_S[0]
         while not self._writable(message):
             if self._stopping is not None and self._stopping():
-                raise ShuttingDown("server is shutting down; reconnect from the cursor")
+                raise ShuttingDown()
             await asyncio.sleep(delay)
             pace = self._observe()
             delay = min(delay * 2, max(RING_POLL_S[0], min(RING_POLL_S[1], pace / 2)))

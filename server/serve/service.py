@@ -113,7 +113,7 @@ class TokenFeedService(pb_grpc.TokenFeedServicer):
                         return
                     meter.resumed()
                     if self.admission.draining:  # shutdown: this message was the stream's last
-                        raise ShuttingDown("server is shutting down; reconnect from the cursor")
+                        raise ShuttingDown()
         except TokenfeedError as err:
             retry = ((wire.RETRY_AFTER_KEY, "250"),) if isinstance(err, Overloaded) else ()
             await context.abort(status_of(err), str(err), trailing_metadata=retry)
