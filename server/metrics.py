@@ -6,6 +6,7 @@ It imports nothing of the server (every module may import it): the gRPC intercep
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import time
 
@@ -157,14 +158,24 @@ def observe_shard(dataset: str, source: str, tokenizer: str | None, shard_bytes:
     TOKENIZER_DOCUMENTS.labels(dataset, tokenizer or "none").inc(documents)
 
 
+@functools.cache
+def _id_bytes(dtype: np.dtype, token: int) -> bytes | None:
+    """A token id's bytes in ``dtype``; None where no id of that dtype is ``token``."""
+    try:
+        return dtype.type(token).tobytes()
+    except OverflowError:
+        return None
+
+
 def pad_positions(tokens: np.ndarray, pad_id: int) -> int:
     """PAD among the input positions of ``tokens`` (``[..., seq_len + 1]``). Every packing pads
     only the tail of a row, so only rows whose last input is PAD need counting: O(rows) for
     ``concat``, which pads one row per shard."""
+    pad = _id_bytes(tokens.dtype, pad_id)
+    if pad is None or pad not in tokens[..., -2].tobytes():  # a byte search, once per message: 0.5 us against a
+        return 0  # ufunc's 2.4 (a match across two ids only sends it to the exact count below)
     inputs = tokens[..., :-1]
     padded = inputs[..., -1] == pad_id
-    if not np.count_nonzero(padded):  # (count_nonzero: a third of ``any``'s cost, once per message)
-        return 0
     return int(np.count_nonzero(inputs[padded] == pad_id))
 
 

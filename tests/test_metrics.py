@@ -369,10 +369,12 @@ async def test_collector_exports_what_a_real_tiered_store_reports(dataset, pool,
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.integers(0, 40), min_size=1, max_size=12), st.integers(2, 40))
-def test_pad_positions_counts_every_pad_of_right_padded_rows(pads_per_row, seq_len):
-    """The O(rows) count equals a full count when packing pads only the tail of a row."""
-    rows = np.full((len(pads_per_row), seq_len + 1), 5, dtype=np.uint16)
+@given(st.lists(st.integers(0, 40), min_size=1, max_size=12), st.integers(2, 40), st.sampled_from([5, 1, 256]))
+def test_pad_positions_counts_every_pad_of_right_padded_rows(pads_per_row, seq_len, fill):
+    """The O(rows) count equals a full count when packing pads only the tail of a row (ids 1 and
+    256 next to each other hold PAD 257's bytes, 01 01, across their boundary)."""
+    rows = np.full((len(pads_per_row), seq_len + 1), fill, dtype=np.uint16)
+    rows[:, ::2] = 256 if fill == 1 else fill
     for row, n in zip(rows, pads_per_row):
         row[seq_len + 1 - min(n, seq_len + 1):] = 257
     tokens = rows.reshape(1, len(pads_per_row), seq_len + 1)

@@ -170,6 +170,6 @@ def test_a_jobs_ranks_share_their_cursors_bytes_and_the_message_is_the_same(data
     assert got == want
     if world > 1:  # the next rank's message with the same steps reuses the bytes
         other = replace(params, rank=5)
-        before = dict(protocol._SHARED_CURSORS)
+        before = {kind: dict(known) for kind, known in protocol._SHARED_CURSORS.items()}
         assert pb.BatchChunk.FromString(protocol.encode_chunk(chunk, other)[0]) == want
         assert protocol._SHARED_CURSORS == before

@@ -5,6 +5,7 @@ becomes a ``BatchChunk``'s bytes, a ``Locator`` a ``Cursor`` and back, a served 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Mapping
@@ -149,9 +150,11 @@ def cursor_message(loc: Locator, params: StreamParams) -> pb.Cursor:
 
 
 #: Serialised cursors kept for the ranks of a job (every rank's message after step t ends with the
-#: same cursor): ``_cursor_fields``.
+#: same cursor), by the streams' dataset, seed, seq_len and packing: ``_cursor_fields``.
 MAX_SHARED_CURSORS = 4096
-_SHARED_CURSORS: dict[tuple[object, ...], bytes] = {}
+_SHARED_CURSORS: dict[tuple[object, ...], dict[Locator, bytes]] = {}
+#: Kinds of stream whose cursors are kept (past it, all are let go: jobs come and go).
+MAX_CURSOR_KINDS = 64
 #: Jobs of this many ranks share their cursors' bytes (fewer: each cursor is encoded once anyway).
 SHARED_CURSORS_WORLD = 4
 
@@ -160,17 +163,29 @@ def _cursor_fields(cursors: list[Locator], params: StreamParams) -> bytes:
     """``BatchChunk.cursors`` as bytes, each cursor serialised once for all the ranks of a job:
     a ``BatchChunk`` holding only that cursor, so that joining them (protobuf merges concatenated
     messages, appending repeated fields in order) gives the field."""
-    ds, out = params.dataset, []
+    ds = params.dataset
+    kind = (ds.fingerprint, ds.name, params.seed, params.seq_len, params.packing)
+    known = _SHARED_CURSORS.get(kind)
+    if known is None:
+        if len(_SHARED_CURSORS) >= MAX_CURSOR_KINDS:
+            _SHARED_CURSORS.clear()
+        known = _SHARED_CURSORS[kind] = {}
+    out = []
     for loc in cursors:
-        key = (ds.fingerprint, ds.name, params.seed, params.seq_len, params.packing, loc)
-        field = _SHARED_CURSORS.get(key)
+        field = known.get(loc)
         if field is None:
             field = pb.BatchChunk(cursors=[cursor_message(loc, params)]).SerializeToString()
-            if len(_SHARED_CURSORS) >= MAX_SHARED_CURSORS:
-                del _SHARED_CURSORS[next(iter(_SHARED_CURSORS))]
-            _SHARED_CURSORS[key] = field
+            if len(known) >= MAX_SHARED_CURSORS:
+                del known[next(iter(known))]
+            known[loc] = field
         out.append(field)
     return b"".join(out)
+
+
+@functools.cache
+def _slot_field(slot: int) -> bytes:
+    """``BatchChunk.shm_slot`` as bytes (a ring has at most ``shm.MAX_SLOTS``)."""
+    return pb.BatchChunk(shm_slot=slot).SerializeToString()
 
 
 def fixed_fields(params: StreamParams) -> bytes:
@@ -208,7 +223,7 @@ def encode_chunk(chunk: Chunk, params: StreamParams, fixed: bytes | None = None)
     if shared:
         header += _cursor_fields(chunk.cursors, params)
     if chunk.shm_slot is not None:  # the tokens are in the client's ring already
-        return pb.BatchChunk(shm_slot=chunk.shm_slot).SerializeToString() + header, chunk.tokens.nbytes
+        return _slot_field(chunk.shm_slot) + header, chunk.tokens.nbytes
     if params.zstd:
         payload = wire.compress(chunk.tokens.data)
         return b"".join((wire.tokens_field(len(payload)), payload, header)), len(payload)
