@@ -68,7 +68,8 @@ def test_a_long_round_makes_messages_smaller_and_a_short_one_larger():
     pacing = paced(itertools.repeat(0.0001), streams=64)
     pacing._scale = 1.0
     assert sizes_after_each(pacing, 8, 16) == [2, 4, 8, 16, 16, 16, 16, 16]
-    assert pacing.batches(64) == 64  # (the server's own bound: MAX_BATCHES_PER_MESSAGE)
+    assert pacing._scale == 32  # one step past the largest ceiling asked for, never on to 64 meanwhile
+    assert sizes_after_each(pacing, 2, 64) == [32, 64]  # then on up to the server's own bound: MAX_BATCHES_PER_MESSAGE)
 
 
 def test_the_round_is_measured_over_a_window():
@@ -91,7 +92,8 @@ def test_a_long_round_never_shrinks_messages_below_the_floor():
         pacing.served()  # every stream has had its first message
     pacing._scale = 16.0
     assert sizes_after_each(pacing, 5, 16, 4 * 1025) == [8, 8, 8, 8, 8]
-    assert pacing._scale == 1.0  # the round alone would give one batch
+    assert pacing._scale == 4.0  # one step below the floor the messages were held at, no further
+    pacing._scale = 1.0  # (the round alone gives one batch)
     pacing.opened()  # a stream waiting for its first message (a rank joining, a job starting): the round alone
     assert pacing.batches(16, 4 * 1025) == 1
     pacing.closed(served=False)  # it went before its first
@@ -104,6 +106,22 @@ def test_a_long_round_never_shrinks_messages_below_the_floor():
     pacing = paced(itertools.repeat(0.001), streams=64, min_tokens=0)  # 0: the round alone
     pacing._scale = 1.0
     assert pacing.batches(16, 4 * 1025) == 1
+
+
+def test_messages_held_at_the_floor_grow_as_soon_as_the_round_is_short_again():
+    """A loaded server keeps 64 streams' messages at the floor (8 batches) for many windows; the
+    window after the round is short again, they grow (the scale did not wind down beneath the
+    floor meanwhile), and the gauge says what the messages held."""
+    from server import metrics
+
+    steps = iter([0.001] * 41 + [0.0001] * 10)  # (the clock is read once more at the start)
+    pacing = paced(steps, streams=64, min_tokens=32_768)
+    for _ in range(64):
+        pacing.served()
+    pacing._scale = 8.0
+    assert sizes_after_each(pacing, 40, 16, 4 * 1025) == [8] * 40
+    assert metrics.PACED_BATCHES._value.get() == 8
+    assert sizes_after_each(pacing, 3, 16, 4 * 1025) == [16, 16, 16]
 
 
 def test_a_stream_that_never_gets_its_first_message_suspends_the_floor_only_while_others_start():

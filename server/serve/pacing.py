@@ -56,6 +56,9 @@ class Pacing:
         self._clock = clock
         self._scale: float | None = None  # batches a message, before each stream's ceiling; None: not yet measured
         self._messages = 0
+        # this window's smallest message (before its stream's ceiling) and largest ceiling: the
+        # scale starts its next step from within them (see ``sent``)
+        self._smallest, self._ceiling = MAX_BATCHES_PER_MESSAGE, 0
         self._since = clock()
         self._starts = 0  # streams opened, first messages sent, streams gone before theirs: a start moving
         self._starts_seen, self._starts_moved = -1, 0.0  # the count last seen, and when it last changed
@@ -88,7 +91,9 @@ class Pacing:
         floor = -(-self.min_tokens // batch_tokens) if batch_tokens > 0 else 1
         if floor > 1 and self.starting and not self._start_stalled():
             floor = 1
-        return max(1, min(ceiling, max(floor, int(self._scale + 0.5))))
+        size = max(floor, int(self._scale + 0.5))
+        self._smallest, self._ceiling = min(self._smallest, size), max(self._ceiling, ceiling)
+        return max(1, min(ceiling, size))
 
     def _start_stalled(self) -> bool:
         """Whether no stream has opened, had its first message or gone for ``START_STALL_S``."""
@@ -98,7 +103,15 @@ class Pacing:
         return now - self._starts_moved > START_STALL_S
 
     def sent(self) -> None:
-        """A message went out; every ``window_s``, the size of the next ones is decided anew."""
+        """A message went out; every ``window_s``, the size of the next ones is decided anew: the
+        scale times ``target_gap_s`` over the round, from where the messages were. Where every
+        message was held at its floor, the step starts from the smallest of them, and where the
+        scale is past every stream's ceiling, from the largest ceiling. (A loaded server's round
+        stays long at the floor: the scale went on halving beneath it, to 1, while messages held
+        8 batches and ``tokenfeed_paced_batches_per_message`` said 1; once the round was short
+        again, messages stayed at the floor until the scale had doubled its way back. It still
+        goes one step below the floor, which is where a job that starts next begins: the floor
+        does not apply while its ranks wait for their first messages.)"""
         self._messages += 1
         now = self._clock()
         elapsed = now - self._since
@@ -106,7 +119,13 @@ class Pacing:
             return
         rounds = self._messages / elapsed / max(1, self.streams)  # rounds a second, were every stream sending
         scale = self._scale if self._scale is not None else 1.0
+        held = 1.0  # what every message held at least, where that is more than the scale gave
+        if self._ceiling:  # (a window whose messages were sized from the scale)
+            if self._smallest > int(scale + 0.5):
+                scale = held = float(self._smallest)
+            scale = min(scale, float(self._ceiling))
         scale *= min(2.0, max(0.5, self.target_gap_s * rounds))
         self._scale = min(float(MAX_BATCHES_PER_MESSAGE), max(1.0, scale))
-        metrics.PACED_BATCHES.set(self._scale)
+        metrics.PACED_BATCHES.set(max(self._scale, held))
         self._messages, self._since = 0, now
+        self._smallest, self._ceiling = MAX_BATCHES_PER_MESSAGE, 0
