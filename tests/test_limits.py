@@ -248,6 +248,7 @@ def test_sigterm_drains_in_order_and_clients_resume_exactly(start_server, data):
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in info.value.details()
     assert server.proc.wait(15) == 0
     log = server.log()
+    assert "objects frozen out of the garbage collector" in log  # (start-up's, after it)
     order = [log.index(x) for x in ("NOT_SERVING", "drained 1 stream(s)", "stopped")]
     assert order == sorted(order), log
     server.start()  # resume from the last batch received: exact
