@@ -417,10 +417,17 @@ def ranks(root: Path, work: Path, worlds: list[int], repeats: int, seconds: floa
                ("tokens_per_s", "gap_p50_ms", "gap_p99_ms", "gap_max_ms", "rss_open_kib", "client_cpu_per_s",
                 "server_cpu_per_s")}
         row["over_one_stream"] = row["tokens_per_s"] / one
+        # each repeat against the one stream measured just before it: the machine's speed drifts
+        # by up to 1.6x over a run (one stream 105-173 M tokens/s in one run), the pair far less
+        row["over_one_stream_paired"] = median([r["tokens_per_s"] / o["tokens_per_s"]
+                                                for r, o in zip(rs, runs[worlds[0]])])
         row["rss_per_stream_kib"] = median([(r["rss_open_kib"] - r["rss_before_kib"]) / w for r in rs])
         row["errors"] = [e for r in rs for e in r["errors"]][:3]
         row["runs"] = rs
         out["by_ranks"][str(w)] = row
+        print(f"ranks {w}: {row['tokens_per_s'] / 1e6:.1f} M tokens/s (medians), {row['over_one_stream']:.2f}x one "
+              f"stream, {row['over_one_stream_paired']:.2f}x paired repeat by repeat; gap p99 {row['gap_p99_ms']:.1f} "
+              f"ms", flush=True)
     return out
 
 
