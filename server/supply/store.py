@@ -35,10 +35,11 @@ MAX_PACK_AHEAD = 16
 #: memory: at most this many tokens and documents, by packing (see ``ShardStore._pack_here``).
 PACK_HERE = {"concat": (1 << 19, 512), "pad": (1 << 19, 128)}
 #: Pack-aheads packed on the loop in one turn of it, at most, and only once no stream has begun
-#: for ``PACK_HERE_QUIET_S`` and none waits in the executor. A job's start asks for the shards of
-#: hundreds of steps ahead at once, more than the executor ever packs then (``MAX_PACK_AHEAD`` at a
-#: time, the rest refused and asked for again later): packed here, every one of them, a 64-rank
-#: job's warm start on 4 replicas took 0.9-1.1 s for every rank's first batch instead of 0.6-0.7.
+#: for ``PACK_HERE_QUIET_S`` and the executor is not backlogged (``PACK_HERE_BACKLOG``). A job's
+#: start asks for the shards of hundreds of steps ahead at once, more than the executor ever packs
+#: then (``MAX_PACK_AHEAD`` at a time, the rest refused and asked for again later): packed here,
+#: every one of them, a 64-rank job's warm start on 4 replicas took 0.9-1.1 s for every rank's
+#: first batch instead of 0.6-0.7.
 #: The same job, running, packs one shard in most turns that pack any, and bursts of 9 to 17 as its
 #: leading rank's message crosses that many steps: a budget of 2 sent most of them to the executor
 #: again (75 against 115 M tokens/s), 32 keeps them here (about 10 ms of packing at most).
@@ -46,6 +47,13 @@ PACK_HERE_AHEAD_PER_TURN = 32
 #: (A job's streams open within a few hundred milliseconds of one another; at 1 s the first second
 #: of a 64-rank job's run still packed ahead in the executor: 74-98 against 90-132 M tokens/s.)
 PACK_HERE_QUIET_S = 0.5
+#: Pack-aheads in flight in the executor at which it counts as backlogged (a job's start fills it
+#: to ``MAX_PACK_AHEAD``): until they drain below this, later pack-aheads join them there. Not
+#: "any in flight": in a running job that rule sustained itself (one packing in a thread sent the
+#: next there too, and so on); once a job's packing went to the executor, 0.3-0.7 of a second's
+#: pack-aheads, it stayed there for good, and the loop ran 0.66-0.70 of its second against
+#: 0.92-0.98, asleep on the GIL the packing threads held (64 ranks, 2 cores: a third of the runs).
+PACK_HERE_BACKLOG = 4
 
 
 class PackedKey(NamedTuple):
@@ -471,7 +479,7 @@ class ShardStore:
         key = self.packed_key(ds, seed, epoch, ordinal, seq_len, packing)
         if key in self._packed or key in self._inflight:
             return True
-        if (self._here_this_turn < PACK_HERE_AHEAD_PER_TURN and not self._ahead
+        if (self._here_this_turn < PACK_HERE_AHEAD_PER_TURN and len(self._ahead) < PACK_HERE_BACKLOG
                 and time.monotonic() - self._stream_began > PACK_HERE_QUIET_S):
             try:
                 here = self._pack_here(ds, key) is not None
