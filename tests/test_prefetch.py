@@ -370,45 +370,53 @@ async def test_a_small_shard_in_the_caches_memory_is_packed_on_the_loop(dataset:
         assert store.pack_ahead(dataset, seed, 0, 2, seq_len, "concat")
         assert store.packed_now(dataset, seed, 0, 2, seq_len, "concat") is not None  # at once: no flight
         assert pool.runs == 0 and store.stats()["hot_packs"] == 3
-        # a burst of pack-aheads in one turn of the loop (a job's start): a few here, the rest in the
-        # executor; while a backlog waits there, later ones join it (the executor held up by a blocker)
+        # a burst of pack-aheads in one turn of the loop: a few here, the rest refused (asked for
+        # again later) and packed in the next turn; none goes to the executor
         monkeypatch.setattr(store_module, "PACK_HERE_AHEAD_PER_TURN", 3)
-        backlog = store_module.PACK_HERE_BACKLOG
+        await asyncio.sleep(0)  # a turn of its own
+        pool.runs, burst = 0, range(3, 8)
+        assert [store.pack_ahead(dataset, seed, 0, o, seq_len, "concat") for o in burst] == [True] * 3 + [False] * 2
+        assert [store.packed_now(dataset, seed, 0, o, seq_len, "concat") is not None for o in burst] == \
+            [True] * 3 + [False] * 2
+        await asyncio.sleep(0)
+        assert all(store.pack_ahead(dataset, seed, 0, o, seq_len, "concat") for o in (6, 7))
+        assert store.packed_now(dataset, seed, 0, 7, seq_len, "concat") is not None and pool.runs == 0
+        # a job's start (a stream that has just begun): its pack-aheads go to the executor (held up
+        # by a blocker here); while a backlog waits there, a running job's wait for it to drain
         blocker = threading.Event()
         for _ in range(2):  # both threads
             pool.submit(blocker.wait, 30)
+        pool.runs, backlog = 0, store_module.PACK_HERE_BACKLOG
+        follower = store.follow(dataset, seed)
         await asyncio.sleep(0)
-        pool.runs, burst = 0, range(3, 6 + backlog)
-        assert all(store.pack_ahead(dataset, seed, 0, ordinal, seq_len, "concat") for ordinal in burst)
-        here = [o for o in burst if store.packed_now(dataset, seed, 0, o, seq_len, "concat") is not None]
-        assert here == [3, 4, 5] and pool.runs == backlog
+        assert all(store.pack_ahead(dataset, seed, 0, o, seq_len, "concat") for o in range(8, 8 + backlog))
+        assert pool.runs == backlog and len(store._ahead) == backlog
+        follower.close()
+        store._stream_began -= store_module.PACK_HERE_QUIET_S  # the start is over
         await asyncio.sleep(0)
-        ordinal = burst.stop
-        assert store.pack_ahead(dataset, seed, 0, ordinal, seq_len, "concat") and pool.runs == backlog + 1
+        ordinal = 8 + backlog
+        assert not store.pack_ahead(dataset, seed, 0, ordinal, seq_len, "concat") and pool.runs == backlog
         blocker.set()
         await until(lambda: not store._inflight)
-        await asyncio.sleep(0)  # the backlog gone, the next turn packs here again
-        assert store.pack_ahead(dataset, seed, 0, ordinal + 1, seq_len, "concat") and pool.runs == backlog + 1
-        assert all(store.packed_now(dataset, seed, 0, o, seq_len, "concat") is not None for o in range(3, ordinal + 2))
-        # one pack-ahead in a thread is no backlog: the next turn's are packed here, not sent after it
-        # (a running job's packing once stayed in the executor for good that way, the loop asleep on the GIL)
+        assert store.pack_ahead(dataset, seed, 0, ordinal, seq_len, "concat") and pool.runs == backlog
+        assert all(store.packed_now(dataset, seed, 0, o, seq_len, "concat") is not None for o in range(3, ordinal + 1))
+        # one pack-ahead still in a thread is no backlog: the next ones are packed here, not sent
+        # after it (a running job's packing once stayed in the executor for good that way, the loop
+        # asleep on the GIL)
         blocker = threading.Event()
         for _ in range(2):
             pool.submit(blocker.wait, 30)
-        await asyncio.sleep(0)
-        pool.runs, first = 0, ordinal + 2
-        assert all(store.pack_ahead(dataset, seed, 0, o, seq_len, "concat") for o in range(first, first + 4))
-        assert pool.runs == 1 and len(store._ahead) == 1
-        await asyncio.sleep(0)
-        assert store.pack_ahead(dataset, seed, 0, first + 4, seq_len, "concat") and pool.runs == 1
-        assert store.packed_now(dataset, seed, 0, first + 4, seq_len, "concat") is not None
-        blocker.set()
-        await until(lambda: not store._inflight)
-        # a stream that has just begun (a job starting): its pack-aheads go to the executor, as before
         follower = store.follow(dataset, seed)
         await asyncio.sleep(0)
-        assert store.pack_ahead(dataset, seed, 0, first + 5, seq_len, "concat") and pool.runs == 2
+        pool.runs = 0
+        assert store.pack_ahead(dataset, seed, 0, ordinal + 1, seq_len, "concat") and pool.runs == 1
         follower.close()
+        store._stream_began -= store_module.PACK_HERE_QUIET_S
+        await asyncio.sleep(0)
+        assert store.pack_ahead(dataset, seed, 0, ordinal + 2, seq_len, "concat") and pool.runs == 1
+        assert store.packed_now(dataset, seed, 0, ordinal + 2, seq_len, "concat") is not None
+        blocker.set()
+        await until(lambda: not store._inflight)
 
         # on the disk tier only (a memory budget of nothing): packed in the executor, the same rows
         disk = ShardStore(ShardCache(0, disk=DiskTier(tmp_path / "tier", 64 << 20)), pool)

@@ -42,17 +42,19 @@ PACK_HERE = {"concat": (1 << 19, 512), "pad": (1 << 19, 128)}
 #: first batch instead of 0.6-0.7.
 #: The same job, running, packs one shard in most turns that pack any, and bursts of 9 to 17 as its
 #: leading rank's message crosses that many steps: a budget of 2 sent most of them to the executor
-#: again (75 against 115 M tokens/s), 32 keeps them here (about 10 ms of packing at most).
+#: again (75 against 115 M tokens/s), 32 keeps them here (about 10 ms of packing at most). Past the
+#: budget a running job's pack-aheads are refused, and asked for again in a later turn.
 PACK_HERE_AHEAD_PER_TURN = 32
 #: (A job's streams open within a few hundred milliseconds of one another; at 1 s the first second
 #: of a 64-rank job's run still packed ahead in the executor: 74-98 against 90-132 M tokens/s.)
 PACK_HERE_QUIET_S = 0.5
 #: Pack-aheads in flight in the executor at which it counts as backlogged (a job's start fills it
-#: to ``MAX_PACK_AHEAD``): until they drain below this, later pack-aheads join them there. Not
-#: "any in flight": in a running job that rule sustained itself (one packing in a thread sent the
-#: next there too, and so on); once a job's packing went to the executor, 0.3-0.7 of a second's
-#: pack-aheads, it stayed there for good, and the loop ran 0.66-0.70 of its second against
-#: 0.92-0.98, asleep on the GIL the packing threads held (64 ranks, 2 cores: a third of the runs).
+#: to ``MAX_PACK_AHEAD``): until they drain below this, a running job's pack-aheads wait (refused,
+#: asked again later) rather than join them there. Sending them after the executor's work (at one
+#: in flight, then at four) sustained itself: one packing in a thread sent the next there too, and
+#: once a job's packing went to the executor it stayed there for good, the loop running 0.64-0.70
+#: of its second against 0.92-0.98, asleep on the GIL the packing threads held (64 ranks, 2 cores,
+#: a third of the jobs; more with larger messages, whose bursts of pack-aheads pass the turn's budget).
 PACK_HERE_BACKLOG = 4
 
 
@@ -359,15 +361,21 @@ class ShardStore:
         about half a millisecond (``concat``: 0.2 ms for 256 Ki tokens in 64 documents, 0.7 ms for
         1,024 documents; ``pad`` about 3 us a document; ``bfd`` 1 to 25 ms, never here), a
         message's turn of the loop at 64 ranks."""
+        shard = self._here_tokens(ds, key)
+        return None if shard is None else self._pack_on_loop(ds, key, shard)
+
+    def _here_tokens(self, ds: Dataset, key: PackedKey) -> TokenizedShard | None:
+        """The tokens of a shard that ``_pack_here`` packs on the loop (in the cache's memory,
+        within ``PACK_HERE``, not in flight), else None."""
         bounds = PACK_HERE.get(key.packing)
         if bounds is None or key in self._inflight:
             return None
         tokens, docs = ds.shard_tokens.get(key.shard), ds.shard_docs.get(key.shard)
         if tokens is None or docs is None or tokens > bounds[0] or docs > bounds[1]:
             return None
-        shard = self.cache.get(shard_key(ds, key.shard), (ds.fingerprint, key.shard), memory_only=True)
-        if shard is None:
-            return None
+        return self.cache.get(shard_key(ds, key.shard), (ds.fingerprint, key.shard), memory_only=True)
+
+    def _pack_on_loop(self, ds: Dataset, key: PackedKey, shard: TokenizedShard) -> PackedShard:
         packed = pack(key.packing, shard, doc_order(key.seed, key.epoch, key.shard, shard.num_docs), key.seq_len,
                       ds.info.pad_id)
         self._keep_packed(key, packed)
@@ -473,23 +481,31 @@ class ShardStore:
         prefetcher's (within its depth and budget). Fire and forget: a failure surfaces when it
         is read. One pack-ahead per shard however many streams (the ranks of a job) ask for it,
         and at most ``MAX_PACK_AHEAD`` at once, so that demand loads never queue behind a flood
-        of them. Returns False when refused for that reason (ask again later)."""
+        of them. Returns False when refused for that reason (ask again later).
+
+        Once no stream has begun for ``PACK_HERE_QUIET_S`` (a running job, not a job's start), a
+        shard ``_pack_here`` can pack is packed here and never sent to the executor: past this
+        turn's budget, or while the executor still works through a start's backlog, it is
+        refused and packed in a later turn. (Sent after the executor's work instead, one packing
+        in a thread kept the next ones there for good: see ``PACK_HERE_BACKLOG``.)"""
         if ordinal == ds.num_shards:
             epoch, ordinal = epoch + 1, 0
         key = self.packed_key(ds, seed, epoch, ordinal, seq_len, packing)
         if key in self._packed or key in self._inflight:
             return True
-        if (self._here_this_turn < PACK_HERE_AHEAD_PER_TURN and len(self._ahead) < PACK_HERE_BACKLOG
-                and time.monotonic() - self._stream_began > PACK_HERE_QUIET_S):
+        if time.monotonic() - self._stream_began > PACK_HERE_QUIET_S:
             try:
-                here = self._pack_here(ds, key) is not None
+                shard = self._here_tokens(ds, key)
+                if shard is not None:
+                    if self._here_this_turn >= PACK_HERE_AHEAD_PER_TURN or len(self._ahead) >= PACK_HERE_BACKLOG:
+                        return False
+                    self._pack_on_loop(ds, key, shard)
+                    if not self._here_this_turn:
+                        asyncio.get_running_loop().call_soon(self._next_turn)
+                    self._here_this_turn += 1
+                    return True
             except Exception:  # noqa: BLE001 - as from the executor: it surfaces where the shard is read
                 log.debug("packing shard %d ahead failed", key.shard, exc_info=True)
-                here = True
-            if here:
-                if not self._here_this_turn:
-                    asyncio.get_running_loop().call_soon(self._next_turn)
-                self._here_this_turn += 1
                 return True
         if len(self._ahead) >= MAX_PACK_AHEAD:
             return False
