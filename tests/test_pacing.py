@@ -141,16 +141,17 @@ def test_a_stream_that_never_gets_its_first_message_suspends_the_floor_only_whil
         assert pacing.batches(16, 4 * 1025) == 1  # the start moving: the round alone
     now[0] += START_STALL_S / 2
     assert pacing.batches(16, 4 * 1025) == 1
+    assert pacing.job_starting()
     now[0] += START_STALL_S  # the 64th still waits, nothing else moved: the floor is back
-    assert pacing.batches(16, 4 * 1025) == 8
+    assert pacing.batches(16, 4 * 1025) == 8 and not pacing.job_starting()
     pacing.opened()  # another job's rank: a start again
-    assert pacing.batches(16, 4 * 1025) == 1
+    assert pacing.batches(16, 4 * 1025) == 1 and pacing.job_starting()
     pacing.served()
     assert pacing.batches(16, 4 * 1025) == 1  # (the others' messages go on: each asks)
     now[0] += 2 * START_STALL_S
     assert pacing.batches(16, 4 * 1025) == 8
     pacing.closed(served=False)  # the stuck one goes: nobody starting
-    assert pacing.starting == 0 and pacing.batches(16, 4 * 1025) == 8
+    assert pacing.starting == 0 and pacing.batches(16, 4 * 1025) == 8 and not pacing.job_starting()
 
 
 def test_the_floor_is_a_server_setting():

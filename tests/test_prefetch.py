@@ -415,6 +415,11 @@ async def test_a_small_shard_in_the_caches_memory_is_packed_on_the_loop(dataset:
         await asyncio.sleep(0)
         assert store.pack_ahead(dataset, seed, 0, ordinal + 2, seq_len, "concat") and pool.runs == 1
         assert store.packed_now(dataset, seed, 0, ordinal + 2, seq_len, "concat") is not None
+        # streams of a job still waiting for their first messages (the service says so): a start,
+        # however long ago the last one began; its pack-aheads go to the executor
+        store.job_starting = lambda: True
+        assert store.pack_ahead(dataset, seed, 0, ordinal + 3, seq_len, "concat") and pool.runs == 2
+        store.job_starting = lambda: False
         blocker.set()
         await until(lambda: not store._inflight)
 

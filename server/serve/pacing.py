@@ -89,11 +89,16 @@ class Pacing:
         # While a stream waits for its first message (a job starting), messages follow the round
         # alone: a floor of 8 batches made the last ranks of a 64-rank job wait 50% longer.
         floor = -(-self.min_tokens // batch_tokens) if batch_tokens > 0 else 1
-        if floor > 1 and self.starting and not self._start_stalled():
+        if floor > 1 and self.job_starting():
             floor = 1
         size = max(floor, int(self._scale + 0.5))
         self._smallest, self._ceiling = min(self._smallest, size), max(self._ceiling, ceiling)
         return max(1, min(ceiling, size))
+
+    def job_starting(self) -> bool:
+        """Whether streams wait for their first message (a job starting), unless that start has
+        stalled (``START_STALL_S``)."""
+        return self.starting > 0 and not self._start_stalled()
 
     def _start_stalled(self) -> bool:
         """Whether no stream has opened, had its first message or gone for ``START_STALL_S``."""

@@ -60,6 +60,7 @@ class TokenFeedService(pb_grpc.TokenFeedServicer):
         self.admission = Admission(settings.max_streams, int(settings.stream_memory_bytes))
         # batches a message, for the streams that let the server choose
         self.pacing = Pacing(settings.paced_gap_s, min_tokens=settings.paced_min_tokens)
+        store.job_starting = self.pacing.job_starting  # (packing ahead on the loop only once none is)
         self.plan_edits: Counter[str] = Counter()  # data plan edits the open streams carry, by kind
 
     def _count_edits(self, kinds: tuple[str, ...], sign: int) -> None:
