@@ -267,7 +267,7 @@ class ServerSettings(_Strict):
         default=None, min_length=1, description="Where clients' rings must be; unset: $TOKENFEED_SHM_DIR, else "
         "/dev/shm.")
     paced_gap_s: float = Field(
-        default=0.025, gt=0, le=10, description="While many streams share the server, the wait between two "
+        default=0.03, gt=0, le=10, description="While many streams share the server, the wait between two "
         "messages of a rank it aims for, for clients that leave their batches a message to it (the default): "
         "longer gives larger messages and more tokens/s in all, shorter makes a many-rank job's batches come more "
         "evenly.")

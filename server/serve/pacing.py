@@ -48,7 +48,7 @@ class Pacing:
     batch_tokens)`` per message; ``opened``/``closed`` count the streams sharing the loop,
     ``served`` a stream's first message, ``sent`` each message."""
 
-    def __init__(self, target_gap_s: float = 0.025, window_s: float = 0.2,
+    def __init__(self, target_gap_s: float = 0.03, window_s: float = 0.2,
                  clock: Callable[[], float] = time.monotonic, min_tokens: int = MESSAGE_COST_TOKENS) -> None:
         self.target_gap_s, self.window_s, self.min_tokens = target_gap_s, window_s, min_tokens
         self.streams = 0
