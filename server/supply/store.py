@@ -35,11 +35,11 @@ MAX_PACK_AHEAD = 16
 #: memory: at most this many tokens and documents, by packing (see ``ShardStore._pack_here``).
 PACK_HERE = {"concat": (1 << 19, 512), "pad": (1 << 19, 128)}
 #: Pack-aheads packed on the loop in one turn of it, at most, and only once no stream has begun
-#: for ``PACK_HERE_QUIET_S`` and the executor is not backlogged (``PACK_HERE_BACKLOG``). A job's
-#: start asks for the shards of hundreds of steps ahead at once, more than the executor ever packs
-#: then (``MAX_PACK_AHEAD`` at a time, the rest refused and asked for again later): packed here,
-#: every one of them, a 64-rank job's warm start on 4 replicas took 0.9-1.1 s for every rank's
-#: first batch instead of 0.6-0.7.
+#: for ``PACK_HERE_QUIET_S``, none waits for its first message (``ShardStore.job_starting``) and
+#: the executor is not backlogged (``PACK_HERE_BACKLOG``). A job's start asks for the shards of
+#: hundreds of steps ahead at once, more than the executor ever packs then (``MAX_PACK_AHEAD`` at a
+#: time, the rest refused and asked for again later): packed here, every one of them, a 64-rank
+#: job's warm start on 4 replicas took 0.9-1.1 s for every rank's first batch instead of 0.6-0.7.
 #: The same job, running, packs one shard in most turns that pack any, and bursts of 9 to 17 as its
 #: leading rank's message crosses that many steps: a budget of 2 sent most of them to the executor
 #: again (75 against 115 M tokens/s), 32 keeps them here (about 10 ms of packing at most). Past the
